@@ -1,0 +1,62 @@
+# Snakemake front end of the pipeline. It declares nothing of its own: one rule per stage of dvc.yaml, built
+# from that file, so the two front ends cannot drift. Each rule asks DVC to bring its stage up to date
+# (`dvc repro --single-item --pull`), which makes DVC's cache the only cache: a stage whose deps and params are
+# unchanged is restored from the cache (or the remote), never recomputed.
+#
+#   snakemake --cores 1 report     # the whole pipeline (the `report` rule needs every other stage)
+#   snakemake --cores 1 train      # up to one stage
+#
+# Convention read from dvc.yaml: an output path without a file suffix (models/base, data/raw) is a directory.
+
+import yaml
+from pathlib import Path
+from snakemake.utils import validate
+
+configfile: "params.yaml"
+validate(config, "workflow/schemas/params.schema.yaml")
+
+DVC_STAGES = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def _paths(entries):
+    """Paths of a dvc.yaml deps/outs/metrics/plots list, whose items are strings or {path: options}."""
+    for entry in entries or []:
+        yield from ([entry] if isinstance(entry, str) else entry)
+
+
+def _outputs(stage):
+    for kind in ("outs", "metrics", "plots"):
+        for path in _paths(stage.get(kind)):
+            # update(): Snakemake must not delete outputs before the job; DVC decides to keep, restore or rerun.
+            yield update(path if Path(path).suffix else directory(path))
+
+
+def _upstream(name, seen=None):
+    """Every stage whose outputs `name` needs, transitively."""
+    seen = set() if seen is None else seen
+    deps = set(_paths(DVC_STAGES[name].get("deps")))
+    for other, stage in DVC_STAGES.items():
+        outs = {p for kind in ("outs", "metrics", "plots") for p in _paths(stage.get(kind))}
+        if other not in seen and outs & deps:
+            seen.add(other)
+            _upstream(other, seen)
+    return seen
+
+
+# `snakemake report` must bring every stage up to date, or `dvc status` would show the ones it skipped.
+_missing = set(DVC_STAGES) - {"report"} - _upstream("report")
+if _missing:
+    raise WorkflowError(f"dvc.yaml: the report stage does not depend on {sorted(_missing)}; add their outputs "
+                        "to its deps so that `snakemake report` covers the whole pipeline")
+
+
+for _name, _stage in DVC_STAGES.items():
+    rule:
+        name: _name
+        # params.yaml is an input of every rule: on a fresh clone Snakemake has no record of params, and a
+        # stage that DVC finds unchanged is a no-op, restored from the cache.
+        input: list(_paths(_stage.get("deps"))) + ["params.yaml", "dvc.yaml"]
+        output: list(_outputs(_stage))
+        params: stage=_name  # bound now: a loop variable in `shell` would run the last stage for every rule
+        resources: **_stage.get("meta", {}).get("resources", {})
+        shell: "dvc --wait-for-lock repro --single-item --pull {params.stage} && touch {output}"

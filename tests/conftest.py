@@ -1,0 +1,127 @@
+"""Shared fixtures: a copy of the project in a temp dir, run for real with snakemake, dvc and git.
+
+The pipeline runs once per test session (`pipeline_run`, tiny params); tests that change things work on
+their own copy of that finished project (`ran_project`), which keeps the suite fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
+SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"
+STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
+
+
+def project_files() -> list[str]:
+    """What a fresh clone holds: tracked files plus new ones git does not ignore."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                         cwd=REPO, check=True, capture_output=True).stdout.decode()
+    return [p for p in out.split("\0") if p and (REPO / p).is_file()]
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The environment of every command a test runs: the venv first on PATH, a private HOME and git config."""
+    home = tmp_path_factory.mktemp("home")
+    gitconfig = home / ".gitconfig"
+    gitconfig.write_text("[user]\n\tname = ptune tests\n\temail = tests@ptune.invalid\n"
+                         "[init]\n\tdefaultBranch = main\n", encoding="utf-8")
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "GIT_CONFIG_GLOBAL": str(gitconfig),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+class Project:
+    """A project checkout in a temp dir, with helpers to run the commands a user runs in it."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root = root
+        self.env = env
+
+    def run(self, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                                 f"\n--- stderr\n{proc.stderr[-6000:]}")
+        return proc
+
+    @property
+    def stage_log(self) -> Path:
+        return self.root / ".ptune" / "stage.log"
+
+    def executed(self) -> list[str]:
+        """Stages executed since the log was last cleared (the definition tests assert on)."""
+        if not self.stage_log.is_file():
+            return []
+        return [line.split("\t")[0] for line in self.stage_log.read_text().splitlines() if line]
+
+    def clear_log(self) -> None:
+        if self.stage_log.exists():
+            self.stage_log.write_text("")
+
+    def set_param(self, dotted: str, value) -> None:
+        """Edit one key of params.yaml in place, as a user would with an editor (comments kept)."""
+        import re
+
+        path = self.root / "params.yaml"
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        section, key = dotted.split(".")
+        in_section = False
+        for i, line in enumerate(lines):
+            if re.match(rf"^{section}:", line):
+                in_section = True
+            elif in_section and re.match(r"^\S", line):
+                break
+            elif in_section and re.match(rf"^\s+{key}:", line):
+                indent = line[: len(line) - len(line.lstrip())]
+                lines[i] = f"{indent}{key}: {value}\n"
+                path.write_text("".join(lines), encoding="utf-8")
+                return
+        raise KeyError(dotted)
+
+
+def make_project(dest: Path, env: dict[str, str], params: Path = TINY_PARAMS) -> Project:
+    for rel in project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    shutil.copy2(params, dest / "params.yaml")
+    project = Project(dest, env)
+    project.run("git", "init", "-q")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "fresh checkout")
+    return project
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, env) -> Project:
+    """The tiny pipeline, run once by `snakemake --cores 1 report`; do not modify it (use `ran_project`)."""
+    project = make_project(tmp_path_factory.mktemp("pipeline") / "project", env)
+    project.run("snakemake", "--cores", "1", "report")
+    return project
+
+
+@pytest.fixture
+def ran_project(pipeline_run, tmp_path) -> Project:
+    """A private copy of the finished pipeline (DVC cache, git, mtimes and all) with an empty stage log."""
+    dest = tmp_path / "project"
+    shutil.copytree(pipeline_run.root, dest, symlinks=True)
+    project = Project(dest, pipeline_run.env)
+    project.clear_log()
+    return project

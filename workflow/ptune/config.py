@@ -1,0 +1,195 @@
+"""Load params.yaml, validate it against its JSON Schema, and build typed, frozen config objects once.
+
+The schema (workflow/schemas/params.schema.yaml) is the one description of the keys and their ranges; the
+dataclasses below only give them types for the code. A test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from .errors import PtuneError
+
+SCHEMA_RELPATH = "workflow/schemas/params.schema.yaml"
+
+
+@dataclass(frozen=True)
+class EmbeddedModelConfig:
+    seed: int
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    corpus_size: int
+    pretrain_steps: int
+    pretrain_batch_size: int
+    pretrain_learning_rate: float
+    pretrain_seq_len: int
+
+
+@dataclass(frozen=True)
+class FetchWeightsConfig:
+    source: str
+    path: str
+    embedded: EmbeddedModelConfig
+
+
+@dataclass(frozen=True)
+class EmbeddedDataConfig:
+    seed: int
+    train_size: int
+    dev_size: int
+
+
+@dataclass(frozen=True)
+class FetchDataConfig:
+    source: str
+    path: str
+    embedded: EmbeddedDataConfig
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    prompt_template: str
+    max_source_length: int
+    max_target_length: int
+    max_train_examples: int | None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int
+    pre_seq_len: int
+    prefix_projection: bool
+    prefix_hidden_size: int
+    max_steps: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    logging_steps: int
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int
+    do_sample: bool
+    top_p: float
+    temperature: float
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(GenerationConfig):
+    seed: int
+    max_examples: int | None
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class DeployConfig(GenerationConfig):
+    smoke_prompt: str
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class Params:
+    fetch_weights: FetchWeightsConfig
+    fetch_data: FetchDataConfig
+    preprocess: PreprocessConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    deploy: DeployConfig
+    report: ReportConfig
+    raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
+
+
+def schema_path() -> Path:
+    """The schema in the checkout this package is installed from (`pip install -e .`)."""
+    return Path(__file__).resolve().parents[2] / SCHEMA_RELPATH
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(schema_path().read_text(encoding="utf-8"))
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def validate(raw: Any, source: str = "params.yaml") -> None:
+    """Raise PtuneError naming the first offending key (in file order) and what is allowed there."""
+    if not isinstance(raw, dict):
+        raise PtuneError(f"{source}: expected a mapping of stage sections, got {type(raw).__name__}")
+    validator = jsonschema.Draft202012Validator(load_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
+    if not errors:
+        return
+    lines = []
+    for err in errors[:5]:
+        where = _key_path(err)
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            lines.append(f"{where}: {err.message}; allowed keys here: {', '.join(allowed)}")
+        elif err.validator == "required":
+            lines.append(f"{where}: {err.message}; add it (see the default params.yaml for its value)")
+        else:
+            lines.append(f"{where}: {err.message}")
+    more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+    raise PtuneError(
+        f"{source} is invalid (described in {SCHEMA_RELPATH}):\n  " + "\n  ".join(lines) + more
+    )
+
+
+def _section_types() -> dict[str, type]:
+    return {
+        "fetch_weights": FetchWeightsConfig,
+        "fetch_data": FetchDataConfig,
+        "preprocess": PreprocessConfig,
+        "train": TrainConfig,
+        "evaluate": EvaluateConfig,
+        "deploy": DeployConfig,
+        "report": ReportConfig,
+    }
+
+
+def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    validate(raw, source)
+    sections = {}
+    for name, cls in _section_types().items():
+        data = dict(raw[name])
+        if cls is FetchWeightsConfig:
+            data["embedded"] = EmbeddedModelConfig(**data["embedded"])
+        elif cls is FetchDataConfig:
+            data["embedded"] = EmbeddedDataConfig(**data["embedded"])
+        sections[name] = cls(**data)
+    return Params(**sections, raw=raw)
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; every problem is a PtuneError naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise PtuneError(f"{path}: no such params file; run ptune from the project root (where params.yaml is)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PtuneError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return from_dict(raw, str(path))

@@ -1,0 +1,60 @@
+"""Batched generation over token-id prompts: sorted by length, left-padded, seeded per batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from . import prefixed
+from .config import GenerationConfig
+from .prefix_encoder import PrefixEncoder
+
+
+def generation_kwargs(cfg: GenerationConfig, tokenizer) -> dict:
+    kwargs = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if cfg.do_sample:
+        kwargs.update(top_p=cfg.top_p, temperature=cfg.temperature)
+    else:
+        # Unset sampling knobs a model's generation_config may carry, so greedy really is greedy.
+        kwargs.update(top_p=None, top_k=None, temperature=None)
+    return kwargs
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+    return ids.to(dev), mask.to(dev)
+
+
+def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar prompt length (less padding), in a deterministic order."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Sequence[Sequence[int]],
+                 cfg: GenerationConfig, batch_size: int, seed: int, desc: str) -> list[str]:
+    """Decoded completions (special tokens skipped), in the order of `prompts`."""
+    dev = next(model.parameters()).device
+    kwargs = generation_kwargs(cfg, tokenizer)
+    out: list[str | None] = [None] * len(prompts)
+    batches = length_sorted_batches(prompts, batch_size)
+    with tqdm(total=len(prompts), desc=desc, unit="ex", mininterval=2) as bar:
+        for b, idx in enumerate(batches):
+            # Seeded per batch (seed + batch index): a resumed run samples what an uninterrupted one would.
+            torch.manual_seed(seed + b)
+            ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, dev)
+            new = prefixed.generate(model, encoder, ids, mask, kwargs)
+            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                out[i] = text.strip()
+            bar.update(len(idx))
+    return out  # type: ignore[return-value]
+

@@ -1,0 +1,58 @@
+"""Run a frozen causal LM with a P-tuning v2 prefix: the forward pass for training and batched generation.
+
+The prefix enters as an already-filled cache of `pre_seq_len` positions. The attention mask covers it (ones)
+plus the batch's own mask, and the real tokens take positions `cumsum(mask) - 1`, so the same prompt gets the
+same positions whether it is left-padded in a batch or alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from .prefix_encoder import PrefixEncoder
+
+
+def prefix_cache(encoder: PrefixEncoder, model, batch_size: int) -> DynamicCache:
+    dtype = next(model.parameters()).dtype
+    cache = DynamicCache(config=model.config)
+    for layer, (key, value) in enumerate(encoder.key_values(batch_size, dtype)):
+        cache.update(key, value, layer)
+    return cache
+
+
+def forward(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            labels: torch.Tensor | None = None):
+    """A training/scoring forward pass, with the prefix when `encoder` is given."""
+    if encoder is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     labels=labels, use_cache=False)
+    batch = input_ids.shape[0]
+    pre = encoder.config.pre_seq_len
+    ones = attention_mask.new_ones(batch, pre)
+    full_mask = torch.cat([ones, attention_mask], dim=1)
+    position_ids = (full_mask.long().cumsum(-1) - 1)[:, pre:].clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
+                 cache=prefix_cache(encoder, model, batch), labels=labels, use_cache=True)
+
+
+@torch.no_grad()
+def generate(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             generation_kwargs: dict) -> torch.Tensor:
+    """Generate for a left-padded batch; returns only the new tokens (batch, <= max_new_tokens)."""
+    if encoder is None:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
+        return out[:, input_ids.shape[1]:]
+    batch = input_ids.shape[0]
+    pre = encoder.config.pre_seq_len
+    # generate() skips the positions a cache already holds: stand-in ids for the prefix, mask ones over them.
+    pad_id = model.generation_config.pad_token_id
+    if pad_id is None:
+        pad_id = 0
+    stand_in = input_ids.new_full((batch, pre), pad_id)
+    ids = torch.cat([stand_in, input_ids], dim=1)
+    mask = torch.cat([attention_mask.new_ones(batch, pre), attention_mask], dim=1)
+    out = model.generate(input_ids=ids, attention_mask=mask, cache=prefix_cache(encoder, model, batch),
+                         **generation_kwargs)
+    return out[:, ids.shape[1]:]
