@@ -24,9 +24,10 @@ STAGE_HELP = {
 
 
 def run_stage(stage: str, params_path: str) -> None:
-    from . import config, stagelog
+    from . import config, determinism, stagelog
 
     stagelog.record_start(stage)
+    determinism.configure_threads()
     params = config.load(params_path)
     module = importlib.import_module(f"ptune.{stage}")
     if stage == "report":

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
@@ -32,9 +32,12 @@ CORPUS_SEED_OFFSET = 7_919_000
 def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """BPE over raw characters with byte fallback: any text round-trips exactly.
 
-    No normaliser (NFKC would turn `，` into `,`) and no pre-tokeniser (spaces and newlines are kept as they are).
+    No normaliser (NFKC would turn `，` into `,`). The pre-tokeniser only isolates separators and punctuation,
+    keeping every character, so that merges never span an attribute boundary: a value like 鱼尾裙 is then
+    spelled the same in the attribute list and in the copy, which is what makes copying learnable.
     """
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[#*\s，。、：；！？,.:;!?]"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -117,7 +120,7 @@ def build(cfg: EmbeddedModelConfig, out_dir: Path) -> dict:
     """Build, pre-train and save the embedded base into `out_dir`; returns facts for the timings record."""
     seed_everything(cfg.seed)
     corpus = [synthetic_adgen.plain_text(ex)
-              for ex in synthetic_adgen.generate(cfg.seed + CORPUS_SEED_OFFSET, cfg.corpus_size)]
+              for ex in synthetic_adgen.generate(cfg.seed + CORPUS_SEED_OFFSET, cfg.corpus_size, style="plain")]
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
     model = build_model(cfg, tokenizer)
     stream = _token_stream(tokenizer, corpus)

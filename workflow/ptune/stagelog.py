@@ -48,6 +48,7 @@ def timed(stage: str) -> Iterator[dict]:
         "started": started.isoformat(timespec="seconds"),
         "wall_s": round(time.perf_counter() - t0, 3),
         "host": platform.node(),
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         **extra,
     }
     atomic.write_json(TIMINGS_DIR / f"{stage}.json", record)

@@ -1,0 +1,24 @@
+"""The embedded default really learns: the out-of-the-box params, end to end (slow: about 4 minutes)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO, make_project
+
+
+@pytest.mark.slow
+def test_default_ptuning_beats_the_base_by_10_rouge_l(tmp_path, env):
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    assert params["evaluate"]["do_sample"] is False and params["evaluate"]["max_examples"] == 100
+    project = make_project(tmp_path / "project", env, params=REPO / "params.yaml")
+    project.run("snakemake", "--cores", "1", "report", timeout=1500)
+    metrics = json.loads((project.root / "reports/metrics.json").read_text())
+    assert metrics["n_examples"] == 100
+    assert metrics["ptuned"]["rouge-l"] >= metrics["base"]["rouge-l"] + 10, metrics
+    report = (project.root / "reports/report.md").read_text()
+    assert "data:image/png;base64," in report
+    assert report.count("\n| 类型#") == 5  # five samples next to their labels
