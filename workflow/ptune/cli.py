@@ -33,8 +33,8 @@ def run_stage(stage: str, params_path: str) -> None:
     if stage == "report":
         module.run(params)  # it writes reports/timings.json, its own timing included
         return
-    with stagelog.timed(stage):
-        module.run(params)
+    with stagelog.timed(stage) as facts:
+        facts.update(module.run(params) or {})
 
 
 def build_parser() -> argparse.ArgumentParser:

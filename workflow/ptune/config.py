@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from .errors import PtuneError
@@ -127,7 +126,7 @@ def load_schema() -> dict[str, Any]:
     return yaml.safe_load(schema_path().read_text(encoding="utf-8"))
 
 
-def _key_path(error: jsonschema.ValidationError) -> str:
+def _key_path(error) -> str:
     parts = [str(p) for p in error.absolute_path]
     return ".".join(parts) if parts else "(top level)"
 
@@ -136,6 +135,8 @@ def validate(raw: Any, source: str = "params.yaml") -> None:
     """Raise PtuneError naming the first offending key (in file order) and what is allowed there."""
     if not isinstance(raw, dict):
         raise PtuneError(f"{source}: expected a mapping of stage sections, got {type(raw).__name__}")
+    import jsonschema  # here, not at module level: generation code imports this module's dataclasses
+
     validator = jsonschema.Draft202012Validator(load_schema())
     errors = sorted(validator.iter_errors(raw), key=lambda e: [str(p) for p in e.absolute_path])
     if not errors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,9 @@ from tqdm import tqdm
 from . import prefixed
 from .config import GenerationConfig
 from .prefix_encoder import PrefixEncoder
+from .resume_state import Journal
+
+log = logging.getLogger(__name__)
 
 
 def generation_kwargs(cfg: GenerationConfig, tokenizer) -> dict:
@@ -41,20 +45,34 @@ def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> 
 
 
 def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Sequence[Sequence[int]],
-                 cfg: GenerationConfig, batch_size: int, seed: int, desc: str) -> list[str]:
-    """Decoded completions (special tokens skipped), in the order of `prompts`."""
+                 cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
+                 journal: Journal | None = None) -> list[str]:
+    """Decoded completions (special tokens skipped), in the order of `prompts`.
+
+    With a `journal`, each finished batch is recorded there and batches it already holds are not generated
+    again: a killed run continues where it stopped, with the same results.
+    """
     dev = next(model.parameters()).device
     kwargs = generation_kwargs(cfg, tokenizer)
     out: list[str | None] = [None] * len(prompts)
     batches = length_sorted_batches(prompts, batch_size)
+    done = journal.done if journal is not None else {}
+    if done:
+        log.info("%s: resuming, %d of %d batches already done", desc, len(done), len(batches))
     with tqdm(total=len(prompts), desc=desc, unit="ex", mininterval=2) as bar:
         for b, idx in enumerate(batches):
-            # Seeded per batch (seed + batch index): a resumed run samples what an uninterrupted one would.
-            torch.manual_seed(seed + b)
-            ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, dev)
-            new = prefixed.generate(model, encoder, ids, mask, kwargs)
-            for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                out[i] = text.strip()
+            if b in done:
+                texts = done[b]
+            else:
+                # Seeded per batch (seed + batch index): a resumed run samples what an uninterrupted one would.
+                torch.manual_seed(seed + b)
+                ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, dev)
+                new = prefixed.generate(model, encoder, ids, mask, kwargs)
+                texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                if journal is not None:
+                    journal.record(b, texts)
+            for i, text in zip(idx, texts):
+                out[i] = text
             bar.update(len(idx))
     return out  # type: ignore[return-value]
 

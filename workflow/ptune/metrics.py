@@ -1,9 +1,10 @@
 """BLEU-4 and ROUGE-1/2/L exactly as the ChatGLM-6B P-tuning reference computes them.
 
-ROUGE: both texts segmented with jieba, words joined by spaces, `rouge_chinese.Rouge` F-score x100.
-BLEU-4: nltk `sentence_bleu` over characters with `SmoothingFunction().method3`, x100.
-Each rounded to 4 decimals per example; corpus scores are plain means over examples. Where the reference would
-crash (a prediction or label that jieba leaves empty), the example scores 0 and is counted as empty.
+Per example: ROUGE from `rouge_chinese.Rouge` on both texts segmented with jieba and joined by spaces (F-score
+x100); BLEU-4 from nltk `sentence_bleu` over characters with `SmoothingFunction().method3` (x100); each rounded
+to 4 decimals. Corpus score: the plain mean over examples. Where the reference crashes (rouge_chinese raises
+"Hypothesis is empty" for a prediction that is empty or only whitespace), the example scores 0 on every metric
+and is counted in `empty_predictions`.
 """
 
 from __future__ import annotations
@@ -19,32 +20,31 @@ from rouge_chinese import Rouge
 jieba.setLogLevel(logging.WARNING)
 
 METRIC_NAMES = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
-
-
-def _words(text: str) -> list[str]:
-    return [w for w in jieba.cut(text) if w.strip()]
+_ZERO = dict.fromkeys(METRIC_NAMES, 0.0)
 
 
 def score_one(prediction: str, label: str) -> tuple[dict[str, float], bool]:
-    """Per-example scores, and whether the prediction was empty for the reference (then every score is 0)."""
-    hyp, ref = _words(prediction), _words(label)
-    if not hyp or not ref or not "".join(hyp).strip(" \t\n.,!?;:，。！？；：、"):
-        return {name: 0.0 for name in METRIC_NAMES}, True
+    """Per-example scores, and whether the reference would have crashed on the prediction (scored 0)."""
+    hypothesis = " ".join(jieba.cut(prediction))
+    reference = " ".join(jieba.cut(label))
     try:
-        rouge = Rouge().get_scores(" ".join(hyp), " ".join(ref))[0]
-    except (ValueError, RecursionError):
-        return {name: 0.0 for name in METRIC_NAMES}, True
-    scores = {f"rouge-{k[-1]}": round(v["f"] * 100, 4) for k, v in rouge.items()}
-    scores["bleu-4"] = round(
-        sentence_bleu([list(label)], list(prediction), smoothing_function=SmoothingFunction().method3) * 100, 4)
+        rouge = Rouge().get_scores(hypothesis, reference)[0]
+    except ValueError:  # "Hypothesis is empty." / "Reference is empty."
+        return dict(_ZERO), True
+    scores = {name: round(value["f"] * 100, 4) for name, value in rouge.items()}
+    bleu = sentence_bleu([list(label)], list(prediction), smoothing_function=SmoothingFunction().method3)
+    scores["bleu-4"] = round(bleu * 100, 4)
     return scores, False
 
 
+def per_example(predictions: Sequence[str], labels: Sequence[str]) -> list[tuple[dict[str, float], bool]]:
+    return [score_one(p, l) for p, l in zip(predictions, labels, strict=True)]
+
+
 def corpus_scores(predictions: Sequence[str], labels: Sequence[str]) -> tuple[dict[str, float], int]:
-    """Mean of per-example scores, and how many predictions were empty."""
-    per_example = [score_one(p, l) for p, l in zip(predictions, labels, strict=True)]
-    empty = sum(1 for _, e in per_example if e)
-    if not per_example:
-        return {name: 0.0 for name in METRIC_NAMES}, 0
-    means = {name: round(statistics.fmean(s[name] for s, _ in per_example), 4) for name in METRIC_NAMES}
-    return means, empty
+    """The plain mean of per-example scores (as the reference's np.mean), and how many scored 0 as empty."""
+    scored = per_example(predictions, labels)
+    if not scored:
+        return dict(_ZERO), 0
+    means = {name: statistics.fmean(s[name] for s, _ in scored) for name in METRIC_NAMES}
+    return means, sum(1 for _, empty in scored if empty)

@@ -7,10 +7,17 @@ same positions whether it is left-padded in a batch or alone.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 
 from .prefix_encoder import PrefixEncoder
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed forward's `past_key_values` to `cache` during v5; accept either release."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def prefix_cache(encoder: PrefixEncoder, model, batch_size: int) -> DynamicCache:
@@ -34,7 +41,7 @@ def forward(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, atten
     full_mask = torch.cat([ones, attention_mask], dim=1)
     position_ids = (full_mask.long().cumsum(-1) - 1)[:, pre:].clamp(min=0)
     return model(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                 cache=prefix_cache(encoder, model, batch), labels=labels, use_cache=True)
+                 labels=labels, use_cache=True, **{_cache_kwarg(model): prefix_cache(encoder, model, batch)})
 
 
 @torch.no_grad()
@@ -53,6 +60,6 @@ def generate(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, atte
     stand_in = input_ids.new_full((batch, pre), pad_id)
     ids = torch.cat([stand_in, input_ids], dim=1)
     mask = torch.cat([attention_mask.new_ones(batch, pre), attention_mask], dim=1)
-    out = model.generate(input_ids=ids, attention_mask=mask, cache=prefix_cache(encoder, model, batch),
-                         **generation_kwargs)
+    out = model.generate(input_ids=ids, attention_mask=mask,
+                         **{_cache_kwarg(model): prefix_cache(encoder, model, batch)}, **generation_kwargs)
     return out[:, ids.shape[1]:]

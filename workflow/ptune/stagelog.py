@@ -38,7 +38,8 @@ def executed_stages(log: Path = STAGE_LOG) -> list[str]:
 
 @contextlib.contextmanager
 def timed(stage: str) -> Iterator[dict]:
-    """Time the body and write reports/timings/<stage>.json when it succeeds; the body may add fields."""
+    """Time the body and write reports/timings/<stage>.json when it succeeds; the body may add fields
+    (a stage's `run` returns them, e.g. evaluate's examples/s)."""
     extra: dict = {}
     started = dt.datetime.now(dt.timezone.utc)
     t0 = time.perf_counter()
