@@ -81,7 +81,7 @@ def run(params: Params) -> None:
 
     rows: list[tuple] = []
     encoder.train()
-    t_log, samples_since = time.perf_counter(), 0
+    t_log, samples_since, window_losses = time.perf_counter(), 0, []
     bar = tqdm(range(cfg.max_steps), desc="train prefix", unit="step", mininterval=2)
     for step in bar:
         lr = lr_at(step, cfg)
@@ -98,12 +98,13 @@ def run(params: Params) -> None:
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
         optim.step()
         optim.zero_grad(set_to_none=True)
+        window_losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
             elapsed = time.perf_counter() - t_log
             # samples/s is the one column that varies between reruns; reports compare the others.
             rows.append((step + 1, round(step_loss, 6), f"{lr:.6g}", round(samples_since / max(elapsed, 1e-9), 2)))
-            t_log, samples_since = time.perf_counter(), 0
+            t_log, samples_since, window_losses = time.perf_counter(), 0, []
 
     with atomic.atomic_dir(OUT) as tmp:
         encoder.save(tmp)
