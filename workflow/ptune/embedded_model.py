@@ -111,7 +111,7 @@ def pretrain(model: GlmForCausalLM, stream: torch.Tensor, cfg: EmbeddedModelConf
         sched.step()
         optim.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # refresh at mininterval only
     model.eval()
     return losses
 

@@ -99,7 +99,7 @@ def run(params: Params) -> None:
         optim.step()
         optim.zero_grad(set_to_none=True)
         window_losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
             elapsed = time.perf_counter() - t_log
             # samples/s is the one column that varies between reruns; reports compare the others.
