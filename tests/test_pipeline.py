@@ -156,3 +156,37 @@ def test_ptune_help_lists_the_stages(ran_project):
     out = ran_project.run("ptune", "--help").stdout
     for stage in STAGES:
         assert stage in out
+
+
+def _commit_pipeline_state(project) -> None:
+    """What a user commits after a run: dvc.lock and the .gitignore files DVC wrote."""
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "pipeline run")
+
+
+def test_fresh_clone_with_lock_but_no_remote_data_recomputes(ran_project, tmp_path):
+    _commit_pipeline_state(ran_project)
+    # A clone in another directory: its default remote (a sibling directory) is empty.
+    clone_parent = tmp_path / "elsewhere"
+    clone_parent.mkdir()
+    ran_project.run("git", "clone", "-q", str(ran_project.root), str(clone_parent / "project"))
+    from conftest import Project
+
+    clone = Project(clone_parent / "project", ran_project.env)
+    clone.run("snakemake", "--cores", "1", "report")
+    assert sorted(clone.executed()) == sorted(STAGES)
+
+
+def test_pushed_run_restores_on_a_fresh_clone_without_recomputing(ran_project):
+    _commit_pipeline_state(ran_project)
+    ran_project.run("dvc", "push")
+    # The default remote is ../ptune-dvc-storage: a clone beside the first one shares it.
+    sibling = ran_project.root.parent / "fresh-instance"
+    ran_project.run("git", "clone", "-q", str(ran_project.root), str(sibling))
+    from conftest import Project
+
+    clone = Project(sibling, ran_project.env)
+    clone.run("snakemake", "--cores", "1", "report")
+    assert clone.executed() == []
+    assert (sibling / "models/ptuning/prefix.safetensors").is_file()
+    assert "up to date" in clone.run("dvc", "status").stdout
