@@ -28,6 +28,9 @@ def configure_threads() -> int:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     for var in _THREAD_VARS:
         os.environ[var] = str(n)
+    # MKL (torch's CPU BLAS) may take different code paths for differently aligned buffers, and so round
+    # differently from run to run; its strict conditional-reproducibility mode removes that.
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     return n
 
 
