@@ -70,6 +70,7 @@ class TrainConfig:
     pre_seq_len: int
     prefix_projection: bool
     prefix_hidden_size: int
+    prefix_dropout: float
     max_steps: int
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
@@ -78,6 +79,9 @@ class TrainConfig:
     weight_decay: float
     max_grad_norm: float
     logging_steps: int
+    save_steps: int
+    save_total_limit: int
+    precision: str
 
 
 @dataclass(frozen=True)

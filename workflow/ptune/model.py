@@ -24,12 +24,12 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_frozen(path: str | Path, dev: torch.device | None = None):
+def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.dtype = torch.float32):
     """The base model in eval mode with every parameter frozen (P-tuning trains only the prefix)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PtuneError(f"{path}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     model.requires_grad_(False)
     model.eval()
     return model.to(dev or device())

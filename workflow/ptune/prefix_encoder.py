@@ -33,6 +33,7 @@ class PrefixConfig:
     prefix_hidden_size: int
     base_model: str
     base_config_sha256: str
+    prefix_dropout: float = 0.0
 
     @property
     def kv_width(self) -> int:
@@ -49,7 +50,7 @@ def base_config_sha256(model_config) -> str:
 
 
 def prefix_config_for(model, pre_seq_len: int, prefix_projection: bool, prefix_hidden_size: int,
-                      base_model: str) -> PrefixConfig:
+                      base_model: str, prefix_dropout: float = 0.0) -> PrefixConfig:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return PrefixConfig(
@@ -61,6 +62,7 @@ def prefix_config_for(model, pre_seq_len: int, prefix_projection: bool, prefix_h
         prefix_hidden_size=prefix_hidden_size,
         base_model=base_model,
         base_config_sha256=base_config_sha256(cfg),
+        prefix_dropout=prefix_dropout,
     )
 
 
@@ -83,6 +85,7 @@ class PrefixEncoder(nn.Module):
             # Small init: a prefix of large random keys would swamp attention before any training.
             nn.init.normal_(self.embedding.weight, std=0.02)
             self.trans = None
+        self.dropout = nn.Dropout(config.prefix_dropout)  # active in train() mode only
 
     def key_values(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, (key, value) shaped (batch, kv_heads, pre_seq_len, head_dim), as a cache holds them."""
@@ -91,6 +94,7 @@ class PrefixEncoder(nn.Module):
         kv = self.embedding(ids)
         if self.trans is not None:
             kv = self.trans(kv)
+        kv = self.dropout(kv)
         kv = kv.view(c.pre_seq_len, c.num_layers, 2, c.num_key_value_heads, c.head_dim)
         kv = kv.permute(1, 2, 3, 0, 4).to(dtype)  # layers, k/v, heads, seq, head_dim
         kv = kv.unsqueeze(2).expand(-1, -1, batch_size, -1, -1, -1)
@@ -105,8 +109,9 @@ class PrefixEncoder(nn.Module):
             json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: str | Path, model=None) -> "PrefixEncoder":
-        """Load a saved prefix; with `model`, refuse one trained for a different base, naming both."""
+    def load(cls, directory: str | Path, model=None, pre_seq_len: int | None = None) -> "PrefixEncoder":
+        """Load a saved prefix. With `model`, refuse one trained for a different base; with `pre_seq_len`,
+        refuse one of another length: each error names both values, never a raw tensor-size traceback."""
         directory = Path(directory)
         cfg_file = directory / CONFIG_NAME
         if not cfg_file.is_file():
@@ -119,9 +124,18 @@ class PrefixEncoder(nn.Module):
                     f"{directory}: this prefix was trained on base {config.base_model!r} "
                     f"(config sha256 {config.base_config_sha256[:12]}), but the loaded base has config sha256 "
                     f"{expected[:12]}; load it onto the base it was trained on, or retrain it")
+        if pre_seq_len is not None and pre_seq_len != config.pre_seq_len:
+            raise PtuneError(f"{directory}: this prefix has pre_seq_len {config.pre_seq_len}, but pre_seq_len "
+                             f"{pre_seq_len} was asked for; use {config.pre_seq_len} or retrain the prefix")
+        state = load_file(str(directory / WEIGHTS_NAME))
+        rows = state.get("embedding.weight")
+        if rows is None or rows.shape[0] != config.pre_seq_len:
+            found = "no embedding.weight" if rows is None else f"{rows.shape[0]} virtual tokens"
+            raise PtuneError(f"{directory / WEIGHTS_NAME} holds {found}, but {cfg_file} says pre_seq_len "
+                             f"{config.pre_seq_len}; the two files come from different runs: retrain or restore both")
         encoder = cls(config)
         try:
-            encoder.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+            encoder.load_state_dict(state)
         except RuntimeError as exc:
             raise PtuneError(f"{directory / WEIGHTS_NAME}: does not match {cfg_file} "
                              f"(pre_seq_len {config.pre_seq_len}): {str(exc).splitlines()[0]}") from None

@@ -1,17 +1,24 @@
 """Stage train: learn a P-tuning v2 prefix on data/processed/train with the base frozen; save only the prefix.
 
-One loop to read top to bottom: load, step, log, save. Outputs: models/ptuning/ (prefix.safetensors +
-prefix_config.json) and reports/train_log.csv (step,loss,learning_rate,samples_per_s).
+One loop to read top to bottom: load, (resume), step, log, checkpoint, save. Outputs: models/ptuning/
+(prefix.safetensors + prefix_config.json) and reports/train_log.csv (step,loss,learning_rate,samples_per_s).
+Checkpoints go to .ptune/state/train/<key>/ (outside the declared outputs, which DVC and Snakemake delete
+before a rerun): a killed run resumes from the last one and ends with the prefix an uninterrupted run makes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
+import math
+import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import load_from_disk
 from tqdm import tqdm
@@ -19,8 +26,10 @@ from tqdm import tqdm
 from . import atomic, prefixed
 from .config import Params, TrainConfig
 from .determinism import seed_everything
+from .errors import PtuneError
 from .model import assert_frozen, device, load_frozen
 from .prefix_encoder import PrefixEncoder, prefix_config_for
+from .resume_state import ResumeState
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +38,9 @@ DATA = Path("data/processed")
 OUT = Path("models/ptuning")
 TRAIN_LOG = Path("reports/train_log.csv")
 IGNORE_INDEX = -100
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Fields that change neither the data order nor the numbers: editing them keeps checkpoints usable.
+NOT_IN_RESUME_KEY = ("logging_steps", "save_steps", "save_total_limit")
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -45,13 +57,13 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(n_rows: int, batch_size: int, seed: int):
-    """Endless seeded epochs of shuffled row indices."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(n_rows, generator=gen).tolist()
-        for start in range(0, n_rows - batch_size + 1 if n_rows >= batch_size else 1, batch_size):
-            yield order[start:start + batch_size]
+def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
+    """Rows of the k-th micro-batch: epoch e is a permutation seeded by (seed, e), so any position can be
+    recomputed from k alone and a resumed run reads exactly the batches an uninterrupted one would."""
+    per_epoch = max(1, n_rows // batch_size)
+    epoch, pos = divmod(k, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return order[pos * batch_size:(pos + 1) * batch_size] or order[:batch_size]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -62,14 +74,54 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * remaining / max(1, cfg.max_steps - cfg.warmup_steps)
 
 
-def run(params: Params) -> None:
+def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
+    if cfg.precision == "fp16" and dev.type != "cuda":
+        raise PtuneError("train.precision: fp16 needs a CUDA GPU (loss scaling runs there); use fp32 or bf16 here")
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int) -> None:
+    """Everything resuming needs; written atomically, the oldest beyond `keep` removed."""
+    payload = {"step": step, "prefix": encoder.state_dict(), "optimizer": optim.state_dict(),
+               "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
+               "log_rows": rows}
+    with atomic.atomic_file(state.path(f"checkpoint-{step:08d}.pt"), "wb") as fh:
+        torch.save(payload, fh)
+    for old in sorted(state.dir.glob("checkpoint-*.pt"))[:-keep]:
+        old.unlink()
+
+
+def latest_checkpoint(state: ResumeState) -> Path | None:
+    found = sorted(state.dir.glob("checkpoint-*.pt"))
+    return found[-1] if found else None
+
+
+def run(params: Params) -> dict:
     cfg = params.train
     seed_everything(cfg.seed)
     dev = device()
-    model = load_frozen(BASE, dev)
+    _check_precision(cfg, dev)
+    dtype = DTYPES[cfg.precision]
+    # The frozen base in the compute dtype on a GPU (half the memory); on the CPU it stays fp32 under autocast.
+    model = load_frozen(BASE, dev, dtype=dtype if dev.type == "cuda" else torch.float32)
     total = assert_frozen(model)
     encoder = PrefixEncoder(prefix_config_for(model, cfg.pre_seq_len, cfg.prefix_projection,
-                                              cfg.prefix_hidden_size, base_model=str(BASE))).to(dev)
+                                              cfg.prefix_hidden_size, base_model=str(BASE),
+                                              prefix_dropout=cfg.prefix_dropout)).to(dev)  # fp32 master weights
     trainable = sum(p.numel() for p in encoder.parameters())
     log.info("trainable parameters: %d of %d (%.4f%%); base frozen", trainable, total + trainable,
              100 * trainable / (total + trainable))
@@ -77,34 +129,65 @@ def run(params: Params) -> None:
     train = load_from_disk(str(DATA))["train"]
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    order = batches(len(train), cfg.per_device_train_batch_size, cfg.seed)
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    autocast = (torch.autocast(dev.type, dtype=dtype) if cfg.precision != "fp32" else contextlib.nullcontext())
 
-    rows: list[tuple] = []
+    key_params = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
+    state = ResumeState("train", [BASE, DATA], key_params)
+    start, rows = 0, []
+    if (ckpt_path := latest_checkpoint(state)) is not None:
+        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        encoder.load_state_dict(ckpt["prefix"])
+        optim.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        start, rows = ckpt["step"], ckpt["log_rows"]
+        log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
+
     encoder.train()
     t_log, samples_since, window_losses = time.perf_counter(), 0, []
-    bar = tqdm(range(cfg.max_steps), desc="train prefix", unit="step", mininterval=2)
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train prefix", unit="step",
+               mininterval=2)
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
         step_loss = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            idx = next(order)
+        for micro in range(cfg.gradient_accumulation_steps):
+            idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train),
+                                cfg.per_device_train_batch_size, cfg.seed)
             batch = {k: v.to(dev) for k, v in collate([train[i] for i in idx], pad_id).items()}
-            loss = prefixed.forward(model, encoder, **batch).loss / cfg.gradient_accumulation_steps
-            loss.backward()
+            with autocast:
+                loss = prefixed.forward(model, encoder, **batch).loss / cfg.gradient_accumulation_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += loss.item()
             samples_since += len(idx)
+        if not math.isfinite(step_loss) or step_loss == 0.0:
+            hint = (" fp16 overflows here: use bf16 (or fp32)" if cfg.precision == "fp16"
+                    else " lower train.learning_rate or check the data")
+            raise PtuneError(f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
+                             f"to {OUT}; checkpoints before this step are kept in {state.dir}")
+        if scaler is not None:
+            scaler.unscale_(optim)
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
-        optim.step()
+        if scaler is not None:
+            scaler.step(optim)
+            scaler.update()
+        else:
+            optim.step()
         optim.zero_grad(set_to_none=True)
         window_losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
             elapsed = time.perf_counter() - t_log
-            # samples/s is the one column that varies between reruns; reports compare the others.
-            rows.append((step + 1, round(step_loss, 6), f"{lr:.6g}", round(samples_since / max(elapsed, 1e-9), 2)))
+            # loss: the mean over the steps since the last row. samples/s is the one column that varies
+            # between reruns; reports compare the others.
+            mean_loss = sum(window_losses) / len(window_losses)
+            rows.append((step + 1, round(mean_loss, 6), f"{lr:.6g}", round(samples_since / max(elapsed, 1e-9), 2)))
             t_log, samples_since, window_losses = time.perf_counter(), 0, []
+        if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
+            save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit)
 
     with atomic.atomic_dir(OUT) as tmp:
         encoder.save(tmp)
@@ -113,3 +196,6 @@ def run(params: Params) -> None:
     writer.writerow(["step", "loss", "learning_rate", "samples_per_s"])
     writer.writerows(rows)
     atomic.write_text(TRAIN_LOG, buf.getvalue())
+    state.finish()
+    return {"trainable_parameters": trainable, "total_parameters": total + trainable, "resumed_from_step": start,
+            "precision": cfg.precision, "device": str(dev)}
