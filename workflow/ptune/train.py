@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import load_from_disk
 from tqdm import tqdm
 
 from . import atomic, prefixed
@@ -94,6 +93,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float) -> float:
+    """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them)."""
+    step_loss = 0.0
+    for batch in micro_batches:
+        with autocast:
+            loss = prefixed.forward(model, encoder, **batch).loss / len(micro_batches)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += loss.item()
+    if scaler is not None:
+        scaler.unscale_(optim)
+    torch.nn.utils.clip_grad_norm_(encoder.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optim)
+        scaler.update()
+    else:
+        optim.step()
+    optim.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int) -> None:
     """Everything resuming needs; written atomically, the oldest beyond `keep` removed."""
     payload = {"step": step, "prefix": encoder.state_dict(), "optimizer": optim.state_dict(),
@@ -126,6 +145,8 @@ def run(params: Params) -> dict:
     log.info("trainable parameters: %d of %d (%.4f%%); base frozen", trainable, total + trainable,
              100 * trainable / (total + trainable))
 
+    from datasets import load_from_disk  # here: the benchmarks import this module on machines without it
+
     train = load_from_disk(str(DATA))["train"]
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -153,30 +174,18 @@ def run(params: Params) -> dict:
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        micro_batches = []
         for micro in range(cfg.gradient_accumulation_steps):
             idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train),
                                 cfg.per_device_train_batch_size, cfg.seed)
-            batch = {k: v.to(dev) for k, v in collate([train[i] for i in idx], pad_id).items()}
-            with autocast:
-                loss = prefixed.forward(model, encoder, **batch).loss / cfg.gradient_accumulation_steps
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            step_loss += loss.item()
+            micro_batches.append({k: v.to(dev) for k, v in collate([train[i] for i in idx], pad_id).items()})
             samples_since += len(idx)
+        step_loss = optimizer_step(model, encoder, micro_batches, optim, scaler, autocast, cfg.max_grad_norm)
         if not math.isfinite(step_loss) or step_loss == 0.0:
             hint = (" fp16 overflows here: use bf16 (or fp32)" if cfg.precision == "fp16"
                     else " lower train.learning_rate or check the data")
             raise PtuneError(f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
                              f"to {OUT}; checkpoints before this step are kept in {state.dir}")
-        if scaler is not None:
-            scaler.unscale_(optim)
-        torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.max_grad_norm)
-        if scaler is not None:
-            scaler.step(optim)
-            scaler.update()
-        else:
-            optim.step()
-        optim.zero_grad(set_to_none=True)
         window_losses.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
