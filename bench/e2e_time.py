@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow"))
+from ptune.cli import STAGES  # noqa: E402
+
 BUDGET_S = 300
 
 
@@ -68,8 +71,7 @@ def main() -> int:
     print(f"snakemake --cores 1 report: {wall:.1f} s wall ({wall / BUDGET_S:.0%} of the {BUDGET_S} s budget)")
     print(f"baseline `import torch, transformers`: {baseline:.2f} s; ratio e2e / import = {wall / baseline:.1f}")
     stage_sum = 0.0
-    order = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
-    for stage, rec in sorted(timings.items(), key=lambda kv: order.index(kv[0])):
+    for stage, rec in sorted(timings.items(), key=lambda kv: STAGES.index(kv[0])):
         stage_sum += rec["wall_s"]
         print(f"  {stage:<14} {rec['wall_s']:7.1f} s")
     print(f"  {'(overhead)':<14} {wall - stage_sum:7.1f} s  (process start-up, imports, dvc, snakemake)")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ptune.stagelog import executed_stages
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
 SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"
@@ -66,10 +68,8 @@ class Project:
         return self.root / ".ptune" / "stage.log"
 
     def executed(self) -> list[str]:
-        """Stages executed since the log was last cleared (the definition tests assert on)."""
-        if not self.stage_log.is_file():
-            return []
-        return [line.split("\t")[0] for line in self.stage_log.read_text().splitlines() if line]
+        """Stages executed since the log was last cleared (the one definition: ptune.stagelog)."""
+        return executed_stages(self.stage_log)
 
     def clear_log(self) -> None:
         if self.stage_log.exists():

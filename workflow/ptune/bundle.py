@@ -25,6 +25,7 @@ from .errors import PtuneError
 from .generation import generation_kwargs, left_pad
 from .model import device, load_frozen, load_tokenizer
 from .prefix_encoder import PrefixEncoder
+from .preprocess import format_prompt
 from . import prefixed
 
 MANIFEST = "bundle.json"
@@ -59,7 +60,7 @@ class Bundle:
                    GenerationConfig(**manifest["generation"]))
 
     def answer(self, content: str, seed: int = 0) -> str:
-        prompt = self.prompt_template.replace("{content}", content)
+        prompt = format_prompt(self.prompt_template, content)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         input_ids, mask = left_pad([ids], self.tokenizer.pad_token_id, self.model.device)
         torch.manual_seed(seed)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from . import atomic
+from .cli import STAGES
 from .config import Params
 from .metrics import METRIC_NAMES
 
@@ -26,7 +27,6 @@ DEPLOY_CHECK = REPORTS / "deploy_check.json"
 TIMINGS_DIR = REPORTS / "timings"
 OUT_MD = REPORTS / "report.md"
 OUT_TIMINGS = REPORTS / "timings.json"
-STAGE_ORDER = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy")
 
 
 def _read_json(path: Path):
@@ -101,7 +101,7 @@ def run(params: Params) -> None:
     with open(TRAIN_LOG, encoding="utf-8", newline="") as fh:
         log_rows = list(csv.DictReader(fh))
     atomic.write_text(OUT_MD, render(params, metrics, predictions, log_rows, _read_json(DEPLOY_CHECK)))
-    timings = {stage: _read_json(TIMINGS_DIR / f"{stage}.json") for stage in STAGE_ORDER
+    timings = {stage: _read_json(TIMINGS_DIR / f"{stage}.json") for stage in STAGES
                if (TIMINGS_DIR / f"{stage}.json").is_file()}
     timings["report"] = {"stage": "report", "started": started.isoformat(timespec="seconds"),
                          "wall_s": round(time.perf_counter() - t0, 3), "host": platform.node()}
