@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 
+from .errors import PtuneError
+
 
 THREADS_ENV = "PTUNE_NUM_THREADS"
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -20,8 +22,6 @@ def configure_threads() -> int:
     value = os.environ.get(THREADS_ENV)
     if value:
         if not value.isdigit() or int(value) < 1:
-            from .errors import PtuneError
-
             raise PtuneError(f"{THREADS_ENV}={value!r}: must be a whole number of threads, 1 or more")
         n = int(value)
     else:

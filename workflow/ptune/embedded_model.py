@@ -19,6 +19,7 @@ from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 from . import synthetic_adgen
 from .config import EmbeddedModelConfig
 from .determinism import seed_everything
+from .errors import PtuneError
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,6 @@ def build(cfg: EmbeddedModelConfig, out_dir: Path) -> dict:
     model = build_model(cfg, tokenizer)
     stream = _token_stream(tokenizer, corpus)
     if len(stream) <= cfg.pretrain_seq_len + 1:
-        from .errors import PtuneError
         raise PtuneError(f"fetch_weights.embedded.corpus_size: {cfg.corpus_size} examples give only "
                          f"{len(stream)} tokens, fewer than pretrain_seq_len {cfg.pretrain_seq_len}; raise it")
     losses = pretrain(model, stream, cfg)
