@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ptune.faults import TRACE_ENV
 from ptune.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +113,13 @@ def make_project(dest: Path, env: dict[str, str], params: Path = TINY_PARAMS) ->
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, env) -> Project:
     """The tiny pipeline, run once by `snakemake --cores 1 report`; do not modify it (use `ran_project`)."""
-    project = make_project(tmp_path_factory.mktemp("pipeline") / "project", env)
+    root = tmp_path_factory.mktemp("pipeline")
+    project = make_project(root / "project", env)
+    # Record every failpoint this run passes (ptune.faults), so the fault suite aims its kills at real progress.
+    project.failpoint_trace = root / "failpoints.tsv"
+    project.env = {**env, TRACE_ENV: str(project.failpoint_trace)}
     project.run("snakemake", "--cores", "1", "report")
+    project.env = env
     return project
 
 

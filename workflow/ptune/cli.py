@@ -24,17 +24,19 @@ STAGE_HELP = {
 
 
 def run_stage(stage: str, params_path: str) -> None:
-    from . import config, determinism, stagelog
+    from . import config, determinism, faults, locks, stagelog
 
-    stagelog.record_start(stage)
-    determinism.configure_threads()
-    params = config.load(params_path)
-    module = importlib.import_module(f"ptune.{stage}")
-    if stage == "report":
-        module.run(params)  # it writes reports/timings.json, its own timing included
-        return
-    with stagelog.timed(stage) as facts:
-        facts.update(module.run(params) or {})
+    params = config.load(params_path)  # bad params fail before anything is recorded or locked
+    faults.arm(stage)
+    with locks.stage_lock(stage):
+        stagelog.record_start(stage)
+        determinism.configure_threads()
+        module = importlib.import_module(f"ptune.{stage}")
+        if stage == "report":
+            module.run(params)  # it writes reports/timings.json, its own timing included
+            return
+        with stagelog.timed(stage) as facts:
+            facts.update(module.run(params) or {})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from . import prefixed
+from . import faults, prefixed
 from .config import GenerationConfig
 from .prefix_encoder import PrefixEncoder
 from .resume_state import Journal
@@ -71,6 +71,7 @@ def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Seque
                 texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if journal is not None:
                     journal.record(b, texts)
+                faults.point("batch")
             for i, text in zip(idx, texts):
                 out[i] = text
             bar.update(len(idx))

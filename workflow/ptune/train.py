@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, prefixed
+from . import atomic, faults, prefixed
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
@@ -187,6 +187,7 @@ def run(params: Params) -> dict:
             raise PtuneError(f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
                              f"to {OUT}; checkpoints before this step are kept in {state.dir}")
         window_losses.append(step_loss)
+        faults.point("step")
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
             elapsed = time.perf_counter() - t_log
@@ -197,6 +198,7 @@ def run(params: Params) -> dict:
             t_log, samples_since, window_losses = time.perf_counter(), 0, []
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit)
+            faults.point("checkpoint")
 
     with atomic.atomic_dir(OUT) as tmp:
         encoder.save(tmp)
