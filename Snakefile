@@ -12,6 +12,11 @@ import yaml
 from pathlib import Path
 from snakemake.utils import validate
 
+from ptune import config as ptune_config
+
+# ptune's own loader first: a YAML syntax error is named by file, line and column and a bad key by its dotted
+# name, the same messages `ptune` and `dvc repro` give (Snakemake's configfile parser names neither).
+ptune_config.load("params.yaml")
 configfile: "params.yaml"
 validate(config, "workflow/schemas/params.schema.yaml")
 

@@ -44,8 +44,16 @@ def _sweep_stale(target: Path) -> None:
                     stale.unlink(missing_ok=True)
 
 
-def _disk_full(exc: OSError, target: Path) -> PtuneError:
-    return PtuneError(f"{target}: the disk is full ({exc.strerror}); free space under {target.parent} and rerun")
+def _is_disk_full(exc: BaseException) -> bool:
+    # Writers in native code (safetensors, arrow) report ENOSPC in their own exception types, by message.
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    return "No space left on device" in str(exc) or "os error 28" in str(exc)
+
+
+def _disk_full(target: Path) -> PtuneError:
+    return PtuneError(f"{target}: the disk is full (no space left on device); free space under {target.parent} "
+                      "and rerun (nothing was written there)")
 
 
 @contextlib.contextmanager
@@ -67,13 +75,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(exc, target) from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(exc):
+            raise _disk_full(target) from None
         raise
 
 
@@ -94,13 +99,10 @@ def atomic_file(target: str | Path, mode: str = "w") -> Iterator[Any]:
             os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes it private; the output should not be
         faults.point("output")
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise _disk_full(exc, target) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            raise _disk_full(target) from None
         raise
 
 

@@ -21,7 +21,22 @@ def _copy_local(path: str, dest: Path) -> dict:
     if not (src / "config.json").is_file():
         raise PtuneError(f"fetch_weights.path: {src} has no config.json; is it a transformers model directory?")
     shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
+    check_tokenizer_fits(dest)
     return {"path": str(src)}
+
+
+def check_tokenizer_fits(model_dir: Path) -> None:
+    """A tokenizer from another model hands out ids past the embedding table: an index error deep in torch later."""
+    from transformers import AutoConfig
+
+    from .model import load_tokenizer
+
+    vocab = getattr(AutoConfig.from_pretrained(str(model_dir)), "vocab_size", None)
+    n_tokens = len(load_tokenizer(model_dir))
+    if isinstance(vocab, int) and n_tokens > vocab:
+        raise PtuneError(f"{model_dir}: the tokenizer has {n_tokens} tokens but the model's config.json says "
+                         f"vocab_size {vocab}; the tokenizer belongs to another model. Fetch the model and its "
+                         "own tokenizer from the same repository and revision")
 
 
 def run(params: Params) -> None:

@@ -56,8 +56,33 @@ def build(tokenizer, cfg: PreprocessConfig, train: list[dict], dev: list[dict]) 
     return DatasetDict({"train": train_ds, "dev": dev_ds})
 
 
+def context_length(model_dir: Path) -> int | None:
+    """The base model's context window, from its config.json (None where the config does not say)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    for key in ("max_position_embeddings", "seq_length", "n_positions"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def check_lengths(tokenizer, cfg: PreprocessConfig, context: int | None) -> None:
+    """Fail before tokenizing 100k examples when the limits cannot work with this model or template."""
+    if context is not None and cfg.max_source_length + cfg.max_target_length > context:
+        raise PtuneError(f"preprocess.max_source_length ({cfg.max_source_length}) + max_target_length "
+                         f"({cfg.max_target_length}) exceed the base model's context of {context} tokens "
+                         f"({BASE}/config.json); lower them so that their sum is at most {context}")
+    template_only = len(tokenizer(format_prompt(cfg.prompt_template, ""), add_special_tokens=False)["input_ids"])
+    if template_only >= cfg.max_source_length:
+        raise PtuneError(f"preprocess.prompt_template alone is {template_only} tokens, and "
+                         f"preprocess.max_source_length is {cfg.max_source_length}: every example's content "
+                         "would be cut away; raise max_source_length or shorten the template")
+
+
 def run(params: Params) -> None:
     tokenizer = load_tokenizer(BASE)
+    check_lengths(tokenizer, params.preprocess, context_length(BASE))
     data = build(tokenizer, params.preprocess, adgen.read(RAW / "train.json"), adgen.read(RAW / "dev.json"))
     with atomic.atomic_dir(OUT) as tmp:
         # datasets gives in-memory datasets random fingerprints, which end up in state.json; fixed ones keep

@@ -129,6 +129,16 @@ def latest_checkpoint(state: ResumeState) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_context(model, train, cfg: TrainConfig) -> None:
+    """The prefix takes positions too: prefix + the longest example must fit the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(map(len, train["input_ids"]), default=0)
+    if isinstance(context, int) and cfg.pre_seq_len + longest > context:
+        raise PtuneError(f"train.pre_seq_len ({cfg.pre_seq_len}) + the longest training example ({longest} tokens, "
+                         f"see preprocess.max_source_length/max_target_length) exceed the base model's context of "
+                         f"{context} tokens; lower train.pre_seq_len or the preprocess lengths")
+
+
 def run(params: Params) -> dict:
     cfg = params.train
     seed_everything(cfg.seed)
@@ -148,6 +158,7 @@ def run(params: Params) -> dict:
     from datasets import load_from_disk  # here: the benchmarks import this module on machines without it
 
     train = load_from_disk(str(DATA))["train"]
+    _check_context(model, train, cfg)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
