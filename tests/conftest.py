@@ -117,7 +117,11 @@ def pipeline_run(tmp_path_factory, env) -> Project:
     project = make_project(root / "project", env)
     # Record every failpoint this run passes (ptune.faults), so the fault suite aims its kills at real progress.
     project.failpoint_trace = root / "failpoints.tsv"
-    project.env = {**env, TRACE_ENV: str(project.failpoint_trace)}
+    # Credentials as a user's shell would hold them: no output, log, lock or report may ever contain them.
+    project.planted_secret = "ptune-planted-secret-7f3a9c"
+    secrets = {name: project.planted_secret for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OSS_ACCESS_KEY_SECRET",
+                                                         "OPENAI_API_KEY")}
+    project.env = {**env, **secrets, TRACE_ENV: str(project.failpoint_trace)}
     project.run("snakemake", "--cores", "1", "report")
     project.env = env
     return project

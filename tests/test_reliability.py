@@ -168,3 +168,12 @@ def test_corrupted_outputs_are_detected_and_restored(ran_project):
     assert _digest(prefix) == good
     assert "up to date" in p.run("dvc", "status").stdout
     assert p.executed() == []  # restored from the cache, nothing recomputed
+
+
+def test_no_secret_from_the_environment_reaches_any_file(pipeline_run):
+    """The session run had tokens in its environment (conftest); none may appear in params, dvc.lock, logs,
+    outputs, caches or reports."""
+    token = pipeline_run.planted_secret.encode()
+    leaks = [str(f.relative_to(pipeline_run.root)) for f in pipeline_run.root.rglob("*")
+             if f.is_file() and token in f.read_bytes()]
+    assert not leaks, f"a planted secret was written to {leaks}"

@@ -13,16 +13,14 @@ import csv
 import io
 import logging
 import math
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import atomic, faults, prefixed
+from . import atomic, checkpoint, faults, prefixed
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
@@ -35,6 +33,7 @@ log = logging.getLogger(__name__)
 BASE = Path("models/base")
 DATA = Path("data/processed")
 OUT = Path("models/ptuning")
+CKPT_SUFFIX = ".safetensors"
 TRAIN_LOG = Path("reports/train_log.csv")
 IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,21 +77,6 @@ def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
         raise PtuneError("train.precision: fp16 needs a CUDA GPU (loss scaling runs there); use fp32 or bf16 here")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float) -> float:
     """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them)."""
     step_loss = 0.0
@@ -114,18 +98,16 @@ def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, aut
 
 
 def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int) -> None:
-    """Everything resuming needs; written atomically, the oldest beyond `keep` removed."""
-    payload = {"step": step, "prefix": encoder.state_dict(), "optimizer": optim.state_dict(),
-               "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
-               "log_rows": rows}
-    with atomic.atomic_file(state.path(f"checkpoint-{step:08d}.pt"), "wb") as fh:
-        torch.save(payload, fh)
-    for old in sorted(state.dir.glob("checkpoint-*.pt"))[:-keep]:
+    """Everything resuming needs (safetensors, never a pickle); the oldest beyond `keep` removed."""
+    checkpoint.save_training(state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}"), step=step,
+                             prefix=encoder.state_dict(), optimizer=optim.state_dict(),
+                             scaler=scaler.state_dict() if scaler is not None else None, log_rows=rows)
+    for old in sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))[:-keep]:
         old.unlink()
 
 
 def latest_checkpoint(state: ResumeState) -> Path | None:
-    found = sorted(state.dir.glob("checkpoint-*.pt"))
+    found = sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))
     return found[-1] if found else None
 
 
@@ -168,12 +150,11 @@ def run(params: Params) -> dict:
     state = ResumeState("train", [BASE, DATA], key_params)
     start, rows = 0, []
     if (ckpt_path := latest_checkpoint(state)) is not None:
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = checkpoint.load_training(ckpt_path, dev)  # restores the RNG states too
         encoder.load_state_dict(ckpt["prefix"])
         optim.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
         start, rows = ckpt["step"], ckpt["log_rows"]
         log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
 
