@@ -44,7 +44,11 @@ class SlurmCluster:
         self.conf = root / "slurm.conf"
         self.log = root / "log"
         self.node = socket.gethostname().split(".")[0]
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.bin = root / "bin"
+
+    def client_env(self, env: dict[str, str]) -> dict[str, str]:
+        """`env` with this cluster's Slurm commands: SLURM_CONF set, and the srun wrapper first on PATH."""
+        return {**env, "SLURM_CONF": str(self.conf), "PATH": f"{self.bin}{os.pathsep}{env['PATH']}"}
 
     def _pid(self, daemon: str) -> int | None:
         path = self.root / f"{daemon}.pid"
@@ -90,11 +94,22 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs=2 RealMemory=64000 State=UNKNOWN
 PartitionName=main Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 """)
 
+    def _write_srun_wrapper(self) -> None:
+        # snakemake-executor-plugin-slurm-jobstep 0.6.1 drops every SLURM_* variable but the job's identity before
+        # its `srun`, SLURM_CONF included; a cluster whose slurm.conf is not in /etc/slurm then fails with "Could
+        # not establish a configuration source". The wrapper puts it back; srun itself is the real one.
+        self.bin.mkdir(exist_ok=True)
+        srun = self.bin / "srun"
+        srun.write_text(f'#!/bin/sh\nSLURM_CONF="{self.conf}" exec {shutil.which("srun")} "$@"\n')
+        srun.chmod(0o755)
+
     def _run(self, *cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(list(cmd), env=self.client_env(dict(os.environ)), capture_output=True, text=True,
+                              timeout=60)
 
     def start(self, wait_s: float = 60) -> None:
-        missing = [d for d in DAEMONS if not shutil.which(d, path=f"{os.environ['PATH']}:/usr/sbin:/sbin")]
+        needed = (*DAEMONS, "sbatch", "srun", "squeue", "sinfo")
+        missing = [d for d in needed if not shutil.which(d, path=f"{os.environ['PATH']}:/usr/sbin:/sbin")]
         if missing:
             raise SlurmUnavailable(f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge; "
                                    ".ci/run does it when the Slurm test runs)")
@@ -105,6 +120,7 @@ PartitionName=main Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)
         self._write_conf()
+        self._write_srun_wrapper()
         steps = [
             # --force: munged refuses to run as root without it.
             ["munged", "--force", f"--socket={self.root}/munge.socket", f"--key-file={key}",

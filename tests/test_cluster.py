@@ -14,9 +14,8 @@ import yaml
 from conftest import REPO, STAGES, make_project
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
-# Outputs that are byte-stable across runs (timings, throughput and latency are not; see README).
-STABLE_OUTS = ("models/base", "models/ptuning", "data/raw", "data/processed", "reports/predictions.jsonl",
-               "reports/metrics.json")
+# The outputs that are not byte-stable by design (timings, throughput, latency; see README).
+NOT_BYTE_STABLE = ("reports/timings", "reports/train_log.csv", "reports/deploy_check.json")
 
 
 def _dvc_yaml_resources() -> dict[str, dict]:
@@ -101,14 +100,13 @@ def _out_hashes(project) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, tmp_path, env, pipeline_run):
-    project = make_project(tmp_path / "project",
-                           {**env, "SLURM_CONF": str(slurm.conf), "PTUNE_PUSH_AFTER_STAGE": "1"})
+    project = make_project(tmp_path / "project", {**slurm.client_env(env), "PTUNE_PUSH_AFTER_STAGE": "1"})
     # No accounting storage here: job states come from squeue (sacct would never see a job end, see DESIGN).
     # No GPU on this node: the profile's gpu is overridden, as a user does for a CPU partition.
-    proc = project.run("timeout", "-k", "10", "600", "snakemake", "--profile", "profiles/slurm", "--verbose",
-                       "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-                       "--slurm-no-account", "--set-resources", "train:gpu=0", "evaluate:gpu=0", "report",
-                       timeout=660)
+    proc = project.run("timeout", "-k", "10", "600", "snakemake", "report", "--profile", "profiles/slurm",
+                       "--verbose", "--slurm-status-command", "squeue",
+                       "--slurm-init-seconds-before-status-checks", "2", "--slurm-no-account",
+                       "--set-resources", "train:gpu=0", "evaluate:gpu=0", timeout=660)
     log = proc.stdout + proc.stderr
     assert sorted(project.executed()) == sorted(STAGES)
 
@@ -122,14 +120,13 @@ def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, 
         assert "--gpus" not in call, call
     allocated = re.findall(r"sched: Allocate JobId=(\d+)", slurm.controller_log())
     assert len(set(allocated)) >= len(STAGES), slurm.controller_log()[-3000:]
-    for name in STAGES:
-        assert list((project.root / ".snakemake/slurm_logs" / f"rule_{name}").glob("*.log")), name
 
     # The same outputs as the local run, byte for byte (by DVC's hashes), and DVC agrees the run is complete.
     mine, local = _out_hashes(project), _out_hashes(pipeline_run)
     assert set(mine) == set(local)
-    for rel in STABLE_OUTS:
-        assert mine[rel] == local[rel], rel
+    stable = [rel for rel in mine if not rel.startswith(NOT_BYTE_STABLE)]
+    assert {rel for rel in stable if mine[rel] != local[rel]} == set()
+    assert {"models/ptuning", "models/deploy", "reports/metrics.json", "reports/report.md"} <= set(stable)
     assert "up to date" in project.run("dvc", "status").stdout
     # PTUNE_PUSH_AFTER_STAGE=1: each job pushed its stage, so the shared remote holds the whole run.
     cloud = project.run("dvc", "status", "--cloud").stdout
