@@ -55,6 +55,11 @@ if _missing:
                         "to its deps so that `snakemake report` covers the whole pipeline")
 
 
+# Opt-in for clusters (PTUNE_PUSH_AFTER_STAGE=1 where Snakemake starts): each job pushes its stage's outputs to the
+# DVC remote as soon as it ends, so the remote, shared by all jobs, holds every finished stage.
+_PUSH_AFTER_STAGE = ' && if [ "${{PTUNE_PUSH_AFTER_STAGE:-0}}" = 1 ]; then dvc --wait-for-lock push {params.stage}; fi'
+
+
 for _name, _stage in DVC_STAGES.items():
     rule:
         name: _name
@@ -64,4 +69,4 @@ for _name, _stage in DVC_STAGES.items():
         output: list(_outputs(_stage))
         params: stage=_name  # bound now: a loop variable in `shell` would run the last stage for every rule
         resources: **_stage.get("meta", {}).get("resources", {})
-        shell: "dvc --wait-for-lock repro --single-item --pull {params.stage} && touch {output}"
+        shell: "dvc --wait-for-lock repro --single-item --pull {params.stage} && touch {output}" + _PUSH_AFTER_STAGE
