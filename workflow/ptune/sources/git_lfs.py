@@ -110,11 +110,17 @@ def _remove_truncated(clone: Path, files: dict[str, Pointer]) -> None:
             path.unlink()
 
 
-def _drop_corrupt(clone: Path, name: str, pointer: Pointer) -> None:
-    """Remove a wrong file and its object in the local LFS store, so the next pull downloads it anew."""
-    (clone / name).unlink(missing_ok=True)
-    obj = clone / ".git" / "lfs" / "objects" / pointer.oid[:2] / pointer.oid[2:4] / pointer.oid
-    obj.unlink(missing_ok=True)
+def _drop_bad(clone: Path, name: str, pointer: Pointer, why: str) -> None:
+    """Remove a file that is neither a pointer nor its content, so that the next pull writes it anew; a corrupt
+    one was copied from a corrupt object in the local LFS store, which goes too."""
+    path = clone / name
+    if not path.is_file() or read_pointer(path) is not None:
+        return  # missing or still a pointer: the next pull fills it in
+    log.warning("%s: %s; downloading it again", name, why)
+    path.unlink()
+    if why.endswith("(corrupt)"):
+        obj = clone / ".git" / "lfs" / "objects" / pointer.oid[:2] / pointer.oid[2:4] / pointer.oid
+        obj.unlink(missing_ok=True)
 
 
 def fetch(repo: str, revision: str, workdir: Path, attempts: int = 5, backoff_s: float = 5.0) -> tuple[Path, str]:
@@ -132,6 +138,7 @@ def fetch(repo: str, revision: str, workdir: Path, attempts: int = 5, backoff_s:
     commit = _checkout(clone, revision)
     files = lfs_files(clone)
     _remove_truncated(clone, files)
+    pending = dict(files)  # hashing 13 GB takes a while: a file verified once is not hashed again
     problems: dict[str, str] = {}
     last_error = ""
     for attempt in range(attempts):
@@ -140,14 +147,13 @@ def fetch(repo: str, revision: str, workdir: Path, attempts: int = 5, backoff_s:
             last_error = _tail(proc.stderr)
             log.warning("git lfs pull failed (attempt %d of %d): %s", attempt + 1, attempts, last_error)
             (clone / ".git" / "index.lock").unlink(missing_ok=True)
-        problems = {name: why for name, p in files.items() if (why := content_problem(clone / name, p))}
+        problems = {name: why for name, p in pending.items() if (why := content_problem(clone / name, p))}
+        pending = {name: files[name] for name in problems}
         if not problems:
             log.info("%d LFS file(s) of %s@%s downloaded and verified", len(files), repo, commit[:12])
             return clone, commit
         for name, why in problems.items():
-            if why.endswith("(corrupt)"):
-                log.warning("%s: %s; downloading it again", name, why)
-                _drop_corrupt(clone, name, files[name])
+            _drop_bad(clone, name, files[name], why)
         if attempt + 1 < attempts:
             time.sleep(backoff_s * 2 ** attempt)
     listed = "\n".join(f"  {name}: {why}" for name, why in sorted(problems.items()))

@@ -37,6 +37,7 @@ def _get(url: str, part: Path, timeout_s: float) -> None:
         if have and resp.status == 206:
             start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
             if start != str(have):
+                part.unlink()  # the next try starts over: this server cannot be trusted to resume
                 raise http.client.HTTPException(f"server resumed at byte {start!r}, not {have}")
             mode = "ab"
             log.info("resuming %s at byte %d", url, have)
