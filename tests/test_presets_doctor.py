@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from conftest import REPO, STAGES
 from ptune import config
@@ -30,6 +29,20 @@ def test_each_preset_is_a_complete_valid_params_file_with_a_header(path):
 
 def test_preset_use_then_dvc_status_shows_the_stages_that_rerun(ran_project):
     p = ran_project
+    listing = p.run("ptune", "preset", "list").stdout
+    assert "glm4-9b-chat" in listing and "GLM-4-9B-Chat" in listing
+    proc = p.run("ptune", "preset", "use", "chatglm-13b", check=False)
+    assert proc.returncode == 2 and "no preset 'chatglm-13b'" in proc.stderr and "glm4-9b-chat" in proc.stderr
+
+    # Uncommitted edits of params.yaml are never overwritten silently.
+    committed = (p.root / "params.yaml").read_bytes()
+    p.set_param("train.max_steps", 7)
+    edited = (p.root / "params.yaml").read_bytes()
+    proc = p.run("ptune", "preset", "use", "glm4-9b-chat", check=False)
+    assert proc.returncode == 2 and "params.yaml: not replaced, it has uncommitted edits" in proc.stderr
+    assert (p.root / "params.yaml").read_bytes() == edited
+    (p.root / "params.yaml").write_bytes(committed)
+
     assert json.loads(p.run("dvc", "status", "--json").stdout) == {}
     out = p.run("ptune", "preset", "use", "glm4-9b-chat").stdout
     assert "params.yaml is now presets/glm4-9b-chat.yaml" in out
@@ -37,51 +50,26 @@ def test_preset_use_then_dvc_status_shows_the_stages_that_rerun(ran_project):
     status = json.loads(p.run("dvc", "status", "--json").stdout)
     # A new model and data change every stage's params; nothing has run yet.
     assert sorted(status) == sorted(STAGES)
-    changed = status["fetch_weights"][0]["changed deps"]["params.yaml"]
-    assert changed == {"fetch_weights": "modified"}
+    assert status["fetch_weights"][0]["changed deps"]["params.yaml"] == {"fetch_weights": "modified"}
     assert p.executed() == []
 
 
-def test_preset_use_refuses_to_overwrite_uncommitted_edits(ran_project):
+def test_doctor_reports_each_check_with_what_to_do(ran_project):
     p = ran_project
-    p.set_param("train.max_steps", 7)
-    edited = (p.root / "params.yaml").read_bytes()
-    proc = p.run("ptune", "preset", "use", "glm4-9b-chat", check=False)
-    assert proc.returncode == 2 and "params.yaml: not replaced, it has uncommitted edits" in proc.stderr
-    assert (p.root / "params.yaml").read_bytes() == edited
-    p.run("ptune", "preset", "use", "glm4-9b-chat", "--force")
-    assert yaml.safe_load((p.root / "params.yaml").read_text())["train"]["max_steps"] == 3000
-
-
-def test_preset_list_and_an_unknown_name(ran_project):
-    listing = ran_project.run("ptune", "preset", "list").stdout
-    assert "glm4-9b-chat" in listing and "GLM-4-9B-Chat" in listing
-    proc = ran_project.run("ptune", "preset", "use", "chatglm-13b", check=False)
-    assert proc.returncode == 2 and "no preset 'chatglm-13b'" in proc.stderr and "glm4-9b-chat" in proc.stderr
-
-
-def test_doctor_reports_each_check_and_the_remote_on_the_workspace_disk(ran_project):
-    proc = ran_project.run("ptune", "doctor", check=False)
+    proc = p.run("ptune", "doctor", check=False)
     out = proc.stdout
     for topic in ("disk:", "gpu:", "stack:", "git-lfs:", "dvc remote:"):
         assert topic in out, out
     assert "ok       gpu: none; this run needs none" in out
+    # The default remote sits beside the clone: the same disk, gone with the instance.
     assert "PROBLEM  dvc remote: local" in out and "same disk as the workspace" in out
     assert "what to do: use storage outside the instance" in out
     assert proc.returncode == 1 and out.rstrip().endswith("1 problem(s)")
 
-
-def test_doctor_checks_the_gpu_and_disk_a_preset_needs(ran_project):
-    p = ran_project
-    p.run("ptune", "preset", "use", "glm4-9b-chat")
-    out = p.run("ptune", "doctor", check=False).stdout
-    if "gpu: none" in out or "no CUDA GPU" in out:
-        assert "PROBLEM  gpu: no CUDA GPU visible, and this run needs 40 GiB" in out
-    assert "the hub cache 17.5" in out and "models/base (hard links into the hub cache) 0" in out
-
-
-def test_doctor_without_a_remote_says_how_to_add_one(ran_project):
-    p = ran_project
     p.run("dvc", "remote", "remove", "local")
+    p.run("ptune", "preset", "use", "glm4-9b-chat", "--force")
     out = p.run("ptune", "doctor", check=False).stdout
     assert "PROBLEM  dvc remote: none usable" in out and "dvc remote add -d" in out
+    if "gpu: none" in out or "no CUDA GPU" in out:
+        assert "PROBLEM  gpu: no CUDA GPU visible, and this run needs 40 GiB" in out
+    assert "the hub cache 17.5" in out
