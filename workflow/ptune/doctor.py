@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Params
+from .errors import PtuneError
 
 GIB = 1 << 30
 # What `make setup` pins and a run's bytes depend on; torch is chosen per machine and not pinned.
@@ -115,9 +116,14 @@ def _gpu(params: Params) -> list[Finding]:
 
 
 def _dvc_repo():
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    return Repo(".")
+    try:
+        return Repo(".")
+    except NotDvcRepoError:
+        raise PtuneError(f"{Path.cwd()} is not the project root (no .dvc/ here); run `ptune doctor` where "
+                         "params.yaml and dvc.yaml are") from None
 
 
 def _disk(params: Params, repo) -> list[Finding]:
