@@ -10,7 +10,6 @@ from pathlib import Path
 from . import atomic, records
 from .errors import PtuneError
 
-SPLITS = ("train", "dev")
 RAW_COLUMNS = records.Columns("content", "summary", "history")
 
 

@@ -32,19 +32,16 @@ class Finding:
     todo: str = ""
 
 
-def _device_of(path: Path) -> int:
-    """The filesystem of `path`, or of its nearest existing ancestor (the path may not exist yet)."""
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path.stat().st_dev
-
-
 def _existing(path: Path) -> Path:
+    """`path`, or its nearest existing ancestor: where something not yet created will go."""
     path = path.resolve()
     while not path.exists():
         path = path.parent
     return path
+
+
+def _device_of(path: Path) -> int:
+    return _existing(path).stat().st_dev
 
 
 def _versions() -> list[Finding]:
