@@ -50,7 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
     sub.add_parser("validate", help="check params.yaml against its schema and exit")
+    preset = sub.add_parser("preset", help="list presets, or copy one over params.yaml (`ptune preset use NAME`)",
+                            description="Presets are complete params files for real runs, in presets/.")
+    preset_sub = preset.add_subparsers(dest="preset_command", metavar="ACTION", required=True)
+    preset_sub.add_parser("list", help="the presets and what each is for")
+    use = preset_sub.add_parser("use", help="copy presets/NAME.yaml over params.yaml")
+    use.add_argument("name")
+    use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
+    sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
     return parser
+
+
+def _preset(args) -> None:
+    from . import presets
+
+    if args.preset_command == "list":
+        for name, path in presets.available().items():
+            print(f"{name:28} {presets.summary(path)}")
+        return
+    source = presets.use(args.name, force=args.force)
+    print(f"params.yaml is now {source}; `dvc status` shows the stages that will rerun, "
+          "`ptune doctor` checks this machine against it")
+
+
+def _doctor(params_path: str) -> int:
+    from . import config, doctor
+
+    findings = doctor.check(config.load(params_path))
+    print(doctor.render(findings))
+    return 1 if any(not f.ok for f in findings) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
 
             config.load(args.params)
             print(f"{args.params}: valid")
+        elif args.command == "preset":
+            _preset(args)
+        elif args.command == "doctor":
+            return _doctor(args.params)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2

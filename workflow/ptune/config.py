@@ -39,6 +39,8 @@ class EmbeddedModelConfig:
 class FetchWeightsConfig:
     source: str
     path: str
+    repo: str
+    revision: str
     embedded: EmbeddedModelConfig
 
 
@@ -53,12 +55,21 @@ class EmbeddedDataConfig:
 class FetchDataConfig:
     source: str
     path: str
+    url: str
+    sha256: str
+    train_file: str
+    dev_file: str
+    encoding: str
+    prompt_column: str
+    response_column: str
+    history_column: str
     embedded: EmbeddedDataConfig
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     prompt_template: str
+    history_template: str
     max_source_length: int
     max_target_length: int
     max_train_examples: int | None
@@ -110,6 +121,12 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class HardwareConfig:
+    gpu_memory_gib: float
+    model_gib: float
+
+
+@dataclass(frozen=True)
 class Params:
     fetch_weights: FetchWeightsConfig
     fetch_data: FetchDataConfig
@@ -118,6 +135,7 @@ class Params:
     evaluate: EvaluateConfig
     deploy: DeployConfig
     report: ReportConfig
+    hardware: HardwareConfig
     raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
 
@@ -170,6 +188,7 @@ def _section_types() -> dict[str, type]:
         "evaluate": EvaluateConfig,
         "deploy": DeployConfig,
         "report": ReportConfig,
+        "hardware": HardwareConfig,
     }
 
 

@@ -7,6 +7,8 @@ is what evaluation compares predictions against.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
@@ -22,12 +24,29 @@ OUT = Path("data/processed")
 IGNORE_INDEX = -100
 
 
-def format_prompt(template: str, content: str) -> str:
-    return template.replace("{content}", content)
+_PLACEHOLDER = re.compile(r"\{(content|round|history|question|answer)\}")
 
 
-def _encode(tokenizer, cfg: PreprocessConfig, examples: list[dict[str, str]]) -> tuple[list, list]:
-    prompts = [format_prompt(cfg.prompt_template, ex["content"]) for ex in examples]
+def _fill(template: str, values: dict[str, str]) -> str:
+    # One pass, not str.format or chained replace: prompts hold braces of their own, and a value that happens
+    # to contain "{content}" must stay as it is.
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def format_prompt(template: str, content: str, history: Sequence[Sequence[str]] = (),
+                  history_template: str = "") -> str:
+    """The prompt of one turn: earlier turns rendered by `history_template` ({round}, {question}, {answer}) go
+    where `template` says {history} (before everything if it does not), then {content} and its {round}."""
+    past = "".join(_fill(history_template, {"round": str(i), "question": q, "answer": a})
+                   for i, (q, a) in enumerate(history, start=1))
+    if "{history}" not in template:
+        template = "{history}" + template
+    return _fill(template, {"history": past, "round": str(len(history) + 1), "content": content})
+
+
+def _encode(tokenizer, cfg: PreprocessConfig, examples: list[dict]) -> tuple[list, list]:
+    prompts = [format_prompt(cfg.prompt_template, ex["content"], ex.get("history", ()), cfg.history_template)
+               for ex in examples]
     prompt_ids = [ids[:cfg.max_source_length]
                   for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     # Keep room for EOS so the model learns where ad copy ends.
