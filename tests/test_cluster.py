@@ -104,7 +104,7 @@ def _out_hashes(project) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, tmp_path, env, pipeline_run):
-    project = make_project(tmp_path / "project", {**slurm.client_env(env), "PTUNE_PUSH_AFTER_STAGE": "1"})
+    project = make_project(tmp_path / "project", {**slurm.client_env(env), "PTUNE_PUSH_EACH_STAGE": "1"})
     # No accounting storage here: job states come from squeue (sacct would never see a job end, see DESIGN).
     # No GPU on this node: the profile's gpu is overridden, as a user does for a CPU partition.
     proc = project.run("timeout", "-k", "10", "600", "snakemake", "report", "--profile", "profiles/slurm",
@@ -132,7 +132,7 @@ def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, 
     assert {rel for rel in stable if mine[rel] != local[rel]} == set()
     assert {"models/ptuning", "models/deploy", "reports/metrics.json", "reports/report.md"} <= set(stable)
     assert "up to date" in project.run("dvc", "status").stdout
-    # PTUNE_PUSH_AFTER_STAGE=1: each job pushed its stage, so the shared remote holds the whole run.
+    # PTUNE_PUSH_EACH_STAGE=1: each job pushed its stage, so the shared remote holds the whole run.
     cloud = project.run("dvc", "status", "--cloud").stdout
     assert "in sync" in cloud, cloud
 

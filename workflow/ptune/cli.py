@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("name")
     use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
     sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
+    _add_state_commands(sub)
     return parser
 
 
@@ -81,6 +82,51 @@ def _doctor(params_path: str) -> int:
     return 1 if any(not f.ok for f in findings) else 0
 
 
+def _add_state_commands(sub) -> None:
+    """Commands that keep a run alive across instances (README, "Surviving the instance")."""
+    from .checkpoint_sync import SYNCED_STAGES
+
+    status = sub.add_parser("status", help="per stage: up to date here? on the DVC remote? and where that is")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    push = sub.add_parser("push", help="save everything to the DVC remote: outputs, run-cache, resume state")
+    restore = sub.add_parser("restore", help="bring back everything from the DVC remote (on a fresh instance)")
+    checkpoint = sub.add_parser("checkpoint", help="resume state (training checkpoints) to/from the DVC remote")
+    direction = checkpoint.add_subparsers(dest="direction", metavar="push|pull", required=True)
+    for name, helptext in (("push", "upload .ptune/state/ (a running training's checkpoints)"),
+                           ("pull", "download it, so that the next run resumes instead of starting over")):
+        d = direction.add_parser(name, help=helptext, description=helptext)
+        d.add_argument("--stage", action="append", choices=SYNCED_STAGES,
+                       help="only this stage's state (repeatable; default: " + " and ".join(SYNCED_STAGES) + ")")
+    for p in (status, push, restore, *direction.choices.values()):
+        p.add_argument("-r", "--remote", help="a DVC remote other than the default one")
+
+
+def _run_state_command(args) -> None:
+    if args.command == "status":
+        from . import status
+
+        status.run(as_json=args.json, remote=args.remote)
+    elif args.command in ("push", "restore"):
+        from . import sync
+
+        getattr(sync, args.command)(remote=args.remote)
+    else:
+        from . import checkpoint_sync
+
+        if args.direction == "push":
+            done = checkpoint_sync.push(args.stage, remote=args.remote)
+            if not done:
+                print("ptune: no resume state in .ptune/state/ to push (nothing is running or was killed)")
+        elif not checkpoint_sync.pull(args.stage, remote=args.remote):
+            print("ptune: the remote holds no resume state (no training was pushed while it ran)")
+    if args.command != "status":  # status prints it itself, after its table
+        from .remote import check_survival
+
+        warning = check_survival()
+        if warning:
+            print(warning, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -99,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             _preset(args)
         elif args.command == "doctor":
             return _doctor(args.params)
+        else:
+            _run_state_command(args)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2

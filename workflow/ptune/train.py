@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import atomic, checkpoint, faults, prefixed
+from . import atomic, checkpoint, checkpoint_sync, faults, prefixed
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
 from .model import assert_frozen, device, load_frozen
 from .prefix_encoder import PrefixEncoder, prefix_config_for
+from .remote import checkpoint_push_every
 from .resume_state import ResumeState
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def _check_context(model, train, cfg: TrainConfig) -> None:
 def run(params: Params) -> dict:
     cfg = params.train
     seed_everything(cfg.seed)
+    push_every = checkpoint_push_every()  # read first: a bad value should fail before hours of work, not after
     dev = device()
     _check_precision(cfg, dev)
     dtype = DTYPES[cfg.precision]
@@ -159,7 +161,7 @@ def run(params: Params) -> dict:
         log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
 
     encoder.train()
-    t_log, samples_since, window_losses = time.perf_counter(), 0, []
+    t_log, samples_since, window_losses, saved = time.perf_counter(), 0, [], 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train prefix", unit="step",
                mininterval=2)
     for step in bar:
@@ -191,6 +193,9 @@ def run(params: Params) -> dict:
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit)
             faults.point("checkpoint")
+            saved += 1
+            if push_every and saved % push_every == 0:  # so that a fresh instance can resume (README)
+                checkpoint_sync.push_quietly("train")
 
     with atomic.atomic_dir(OUT) as tmp:
         encoder.save(tmp)
