@@ -5,7 +5,7 @@ Resume state is not a DVC output (DVC deletes outputs before a rerun), so `dvc p
 `dvc push`), beside DVC's `files/` and never inside it, so `dvc gc --cloud` leaves it alone:
 
     <remote>/ptune-state/train/manifest.json          {"key", "files": {name: {"md5", "size"}}, ...}
-    <remote>/ptune-state/train/<key>/checkpoint-00000040.pt
+    <remote>/ptune-state/train/<key>/checkpoint-00000040.safetensors
 
 The manifest is written last, so a push cut short leaves the previous complete state readable; files it no longer
 names (older checkpoints) are removed after it. A pull downloads into a temp name, checks the md5, then renames:
