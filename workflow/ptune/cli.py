@@ -9,6 +9,7 @@ import os
 import sys
 
 from .errors import PtuneError
+from .serve import commands as serve_commands
 
 # The pipeline's stages in DAG order; each is the module of the same name, with `run(params)`.
 STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
     sub.add_parser("validate", help="check params.yaml against its schema and exit")
+    serve_commands.add_parsers(sub)
     return parser
 
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
             config.load(args.params)
             print(f"{args.params}: valid")
+        elif args.command in ("serve", "chat"):
+            return serve_commands.run(args)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2
