@@ -38,7 +38,8 @@ def prompts(path: Path) -> list[str]:
     return FALLBACK_PROMPTS
 
 
-def one_request(url: str, endpoint: str, prompt: str, model: str, headers: dict, max_new: int | None):
+def one_request(url: str, endpoint: str, prompt: str, model: str, headers: dict,
+                max_new: int | None) -> tuple[float, float | None, int | None]:
     """Returns (latency s, time to first text s or None, completion tokens or None); raises on any failure."""
     if endpoint == "seed":
         body, path = {"prompt": prompt}, "/"

@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # Sampling with a seed: the tiny test model's greedy answers are blank, sampled ones are not.
-MAX_NEW_TOKENS = 24
+MAX_NEW_TOKENS = 16
 SAMPLING_FLAGS = ["--sample", "--max-new-tokens", str(MAX_NEW_TOKENS)]
 # Debian's chromium as root on a machine without a network (see /work/.library/env/machines/python.md).
 CHROMIUM = "/usr/bin/chromium"

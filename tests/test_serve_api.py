@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -15,7 +14,7 @@ import openai
 import pytest
 
 from ptune.serve.process import ApiProcess
-from serving import MAX_NEW_TOKENS, cases, reference_answer
+from serving import MAX_NEW_TOKENS, cases
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -179,12 +178,3 @@ def test_exposed_host_and_share_are_warned_about(serving_project):
     from ptune.serve.commands import BUNDLE_MANIFEST
 
     assert BUNDLE_MANIFEST == MANIFEST
-
-
-def test_base_model_alone_is_served(serving_project):
-    (prompt, seed, expected), = cases(serving_project.root, 1, base_only=True)
-    with ApiProcess(["--bundle", "models/deploy", "--base-only"], cwd=serving_project.root,
-                    env=serving_project.env, start_timeout=300) as server:
-        assert server.get("/health")[1]["prefix_length"] == 0
-        _, body = server.post("/", _seed_body(prompt, seed))
-    assert body["response"] == expected

@@ -201,7 +201,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -211,18 +211,19 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     auth = [Depends(authorized)]
 
+    # Cheap endpoints are async: they must answer even while every worker thread waits for the engine.
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "model": engine.name, "description": engine.description,
                 "pending": engine.pending, "context_length": engine.context_length,
                 "prefix_length": engine.prefix_length}
 
     @app.get("/v1/models", dependencies=auth)
-    def models() -> dict:
+    async def models() -> dict:
         return {"object": "list", "data": [_model_card(engine)]}
 
     @app.get("/v1/models/{model_id}", dependencies=auth)
-    def model(model_id: str) -> dict:
+    async def model(model_id: str) -> dict:
         _check_model(engine, model_id)
         return _model_card(engine)
 

@@ -47,7 +47,7 @@ def _add_host_args(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s, this machine only); "
                              "0.0.0.0 opens it to every network the machine is on")
-    parser.add_argument("--port", type=int, default=port, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=port, help="port (default: %(default)s; 0: any free port)")
 
 
 def add_parsers(sub) -> None:
@@ -100,10 +100,13 @@ def run(args: argparse.Namespace) -> int:
         warn("--share publishes a public link through Gradio's share servers: anyone who has the link can use "
              "this model" + ("" if auth else "; add --auth USER:PASS to require a login"))
     check_source(args)
+    # Gradio binds by port number, not a socket: check now that the port is free (and pick one for 0).
+    with bind(args.host, args.port) as sock:
+        port = sock.getsockname()[1]
     engine = load_engine(args)
     from . import web
 
-    return web.run(engine, host=args.host, port=args.port, share=args.share, auth=auth)
+    return web.run(engine, host=args.host, port=port, share=args.share, auth=auth)
 
 
 def check_source(args: argparse.Namespace) -> None:

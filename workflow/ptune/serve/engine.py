@@ -60,6 +60,14 @@ def chat_prompt(template: str, query: str, history: History) -> str:
     return "".join(rounds) + round_prompt(template, len(history) + 1, query)
 
 
+def context_length(config) -> int:
+    """The longest sequence the model takes; ChatGLM-6B's remote code names it differently."""
+    for key in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 2048
+
+
 @dataclass(frozen=True)
 class Settings:
     """Generation settings of one request."""
@@ -131,7 +139,7 @@ class Engine:
         self.max_pending = max_pending
         self.defaults = bundle.generation
         self.default_seed: int | None = None
-        self.context_length = int(getattr(bundle.model.config, "max_position_embeddings", 2048))
+        self.context_length = context_length(bundle.model.config)
         self.prefix_length = bundle.encoder.config.pre_seq_len if bundle.encoder is not None else 0
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
