@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pexpect
+import pytest
 
 from serving import SAMPLING_FLAGS, cases, reference_answer
 
@@ -41,11 +42,14 @@ def test_chat_asks_clears_and_stops(serving_project):
     assert chat.exitstatus == 0
 
 
-def test_chat_on_the_base_model_alone_and_ctrl_c_quits(serving_project):
+@pytest.mark.parametrize("source,shown", [(["--base-only"], "base model alone"),
+                                          (["--model", "models/base"], "model `models/base` (no prefix)")])
+def test_chat_on_the_base_model_alone_and_ctrl_c_quits(serving_project, source, shown):
+    # The bundle's base without its prefix, or the base model directory with params.yaml's template.
     prompt, seed, expected = cases(serving_project.root, 1, base_only=True)[0]
-    chat = _spawn(serving_project, "--base-only", *SAMPLING_FLAGS, "--seed", str(seed))
+    chat = _spawn(serving_project, *source, *SAMPLING_FLAGS, "--seed", str(seed))
     try:
-        chat.expect_exact("base model alone")
+        chat.expect_exact(shown)
         chat.expect_exact("You: ")
         assert _ask(chat, prompt) == expected
         chat.sendintr()  # Ctrl-C at the prompt: a clean exit, no traceback
