@@ -135,3 +135,13 @@ def ran_project(pipeline_run, tmp_path) -> Project:
     project = Project(dest, pipeline_run.env)
     project.clear_log()
     return project
+
+
+@pytest.fixture(scope="session")
+def serving_project(pipeline_run, tmp_path_factory) -> Project:
+    """What serving reads from the finished tiny pipeline (models, data, reports, params) in a private dir."""
+    dest = tmp_path_factory.mktemp("serving")
+    for rel in ("models/base", "models/deploy", "data/raw", "reports"):
+        shutil.copytree(pipeline_run.root / rel, dest / rel)
+    shutil.copy2(pipeline_run.root / "params.yaml", dest / "params.yaml")
+    return Project(dest, pipeline_run.env)

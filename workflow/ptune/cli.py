@@ -9,6 +9,7 @@ import os
 import sys
 
 from .errors import PtuneError
+from .serve import commands as serve_commands
 
 # The pipeline's stages in DAG order; each is the module of the same name, with `run(params)`.
 STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
     sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
     _add_state_commands(sub)
+    serve_commands.add_parsers(sub)
     return parser
 
 
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             _preset(args)
         elif args.command == "doctor":
             return _doctor(args.params)
+        elif args.command in ("serve", "chat"):
+            return serve_commands.run(args)
         else:
             _run_state_command(args)
     except PtuneError as exc:

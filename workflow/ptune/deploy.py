@@ -1,16 +1,17 @@
-"""Stage deploy: write the bundle to models/deploy/, load it in a fresh process, answer one prompt.
+"""Stage deploy: write the bundle to models/deploy/, serve it over HTTP as a user would, ask it one prompt.
 
-The answer and its latency go to reports/deploy_check.json. A bundle that fails its smoke test is never
-published: the check runs on the temporary directory before it is renamed into place.
+The check starts `ptune serve api` on the bundle (a fresh process, a free loopback port), asks the smoke prompt
+through the seed-compatible `POST /` and the OpenAI-compatible `/v1/chat/completions`, checks both answers, and
+stops the server. The answer, the server's start-up time and each request's latency go to
+reports/deploy_check.json (the one place besides reports/timings* where wall times are allowed). A bundle that
+fails its check is never published: the check runs on the temporary directory before it is renamed into place.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from .bundle import FORMAT_VERSION, MANIFEST
 from .config import GenerationConfig, Params
 from .errors import PtuneError
 from .prefix_encoder import CONFIG_NAME
+from .serve.process import ApiProcess
 
 BASE = Path("models/base")
 PREFIX = Path("models/ptuning")
@@ -32,9 +34,12 @@ Base model: `{base}` · prefix: `prefix/` (pre_seq_len {pre_seq_len}) · prompt 
 
 Evaluated on {n_examples} dev examples: {scores}
 
-Answer one prompt from the project root:
+Talk to it from the project root:
 
-    python -m ptune.bundle {bundle} '{prompt}'
+    ptune chat --bundle {bundle}          # in the terminal
+    ptune serve web --bundle {bundle}     # a Gradio page on http://127.0.0.1:7860
+    ptune serve api --bundle {bundle}     # HTTP on http://127.0.0.1:8000: POST / and /v1/chat/completions
+    python -m ptune.bundle {bundle} '{prompt}'   # one answer, printed as JSON
 
 Restore it on a fresh instance with `dvc pull` (the base model and this bundle are DVC outputs).
 """
@@ -60,15 +65,37 @@ def run(params: Params) -> None:
         atomic.write_text(tmp / "README.md", LAUNCH.format(
             base=BASE, pre_seq_len=prefix_cfg["pre_seq_len"], template=params.preprocess.prompt_template,
             bundle=OUT, prompt=cfg.smoke_prompt, n_examples=metrics["n_examples"], scores=scores))
-        check = smoke_test(tmp, cfg.smoke_prompt)
+        check = smoke_test(tmp, cfg.smoke_prompt, generation)
     atomic.write_json(CHECK, {"bundle": str(OUT), "prompt": cfg.smoke_prompt, **check})
 
 
-def smoke_test(bundle: Path, prompt: str) -> dict:
-    """Load the bundle in a fresh Python process (as a server would) and answer `prompt`."""
-    proc = subprocess.run([sys.executable, "-m", "ptune.bundle", str(bundle), prompt],
-                          capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    if proc.returncode != 0:
-        raise PtuneError(f"deploy smoke test failed: the bundle in {bundle} did not load and answer:\n"
-                         f"{proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def smoke_test(bundle: Path, prompt: str, generation: GenerationConfig) -> dict:
+    """Serve `bundle` with `ptune serve api` on a free loopback port, ask `prompt` over HTTP, stop the server."""
+    try:
+        with ApiProcess(["--bundle", str(bundle)]) as api:
+            model = api.get("/v1/models")[1]["data"][0]["id"]
+            t0 = time.perf_counter()
+            _, seed = api.post("/", {"prompt": prompt})
+            t1 = time.perf_counter()
+            _, chat = api.post("/v1/chat/completions",
+                               {"model": model, "messages": [{"role": "user", "content": prompt}]})
+            t2 = time.perf_counter()
+            load_s = api.load_s
+    except PtuneError as exc:
+        raise PtuneError(f"deploy check failed: the bundle in {bundle} was not served: {exc}") from None
+    answer = seed.get("response")
+    problems = []
+    if not isinstance(answer, str) or seed.get("status") != 200:
+        problems.append(f"POST / answered {seed}, not {{'response': str, 'status': 200, ...}}")
+    elif seed.get("history") != [[prompt, answer]]:
+        problems.append(f"POST / returned history {seed.get('history')!r}, not [[prompt, response]]")
+    content = (chat.get("choices") or [{}])[0].get("message", {}).get("content")
+    if not isinstance(content, str):
+        problems.append(f"/v1/chat/completions answered {chat}, with no choices[0].message.content")
+    elif not generation.do_sample and content != answer:
+        problems.append(f"greedy decoding, yet POST / answered {answer!r} and /v1/chat/completions {content!r}")
+    if problems:
+        raise PtuneError("deploy check failed for the bundle in " + str(bundle) + ":\n  " + "\n  ".join(problems))
+    return {"answer": answer, "server": "ptune serve api", "load_s": round(load_s, 3),
+            "latency_s": round(t1 - t0, 3), "openai_latency_s": round(t2 - t1, 3),
+            "completion_tokens": chat["usage"]["completion_tokens"]}

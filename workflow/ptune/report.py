@@ -87,9 +87,12 @@ def render(params: Params, metrics: dict, predictions: list[dict], log_rows: lis
         out += [f"| {_cell(p['content'])} | {_cell(p['label'])} | {_cell(p['base'])} | {_cell(p['ptuned'])} |"
                 for p in predictions[:n]]
         out.append("")
-    out += ["## Deploy", "", f"Bundle `{deploy['bundle']}`; smoke prompt `{deploy['prompt']}` answered:", "",
-            f"> {deploy['answer'] or '(empty)'}", "",
-            f"Answer a prompt yourself: `python -m ptune.bundle {deploy['bundle']} '<content>'`", ""]
+    # Latencies stay in reports/deploy_check.json: this file is compared byte for byte across reruns.
+    out += ["## Deploy", "", f"Bundle `{deploy['bundle']}`, served by `ptune serve api`; smoke prompt "
+            f"`{deploy['prompt']}` answered:", "", f"> {deploy['answer'] or '(empty)'}", "",
+            f"Talk to it: `ptune chat`, `ptune serve web` (a Gradio page) or `ptune serve api` (ChatGLM's `POST /` "
+            f"and OpenAI's `/v1/chat/completions`); start-up time and latency are in `reports/deploy_check.json`.",
+            ""]
     out += ["## Params", "", "```yaml", yaml.safe_dump(params.raw, allow_unicode=True, sort_keys=False).rstrip(),
             "```", ""]
     return "\n".join(out)

@@ -1,0 +1,180 @@
+"""`ptune serve api` on the tiny pipeline's bundle, used as clients use it: raw HTTP, the `openai` client, many
+at once, and bad requests that must get 4xx JSON while the server stays up."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from ptune.serve.process import ApiProcess
+from serving import MAX_NEW_TOKENS, cases
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def api(serving_project):
+    env = {**serving_project.env, "PTUNE_API_KEY": KEY}
+    with ApiProcess(["--bundle", "models/deploy"], cwd=serving_project.root, env=env, start_timeout=300) as server:
+        yield server
+        assert server._proc.poll() is None, "the server died during the tests:\n" + server.output()
+
+
+def _seed_body(prompt: str, seed: int, **extra) -> dict:
+    return {"prompt": prompt, "seed": seed, "temperature": 0.95, "top_p": 0.7, "max_new_tokens": MAX_NEW_TOKENS,
+            **extra}
+
+
+def _client(api) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_health_and_models(api):
+    status, health = api.get("/health")  # no key needed
+    assert status == 200 and health["status"] == "ok" and health["model"] == "ptune"
+    assert health["prefix_length"] == 4 and health["context_length"] == 512
+    assert api.get("/v1/models", check=False)[0] == 401
+    status, models = api.get("/v1/models", headers=AUTH)
+    assert status == 200 and [m["id"] for m in models["data"]] == ["ptune"]
+    assert [m.id for m in _client(api).models.list()] == ["ptune"]
+
+
+def test_seed_request_and_response_shape(api, serving_project):
+    (prompt, seed, expected), = cases(serving_project.root, 1)
+    status, body = api.post("/", _seed_body(prompt, seed), headers=AUTH)
+    assert status == 200
+    assert set(body) == {"response", "history", "status", "time"}
+    assert body["status"] == 200 and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
+    # The served answer is the bundle's own, computed here without the engine, streamer or server.
+    assert body["response"] == expected
+    assert body["history"] == [[prompt, expected]]
+    # A second round: the history comes back extended, as ChatGLM's api.py returns it.
+    status, body2 = api.post("/", _seed_body("再写一句", seed, history=body["history"]), headers=AUTH)
+    assert status == 200 and body2["history"][:1] == [[prompt, expected]]
+    assert body2["history"][1] == ["再写一句", body2["response"]]
+
+
+def test_openai_client_with_and_without_streaming(api, serving_project):
+    (prompt, seed, expected), = cases(serving_project.root, 1)
+    client = _client(api)
+    kwargs = dict(model="ptune", messages=[{"role": "user", "content": prompt}], seed=seed, temperature=0.95,
+                  top_p=0.7, max_tokens=MAX_NEW_TOKENS)
+    completion = client.chat.completions.create(**kwargs)
+    assert completion.choices[0].message.content == expected
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens <= MAX_NEW_TOKENS and completion.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == expected
+    assert len(pieces) >= 2, pieces  # token by token, not one block at the end
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == completion.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+
+def test_eight_concurrent_requests_each_get_their_own_answer(api, serving_project):
+    todo = cases(serving_project.root, 8)
+
+    def ask(i: int) -> str:
+        prompt, seed, _ = todo[i]
+        if i % 2:  # half through the OpenAI client, streaming, half through the seed's POST /
+            stream = _client(api).chat.completions.create(
+                model="ptune", messages=[{"role": "user", "content": prompt}], seed=seed, temperature=0.95,
+                top_p=0.7, max_tokens=MAX_NEW_TOKENS, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        return api.post("/", _seed_body(prompt, seed), headers=AUTH)[1]["response"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert answers == [answer for _, _, answer in todo]
+
+
+def _raw(api, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(api.url + path, data=data, method="POST", headers={**AUTH, **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+BAD_SEED_REQUESTS = [
+    ({}, 400, "prompt"),                                         # missing prompt
+    ({"prompt": 5}, 400, "prompt"),                              # wrong type
+    ({"prompt": ["a"]}, 400, "prompt"),
+    ({"prompt": "x", "history": "no"}, 400, "history"),
+    ({"prompt": "x", "history": [["only one"]]}, 400, "history.0"),
+    ({"prompt": "x", "history": [[1, 2]]}, 400, "history.0.0"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ({"prompt": "x", "max_new_tokens": 0}, 400, "max_new_tokens"),
+    ({"prompt": "x", "max_new_tokens": 100000}, 400, "max_new_tokens"),
+    ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "   "}, 400, "prompt"),                         # nothing to answer
+    ({"prompt": "类型#裤*" * 400}, 400, "prompt"),                # past the model's 512-token context
+    ({"prompt": "x", "max_length": 3}, 400, "max_length"),       # no room left for an answer
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_SEED_REQUESTS, ids=[str(i) for i in range(len(BAD_SEED_REQUESTS))])
+def test_bad_seed_requests_get_4xx_json(api, body, status, param):
+    got, error = api.post("/", body, headers=AUTH, check=False)
+    assert got == status, error
+    assert error["status"] == status and error["error"]["param"] == param and error["error"]["message"]
+
+
+def test_bad_openai_requests_and_bodies_get_4xx_json(api, serving_project):
+    client = _client(api)
+    user = [{"role": "user", "content": "类型#裤"}]
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=user)
+    with pytest.raises(openai.BadRequestError, match="system"):
+        client.chat.completions.create(model="ptune", messages=[{"role": "system", "content": "be nice"}, *user])
+    with pytest.raises(openai.BadRequestError, match="last message"):
+        client.chat.completions.create(model="ptune", messages=[*user, {"role": "assistant", "content": "ok"}])
+    with pytest.raises(openai.BadRequestError, match="one choice"):
+        client.chat.completions.create(model="ptune", messages=user, n=2)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="ptune", messages=[{"role": "user", "content": "类型#裤*" * 400}])
+    with pytest.raises(openai.BadRequestError, match="context"):  # streaming: refused before the stream starts
+        client.chat.completions.create(model="ptune", stream=True,
+                                       messages=[{"role": "user", "content": "类型#裤*" * 400}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{api.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert _raw(api, "/", b"{not json")[0] == 400
+    assert _raw(api, "/", b"[1, 2]")[0] == 400
+    assert _raw(api, "/", b"\xff\xfe")[0] == 400
+    status, error = _raw(api, "/", json.dumps({"prompt": "x" * (2 << 20)}).encode())
+    assert status == 413 and error["error"]["code"] == "body_too_large"
+    assert _raw(api, "/v1/nowhere", b"{}")[0] == 404
+    # The server is still up and still answers correctly.
+    (prompt, seed, expected), = cases(serving_project.root, 1)
+    assert api.post("/", _seed_body(prompt, seed), headers=AUTH)[1]["response"] == expected
+
+
+def test_deploy_checked_the_bundle_over_http(api, serving_project):
+    check = json.loads((serving_project.root / "reports/deploy_check.json").read_text())
+    assert check["server"] == "ptune serve api"
+    assert check["load_s"] > 0 and check["latency_s"] > 0 and check["openai_latency_s"] > 0
+    # Greedy, as the tiny params deploy: the served bundle still answers the smoke prompt as deploy recorded.
+    _, body = api.post("/", {"prompt": check["prompt"]}, headers=AUTH)
+    assert body["response"] == check["answer"]
+
+
+def test_exposed_host_and_share_are_warned_about(serving_project):
+    for cmd in (["serve", "api", "--host", "0.0.0.0"], ["serve", "web", "--host", "0.0.0.0", "--share"]):
+        proc = serving_project.run(sys.executable, "-m", "ptune.cli", *cmd, "--bundle", "nowhere", check=False)
+        assert proc.returncode == 2  # stops on the missing bundle before binding anything
+        assert "warning: --host 0.0.0.0 listens beyond this machine" in proc.stderr
+        assert "nowhere: no deploy bundle here" in proc.stderr and "Traceback" not in proc.stderr
+    assert "warning: --share publishes a public link" in proc.stderr
+    from ptune.bundle import MANIFEST
+    from ptune.serve.commands import BUNDLE_MANIFEST
+
+    assert BUNDLE_MANIFEST == MANIFEST

@@ -1,0 +1,60 @@
+"""`ptune chat` in a pseudo-terminal, as a person types at it: ask, `clear`, `stop`, Ctrl-C."""
+
+from __future__ import annotations
+
+import sys
+
+import pexpect
+import pytest
+
+from serving import SAMPLING_FLAGS, cases, reference_answer
+
+
+def _spawn(project, *flags: str) -> pexpect.spawn:
+    return pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", *flags], cwd=str(project.root),
+                         env=project.env, encoding="utf-8", timeout=120)
+
+
+def _ask(chat: pexpect.spawn, text: str) -> str:
+    chat.sendline(text)
+    chat.expect_exact("ptune: ")
+    chat.expect_exact("\r\nYou: ")
+    return chat.before.strip()
+
+
+def test_chat_asks_clears_and_stops(serving_project):
+    prompt, seed, expected = cases(serving_project.root, 1)[0]
+    chat = _spawn(serving_project, *SAMPLING_FLAGS, "--seed", str(seed))
+    try:
+        chat.expect_exact("P-tuned, prefix of 4 tokens")
+        chat.expect_exact("You: ")
+        assert _ask(chat, prompt) == expected
+        second = _ask(chat, prompt)  # with the first round as history
+        assert second == reference_answer(serving_project.root, prompt, seed, history=((prompt, expected),))
+        chat.sendline("clear")
+        chat.expect_exact("(history cleared)")
+        chat.expect_exact("You: ")
+        assert _ask(chat, prompt) == expected
+        chat.sendline("stop")
+        chat.expect(pexpect.EOF)
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0
+
+
+@pytest.mark.parametrize("source,shown", [(["--base-only"], "base model alone"),
+                                          (["--model", "models/base"], "model `models/base` (no prefix)")])
+def test_chat_on_the_base_model_alone_and_ctrl_c_quits(serving_project, source, shown):
+    # The bundle's base without its prefix, or the base model directory with params.yaml's template.
+    prompt, seed, expected = cases(serving_project.root, 1, base_only=True)[0]
+    chat = _spawn(serving_project, *source, *SAMPLING_FLAGS, "--seed", str(seed))
+    try:
+        chat.expect_exact(shown)
+        chat.expect_exact("You: ")
+        assert _ask(chat, prompt) == expected
+        chat.sendintr()  # Ctrl-C at the prompt: a clean exit, no traceback
+        chat.expect(pexpect.EOF)
+        assert "Traceback" not in chat.before
+    finally:
+        chat.close(force=True)
+    assert chat.exitstatus == 0

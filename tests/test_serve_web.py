@@ -1,0 +1,111 @@
+"""`ptune serve web` in a real headless browser: log in, ask, watch the answer stream in, clear the history."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serving import CHROMIUM, CHROMIUM_ARGS, SAMPLING_FLAGS, cases, free_port, reference_answer
+
+USER, PASSWORD = "ptune", "s3cret"
+# Records each distinct text of the last answer bubble as the page updates it.
+WATCH_ANSWER = """() => {
+  window.answerTexts = [];
+  const root = document.querySelector('#conversation');
+  new MutationObserver(() => {
+    const bots = root.querySelectorAll('[data-testid="bot"]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    if (window.answerTexts[window.answerTexts.length - 1] !== text) window.answerTexts.push(text);
+  }).observe(root, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"ptune serve web exited {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"ptune serve web did not answer on {url} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def web(serving_project):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing (`apt-get install chromium`; .ci/run installs it)")
+    seed = cases(serving_project.root, 1)[0][1]
+    port = free_port()
+    env = {**serving_project.env, "PTUNE_WEB_AUTH": f"{USER}:{PASSWORD}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), *SAMPLING_FLAGS, "--seed",
+         str(seed)], cwd=serving_project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_up(proc, url)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    prompt, seed, expected = cases(serving_project.root, 1)[0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(web)
+            page.locator("input[type=password]").fill(PASSWORD)
+            page.locator("input[type=text]").fill(USER)
+            page.get_by_role("button", name="Login").click()
+            box = page.locator("#message textarea")
+            expect(box).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("P-tuned, prefix of 4 tokens")).to_be_visible()
+            page.evaluate(WATCH_ANSWER)
+            bots = page.locator('#conversation [data-testid="bot"]')
+
+            box.fill(prompt)
+            box.press("Enter")
+            expect(bots).to_have_count(1, timeout=60_000)
+            expect(bots.last).to_have_text(expected, timeout=60_000)
+            seen = [t for t in page.evaluate("window.answerTexts") if t]
+            # Streamed: the page showed growing beginnings of the answer before the whole of it.
+            assert len(seen) >= 3 and seen[-1] == expected and all(expected.startswith(t) for t in seen), seen
+            page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+            # Asked again, with the first round as history (ChatGLM2's two-round prompt).
+            second = reference_answer(serving_project.root, prompt, seed, history=((prompt, expected),))
+            box.fill(prompt)
+            page.get_by_role("button", name="Send").click()
+            expect(bots).to_have_count(2, timeout=60_000)
+            expect(bots.last).to_have_text(second, timeout=60_000)
+
+            page.locator("#clear").click()
+            expect(bots).to_have_count(0)
+            expect(page.locator('#conversation [data-testid="user"]')).to_have_count(0)
+            # The history is gone on the server too (the page shows the server's history): one round only.
+            box.fill(prompt)
+            box.press("Enter")
+            expect(bots).to_have_count(1, timeout=60_000)
+            expect(bots.last).to_have_text(expected, timeout=60_000)
+            page.screenshot(path=str(tmp_path / "chat-after-clear.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "chat.png").stat().st_size > 10_000

@@ -1,0 +1,318 @@
+"""The HTTP API: the seed tutorials' `POST /` and an OpenAI-compatible chat API, over one engine.
+
+- `POST /` with `{"prompt", "history": [[q, a], ...], "max_length", "max_new_tokens", "top_p", "temperature"}`
+  answers `{"response", "history", "status": 200, "time"}` as ChatGLM's api.py does;
+- `POST /v1/chat/completions` (`stream` true: server-sent events), `GET /v1/models`;
+- `GET /health` (never needs the API key).
+
+Every error is JSON, `{"error": {"message", "type", "param", "code"}, "status"}` (OpenAI's shape), with a 4xx
+status for a bad request: validation 400, missing or wrong API key 401, unknown model or path 404, a body over
+MAX_BODY_BYTES 413, busy 503.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from starlette.concurrency import iterate_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, Reply, RequestError
+
+# Far above any prompt a context of a few thousand tokens can take; bounds what one request makes us tokenize.
+MAX_BODY_BYTES = 1 << 20
+
+
+class SeedRequest(BaseModel):
+    """ChatGLM's api.py request; unknown keys are ignored, as it ignores them."""
+
+    model_config = ConfigDict(extra="ignore")
+    prompt: StrictStr
+    history: list[Annotated[list[StrictStr], Field(min_length=2, max_length=2)]] = []
+    max_length: StrictInt | None = Field(None, ge=1)
+    max_new_tokens: StrictInt | None = Field(None, ge=1)
+    top_p: StrictFloat | None = None
+    temperature: StrictFloat | None = None
+    seed: StrictInt | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request; parameters this server does not implement are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr
+    messages: list[Message] = Field(min_length=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
+    n: StrictInt = 1
+    seed: StrictInt | None = None
+    stop: Any = None
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}, "status": status}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, first = [], None
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        first = first or where
+        msg = err.get("msg", "invalid")
+        parts.append(f"{where}: {msg}" if loc else f"the request body must be a JSON object: {msg}")
+    return "; ".join(parts), first
+
+
+def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
+    """OpenAI messages as (query, history): user/assistant pairs, then the user's new message."""
+    history: list[tuple[str, str]] = []
+    pending: str | None = None
+    for i, msg in enumerate(messages):
+        if msg.role in ("system", "developer"):
+            raise RequestError(f"messages.{i}: role {msg.role!r} is not supported: this model's prompt template "
+                               "has no system part; send user and assistant messages only", f"messages.{i}.role")
+        if msg.role == "user":
+            if pending is not None:
+                raise RequestError(f"messages.{i}: two user messages in a row; alternate user and assistant",
+                                   f"messages.{i}.role")
+            pending = msg.text()
+        else:
+            if pending is None:
+                raise RequestError(f"messages.{i}: an assistant message must follow a user message",
+                                   f"messages.{i}.role")
+            history.append((pending, msg.text()))
+            pending = None
+    if pending is None:
+        raise RequestError("the last message must be the user's, the one to answer", "messages")
+    return pending, history
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        class TooLarge(Exception):
+            pass
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except TooLarge:
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large")
+        await response(scope, receive, send)
+
+
+async def json_body(request: Request) -> Any:
+    """The body as JSON whatever its Content-Type says, as ChatGLM's api.py reads it (`curl -d` works)."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", "body") from None
+
+
+def parse(model: type[BaseModel], raw: Any):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="ptune API", version="1", docs_url="/docs", redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param, "invalid_request")
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, exc: RequestError):
+        headers = {"Retry-After": "1"} if exc.status == 503 else None
+        return error_response(exc.status, exc.message, exc.param, exc.code, headers)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):
+        return error_response(500, f"the server failed to answer: {type(exc).__name__}: {exc}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    async def authorized(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise StarletteHTTPException(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                         headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(authorized)]
+
+    # Cheap endpoints are async: they must answer even while every worker thread waits for the engine.
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": engine.name, "description": engine.description,
+                "pending": engine.pending, "context_length": engine.context_length,
+                "prefix_length": engine.prefix_length}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return {"object": "list", "data": [_model_card(engine)]}
+
+    @app.get("/v1/models/{model_id}", dependencies=auth)
+    async def model(model_id: str) -> dict:
+        _check_model(engine, model_id)
+        return _model_card(engine)
+
+    @app.post("/", dependencies=auth)
+    def seed(raw: Any = Depends(json_body)) -> dict:
+        body = parse(SeedRequest, raw)
+        history = [(q, a) for q, a in body.history]
+        max_new = body.max_new_tokens
+        if body.max_length is not None:
+            if max_new is not None:
+                raise RequestError("give max_length (prompt + answer) or max_new_tokens, not both", "max_length")
+            # ChatGLM's max_length counts the prompt too.
+            prompt_len = len(engine.prompt_ids(body.prompt, history, 1)[0])
+            max_new = body.max_length - prompt_len
+            if max_new < 1:
+                raise RequestError(f"max_length {body.max_length} leaves no room for an answer after the "
+                                   f"{prompt_len}-token prompt", "max_length")
+        settings = engine.settings(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
+                                   seed=body.seed)
+        reply = engine.complete(body.prompt, history, settings)
+        return {"response": reply.text, "history": [list(p) for p in history] + [[body.prompt, reply.text]],
+                "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    def chat(raw: Any = Depends(json_body)):
+        body = parse(ChatRequest, raw)
+        _check_model(engine, body.model)
+        if body.n != 1:
+            raise RequestError(f"n {body.n}: this server returns one choice per request", "n")
+        if body.stop is not None:
+            raise RequestError("stop sequences are not supported; leave `stop` out", "stop")
+        query, history = messages_to_turn(body.messages)
+        settings = engine.settings(max_new_tokens=body.max_completion_tokens or body.max_tokens,
+                                   temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        reply = engine.start(query, history, settings)  # a bad request raises here, before any byte is sent
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(engine, reply, ident, created, usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        reply.wait()
+        return {"id": ident, "object": "chat.completion", "created": created, "model": engine.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
+                             "finish_reason": _finish(reply), "logprobs": None}],
+                "usage": _usage(reply)}
+
+    return app
+
+
+def _model_card(engine: Engine) -> dict:
+    return {"id": engine.name, "object": "model", "created": 0, "owned_by": "ptune"}
+
+
+def _check_model(engine: Engine, model_id: str) -> None:
+    if model_id != engine.name:
+        raise RequestError(f"model {model_id!r} is not served here; this server serves {engine.name!r} "
+                           "(GET /v1/models)", "model", status=404, code="model_not_found")
+
+
+def _finish(reply: Reply) -> str:
+    return "length" if reply.finish_reason == "length" else "stop"
+
+
+def _usage(reply: Reply) -> dict:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+
+
+async def _sse(engine: Engine, reply: Reply, ident: str, created: int, include_usage: bool):
+    """Chat completion chunks as server-sent events; a client that goes away stops the generation."""
+
+    def event(delta: dict, finish: str | None = None, **extra) -> str:
+        chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    try:
+        yield event({"role": "assistant", "content": ""})
+        try:
+            async for piece in iterate_in_threadpool(iter(reply)):
+                yield event({"content": piece})
+        except Exception as exc:  # headers are sent: report the failure in the stream, as OpenAI does
+            yield f"data: {json.dumps(error_body(500, f'generation failed: {exc}'))}\n\n"
+            return
+        yield event({}, _finish(reply))
+        if include_usage:
+            last = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                    "choices": [], "usage": _usage(reply)}
+            yield f"data: {json.dumps(last)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        reply.cancel()

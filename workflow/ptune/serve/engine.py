@@ -1,0 +1,279 @@
+"""One generation engine under the web demo, the HTTP API and the terminal chat.
+
+It holds one loaded model (a deploy bundle, its base alone, or a plain model directory) and answers one
+conversation turn at a time: requests are serialised by a lock, because one model on one device gains nothing
+from interleaving single-prompt `generate` calls and loses the per-request seeding that makes answers
+reproducible. Waiting requests are counted; past `max_pending` the engine refuses at once (`Busy`) rather than
+let a queue grow without bound.
+
+Each answer streams through a transformers `TextIteratorStreamer` fed by our prefixed `generate`, which runs in
+a worker thread; a reader may stop it at any time (`Reply.cancel`), e.g. when a client goes away.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .. import prefixed
+from ..bundle import Bundle
+from ..config import GenerationConfig
+from ..generation import generation_kwargs, left_pad
+from ..model import device, load_frozen, load_tokenizer
+from ..preprocess import format_prompt
+
+log = logging.getLogger(__name__)
+
+History = Sequence[tuple[str, str]]
+# ChatGLM2's multi-turn format numbers the rounds; a template that names round 1 is renumbered per round.
+ROUND_MARK = "[Round 1]"
+ROUND_SEPARATOR = "\n\n"
+
+
+class RequestError(ValueError):
+    """A request the engine cannot answer as asked; `status` is the HTTP status a server should return."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_request"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+class Busy(RequestError):
+    def __init__(self, pending: int):
+        super().__init__(f"the server is busy ({pending} requests pending); retry in a moment",
+                         status=503, code="server_busy")
+
+
+def round_prompt(template: str, number: int, content: str) -> str:
+    return format_prompt(template.replace(ROUND_MARK, f"[Round {number}]", 1), content)
+
+
+def chat_prompt(template: str, query: str, history: History) -> str:
+    """The prompt for `query` after `history`: each earlier round as the template renders it, plus its answer."""
+    rounds = [round_prompt(template, i + 1, q) + a + ROUND_SEPARATOR for i, (q, a) in enumerate(history)]
+    return "".join(rounds) + round_prompt(template, len(history) + 1, query)
+
+
+def context_length(config) -> int:
+    """The longest sequence the model takes; ChatGLM-6B's remote code names it differently."""
+    for key in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 2048
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings of one request."""
+
+    max_new_tokens: int
+    do_sample: bool
+    top_p: float
+    temperature: float
+    seed: int | None = None
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Reply:
+    """One answer being generated: iterate for text pieces as they come; then read `text` and the counts."""
+
+    def __init__(self, streamer: TextIteratorStreamer, cancel: threading.Event, prompt_tokens: int,
+                 history_used: int):
+        self._streamer = streamer
+        self._cancel = cancel
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self.prompt_tokens = prompt_tokens
+        self.history_used = history_used  # how many of the latest history rounds fitted into the context
+        self.completion_tokens = 0
+        self.finish_reason = "stop"  # "stop" (end of sequence), "length" (max_new_tokens), "cancelled"
+        self.text = ""
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces whose concatenation is `text`: the answer without leading or trailing whitespace."""
+        held = ""  # whitespace that may turn out to be trailing
+        started = False
+        for piece in self._streamer:
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            piece = held + piece
+            body = piece.rstrip()
+            held = piece[len(body):]
+            if body:
+                yield body
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def wait(self) -> "Reply":
+        """Consume the stream to the end; returns self with `text` and the counts set."""
+        for _ in self:
+            pass
+        return self
+
+
+class Engine:
+    """A loaded model that answers chat turns one at a time."""
+
+    def __init__(self, bundle: Bundle, name: str, description: str, max_pending: int = 32):
+        self.bundle = bundle
+        self.name = name
+        self.description = description
+        self.max_pending = max_pending
+        self.defaults = bundle.generation
+        self.default_seed: int | None = None
+        self.context_length = context_length(bundle.model.config)
+        self.prefix_length = bundle.encoder.config.pre_seq_len if bundle.encoder is not None else 0
+        self._generate_lock = threading.Lock()
+        self._tokenize_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._pending = 0
+
+    @classmethod
+    def from_bundle(cls, directory: str | Path, base_only: bool = False, max_pending: int = 32) -> "Engine":
+        """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone."""
+        bundle = Bundle.load(directory, with_prefix=not base_only)
+        what = "base model alone" if base_only else f"P-tuned, prefix of {bundle.encoder.config.pre_seq_len} tokens"
+        return cls(bundle, "ptune-base" if base_only else "ptune",
+                   f"bundle `{directory}` ({what})", max_pending)
+
+    @classmethod
+    def from_model(cls, directory: str | Path, prompt_template: str, generation: GenerationConfig,
+                   max_pending: int = 32) -> "Engine":
+        """A plain transformers model directory (e.g. models/base before any deploy), no prefix."""
+        model = load_frozen(directory, device())
+        generation = GenerationConfig(generation.max_new_tokens, generation.do_sample, generation.top_p,
+                                      generation.temperature)
+        bundle = Bundle(load_tokenizer(directory), model, None, prompt_template, generation)
+        return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending)
+
+    def set_defaults(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                     top_p: float | None = None, temperature: float | None = None, seed: int | None = None) -> None:
+        """Override the bundle's generation defaults (what a request that names none gets); checked as a request."""
+        s = self.settings(max_new_tokens, temperature, top_p, do_sample, seed)
+        self.defaults = GenerationConfig(s.max_new_tokens, s.do_sample, s.top_p, s.temperature)
+        self.default_seed = seed
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def settings(self, max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, do_sample: bool | None = None, seed: int | None = None) -> Settings:
+        """Request settings over the bundle's defaults; temperature 0 means greedy, as in OpenAI's API."""
+        d = self.defaults
+        if do_sample is None:
+            do_sample = d.do_sample if temperature is None and top_p is None else temperature != 0
+        if temperature == 0:
+            do_sample = False
+        room = self.context_length - self.prefix_length - 1
+        if max_new_tokens is not None and not 1 <= max_new_tokens <= room:
+            raise RequestError(f"max_new_tokens {max_new_tokens}: must be 1 to {room} (the model's context of "
+                               f"{self.context_length} tokens less the prefix and one prompt token)",
+                               "max_new_tokens")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise RequestError(f"top_p {top_p}: must be > 0 and <= 1", "top_p")
+        if temperature is not None and temperature < 0:
+            raise RequestError(f"temperature {temperature}: must be >= 0", "temperature")
+        return Settings(max_new_tokens=max_new_tokens or d.max_new_tokens, do_sample=do_sample,
+                        top_p=d.top_p if top_p is None else top_p,
+                        temperature=d.temperature if not temperature else temperature,
+                        seed=self.default_seed if seed is None else seed)
+
+    def _encode(self, text: str) -> list[int]:
+        with self._tokenize_lock:
+            return self.bundle.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_ids(self, query: str, history: History, max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the prompt and how many of the latest history rounds fit the context with the answer.
+
+        The oldest rounds are dropped first; only the current message must fit.
+        """
+        if not query.strip():
+            raise RequestError("the message is empty; send some text to answer", "prompt")
+        budget = self.context_length - self.prefix_length - max_new_tokens
+        alone = self._encode(chat_prompt(self.bundle.prompt_template, query, []))
+        if len(alone) > budget:
+            raise RequestError(
+                f"the message is {len(alone)} tokens with its template, but the model's context of "
+                f"{self.context_length} tokens leaves {budget} for it after the prefix ({self.prefix_length}) "
+                f"and the answer (max_new_tokens {max_new_tokens}); shorten it or ask for fewer new tokens",
+                "prompt", code="context_length_exceeded")
+        kept = list(history)
+        while kept:
+            ids = self._encode(chat_prompt(self.bundle.prompt_template, query, kept))
+            if len(ids) <= budget:
+                return ids, len(kept)
+            kept = kept[1:]
+        return alone, 0
+
+    def start(self, query: str, history: History = (), settings: Settings | None = None) -> Reply:
+        """Check and tokenize the request now (raising RequestError), then generate in a worker thread."""
+        settings = settings or self.settings()
+        ids, used = self.prompt_ids(query, history, settings.max_new_tokens)
+        with self._count_lock:
+            if self._pending >= self.max_pending:
+                raise Busy(self._pending)
+            self._pending += 1
+        tokenizer = self.bundle.tokenizer
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
+        reply = Reply(streamer, cancel, len(ids), used)
+        threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True,
+                         name="ptune-generate").start()
+        return reply
+
+    def complete(self, query: str, history: History = (), settings: Settings | None = None) -> Reply:
+        return self.start(query, history, settings).wait()
+
+    def _generate(self, reply: Reply, ids: list[int], settings: Settings) -> None:
+        bundle = self.bundle
+        try:
+            with self._generate_lock:
+                if reply._cancel.is_set():
+                    reply.finish_reason = "cancelled"
+                    return
+                config = GenerationConfig(settings.max_new_tokens, settings.do_sample, settings.top_p,
+                                          settings.temperature)
+                kwargs = generation_kwargs(config, bundle.tokenizer)
+                kwargs.update(streamer=reply._streamer,
+                              stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)]))
+                input_ids, mask = left_pad([ids], bundle.tokenizer.pad_token_id, bundle.model.device)
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
+                new = prefixed.generate(bundle.model, bundle.encoder, input_ids, mask, kwargs)[0].tolist()
+            eos = bundle.tokenizer.eos_token_id
+            reply.completion_tokens = len(new)
+            reply.text = bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
+            if reply._cancel.is_set():
+                reply.finish_reason = "cancelled"
+            elif new and new[-1] == eos:
+                reply.finish_reason = "stop"
+            elif len(new) >= settings.max_new_tokens:
+                reply.finish_reason = "length"
+        except BaseException as exc:  # handed to the reader, who re-raises it
+            log.exception("generation failed")
+            reply._error = exc
+        finally:
+            with self._count_lock:
+                self._pending -= 1
+            reply._done.set()
+            # The streamer ends itself after a normal generate; after an error the reader must not wait forever.
+            reply._streamer.text_queue.put(reply._streamer.stop_signal)

@@ -1,0 +1,98 @@
+"""The Gradio chat page: streaming answers, history, generation settings, a clear button.
+
+The conversation lives in a `gr.State` of (question, answer) pairs, the engine's history format; the Chatbot
+only displays it. Gradio's queue runs one answer at a time per page event (its default concurrency limit of 1)
+and shows waiting users their place in the queue; the engine's lock is underneath as for every front end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# No usage reporting or version checks over the network: set before gradio is imported.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from .engine import Engine, RequestError  # noqa: E402
+
+Pairs = list[list[str]]
+
+
+def display(pairs: Pairs) -> list[dict]:
+    messages = []
+    for question, answer in pairs:
+        messages.append({"role": "user", "content": question})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def build(engine: Engine) -> gr.Blocks:
+    d = engine.defaults
+    room = engine.context_length - engine.prefix_length - 1
+
+    def ask(message: str, pairs: Pairs):
+        if not message.strip():
+            return message, pairs, display(pairs)
+        pairs = pairs + [[message, None]]
+        return "", pairs, display(pairs)
+
+    def answer(pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
+        if not pairs or pairs[-1][1] is not None:
+            yield pairs, display(pairs)
+            return
+        question = pairs[-1][0]
+        history = [(q, a) for q, a in pairs[:-1]]
+        try:
+            settings = engine.settings(int(max_new_tokens), float(temperature), float(top_p), bool(do_sample),
+                                       None if seed is None else int(seed))
+            reply = engine.start(question, history, settings)
+        except RequestError as exc:
+            pairs = pairs[:-1]
+            yield pairs, display(pairs)
+            raise gr.Error(exc.message) from None
+        pairs = [list(p) for p in pairs]
+        pairs[-1][1] = ""
+        try:
+            for piece in reply:
+                pairs[-1][1] += piece
+                yield pairs, display(pairs)
+        finally:
+            reply.cancel()  # the page went away: stop generating
+        pairs[-1][1] = reply.text
+        yield pairs, display(pairs)
+
+    with gr.Blocks(title="ptune chat", analytics_enabled=False) as demo:
+        gr.Markdown(f"# ptune chat\n**Model:** {engine.description}, context {engine.context_length} tokens.")
+        pairs = gr.State([])
+        chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=420, feedback_options=None,
+                             buttons=["copy", "copy_all"])
+        with gr.Row():
+            box = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=6,
+                             elem_id="message", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+        clear = gr.Button("Clear history", elem_id="clear")
+        with gr.Accordion("Generation settings", open=False):
+            max_new_tokens = gr.Slider(1, room, value=d.max_new_tokens, step=1, label="Max new tokens")
+            do_sample = gr.Checkbox(value=d.do_sample, label="Sample (off: greedy decoding)", elem_id="sample")
+            top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="top_p")
+            temperature = gr.Slider(0.01, 2.0, value=d.temperature, step=0.01, label="Temperature")
+            seed = gr.Number(value=None, precision=0, label="Seed (empty: random)", elem_id="seed")
+        settings = [max_new_tokens, do_sample, top_p, temperature, seed]
+        for trigger in (box.submit, send.click):
+            trigger(ask, [box, pairs], [box, pairs, chatbot], queue=False).then(
+                answer, [pairs, *settings], [pairs, chatbot])
+        clear.click(lambda: ([], [], ""), None, [pairs, chatbot, box], queue=False)
+        chatbot.clear(lambda: [], None, pairs, queue=False)  # the Chatbot's own trash button
+    return demo
+
+
+def run(engine: Engine, host: str, port: int, share: bool, auth: tuple[str, str] | None) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
+    demo = build(engine)
+    demo.queue(max_size=engine.max_pending)
+    demo.launch(server_name=host, server_port=port, share=share, auth=auth, show_error=True,
+                footer_links=[], enable_monitoring=False, mcp_server=False)
+    return 0
