@@ -8,9 +8,9 @@ from pathlib import Path
 from . import atomic, embedded_model
 from .config import Params
 from .errors import PtuneError
+from .provenance import SOURCE_RECORD
 
 OUT = Path("models/base")
-SOURCE_RECORD = "ptune_source.json"
 
 
 def _copy_local(path: str, dest: Path) -> dict:
