@@ -21,6 +21,7 @@ ptune_config.load("params.yaml")
 from ptune.remote import check_survival, push_each_stage
 
 configfile: "params.yaml"
+report: "workflow/report/workflow.rst"
 validate(config, "workflow/schemas/params.schema.yaml")
 
 DVC_STAGES = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]
@@ -33,10 +34,14 @@ def _paths(entries):
 
 
 def _outputs(stage):
+    in_report = stage.get("meta", {}).get("report", {})
     for kind in ("outs", "metrics", "plots"):
         for path in _paths(stage.get(kind)):
             # update(): Snakemake must not delete outputs before the job; DVC decides to keep, restore or rerun.
-            yield update(path if Path(path).suffix else directory(path))
+            output = update(path if Path(path).suffix else directory(path))
+            # report(): Snakemake's own report (`snakemake --report FILE`) includes the outputs that dvc.yaml
+            # lists under the stage's meta.report, with the options given there (category, labels, ...).
+            yield report(output, **in_report[path]) if path in in_report else output
 
 
 def _upstream(name, seen=None):

@@ -49,12 +49,14 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def _schema_keys(node) -> set[str]:
-    return set(node.get("properties", {}))
+    # Metric names (`rouge-l`) are keys in params.yaml and fields with underscores in the dataclasses.
+    return {key.replace("-", "_") for key in node.get("properties", {})}
 
 
-def test_dataclasses_and_schema_name_the_same_keys():
+@pytest.mark.parametrize("path", [REPO / "params.yaml", TINY_PARAMS], ids=["default", "tiny"])
+def test_dataclasses_and_schema_name_the_same_keys(path):
     schema = config.load_schema()
-    params = config.load(REPO / "params.yaml")
+    params = config.load(path)
     for section in _schema_keys(schema):
         obj = getattr(params, section)
         fields = {f.name for f in dataclasses.fields(obj)}
@@ -64,3 +66,13 @@ def test_dataclasses_and_schema_name_the_same_keys():
             if dataclasses.is_dataclass(sub):
                 assert {f.name for f in dataclasses.fields(sub)} == _schema_keys(
                     schema["properties"][section]["properties"][name]), f"{section}.{name}"
+
+
+def test_report_reference_is_typed_and_checked():
+    params = config.load(TINY_PARAMS)
+    assert params.report.reference.score("rouge-l") == 24.97
+    raw = copy.deepcopy(_raw())
+    raw["report"]["reference"] = {"name": "x", "bleu-4": 8.1, "rouge-1": 31.12, "rouge-2": 7.11, "rouge-l": 124,
+                                  "tolerance": 0.5}
+    with pytest.raises(PtuneError, match=r"report\.reference\.rouge-l"):
+        config.from_dict(raw)

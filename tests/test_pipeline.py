@@ -33,7 +33,8 @@ def test_outputs_are_complete(pipeline_run):
     check = json.loads((root / "reports/deploy_check.json").read_text())
     assert {"answer", "latency_s", "prompt", "bundle"} <= set(check)
     report = (root / "reports/report.md").read_text()
-    assert "| ptuned |" in report and "data:image/png;base64," in report
+    assert "| P-tuned |" in report and "data:image/png;base64," in report
+    assert (root / "reports/report.html").is_file()
     timings = json.loads((root / "reports/timings.json").read_text())
     assert set(timings) == set(STAGES)
     # Timings never leak into what reruns compare byte for byte.

@@ -20,7 +20,7 @@ STAGE_HELP = {
     "train": "learn the P-tuning v2 prefix into models/ptuning/",
     "evaluate": "generate for the dev set, score BLEU-4 / ROUGE into reports/metrics.json",
     "deploy": "write the serving bundle to models/deploy/ and smoke-test it",
-    "report": "write reports/report.md",
+    "report": "write reports/report.html and report.md: scores, training, examples, cost, deploy, provenance",
 }
 
 
@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
     _add_state_commands(sub)
     serve_commands.add_parsers(sub)
+    compare = sub.add_parser("compare", help="compare DVC experiments: params, scores, training curves",
+                             description="Compare DVC experiments (`dvc exp run -S train.pre_seq_len=8`): a table "
+                                         "here, and an HTML page with the table and a plot of training loss and "
+                                         "scores.")
+    compare.add_argument("experiments", nargs="*", metavar="EXP",
+                         help="experiment names or git revisions (`workspace` for the work tree); default: the "
+                              "current commit and all its experiments")
+    compare.add_argument("-o", "--out", default="reports/compare.html",
+                         help="HTML page to write; the plot goes beside it as .png (default: %(default)s)")
     return parser
 
 
@@ -149,6 +158,13 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args.params)
         elif args.command in ("serve", "chat"):
             return serve_commands.run(args)
+        elif args.command == "compare":
+            from pathlib import Path
+
+            from . import compare
+
+            print(compare.run(args.experiments, Path(args.out)))
+            print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
         else:
             _run_state_command(args)
     except PtuneError as exc:

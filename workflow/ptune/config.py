@@ -116,8 +116,29 @@ class DeployConfig(GenerationConfig):
 
 
 @dataclass(frozen=True)
+class ReferenceConfig:
+    """Published figures to compare with; in params.yaml the metric keys are spelled as in metrics.json
+    (`bleu-4`, `rouge-l`), here with underscores."""
+
+    name: str
+    bleu_4: float
+    rouge_1: float
+    rouge_2: float
+    rouge_l: float
+    tolerance: float
+
+    def score(self, metric: str) -> float:
+        """The figure for a metric named as in metrics.json (`rouge-l`)."""
+        return getattr(self, metric.replace("-", "_"))
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     n_samples: int
+    n_random: int
+    reference: ReferenceConfig | None
+    cu_per_hour: float | None
+    cu_quota: float | None
 
 
 @dataclass(frozen=True)
@@ -201,6 +222,8 @@ def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             data["embedded"] = EmbeddedModelConfig(**data["embedded"])
         elif cls is FetchDataConfig:
             data["embedded"] = EmbeddedDataConfig(**data["embedded"])
+        elif cls is ReportConfig and data["reference"] is not None:
+            data["reference"] = ReferenceConfig(**{k.replace("-", "_"): v for k, v in data["reference"].items()})
         sections[name] = cls(**data)
     return Params(**sections, raw=raw)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import atomic, checkpoint, checkpoint_sync, faults, prefixed
+from . import atomic, checkpoint, checkpoint_sync, device_info, faults, prefixed
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
@@ -161,7 +161,8 @@ def run(params: Params) -> dict:
         log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
 
     encoder.train()
-    t_log, samples_since, window_losses, saved = time.perf_counter(), 0, [], 0
+    t_start = time.perf_counter()
+    t_log, samples_since, window_losses, saved = t_start, 0, [], 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train prefix", unit="step",
                mininterval=2)
     for step in bar:
@@ -197,6 +198,7 @@ def run(params: Params) -> dict:
             if push_every and saved % push_every == 0:  # so that a fresh instance can resume (README)
                 checkpoint_sync.push_quietly("train")
 
+    train_s = time.perf_counter() - t_start
     with atomic.atomic_dir(OUT) as tmp:
         encoder.save(tmp)
     buf = io.StringIO()
@@ -205,5 +207,12 @@ def run(params: Params) -> dict:
     writer.writerows(rows)
     atomic.write_text(TRAIN_LOG, buf.getvalue())
     state.finish()
+    # Every micro-batch holds batch_size rows (or the whole set when it is smaller): see batch_indices.
+    per_step = cfg.gradient_accumulation_steps * min(cfg.per_device_train_batch_size, len(train))
     return {"trainable_parameters": trainable, "total_parameters": total + trainable, "resumed_from_step": start,
-            "precision": cfg.precision, "device": str(dev)}
+            "precision": cfg.precision, "device": str(dev), "device_name": device_info.device_name(dev),
+            "steps": cfg.max_steps, "samples_seen": cfg.max_steps * per_step,
+            # Speed of the steps this process ran (a resumed run did not time the ones before it).
+            "train_s": round(train_s, 3),
+            "samples_per_s": round((cfg.max_steps - start) * per_step / max(train_s, 1e-9), 2),
+            **device_info.peak_memory(dev)}
