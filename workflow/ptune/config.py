@@ -82,6 +82,8 @@ class TrainConfig:
     save_steps: int
     save_total_limit: int
     precision: str
+    quantization: str
+    devices: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class EvaluateConfig(GenerationConfig):
     seed: int
     max_examples: int | None
     batch_size: int
+    devices: int
 
 
 @dataclass(frozen=True)
