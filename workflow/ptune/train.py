@@ -28,6 +28,7 @@ from .determinism import seed_everything
 from .errors import PtuneError
 from .model import assert_frozen, check_quantization, device, load_frozen
 from .prefix_encoder import PrefixEncoder, prefix_config_for
+from .prefixed import IGNORE_INDEX
 from .resume_state import ResumeState
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ BASE = Path("models/base")
 DATA = Path("data/processed")
 OUT = Path("models/ptuning")
 TRAIN_LOG = Path("reports/train_log.csv")
-IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that change neither the data order nor the numbers: editing them keeps checkpoints usable.
 NOT_IN_RESUME_KEY = ("logging_steps", "save_steps", "save_total_limit")
