@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -124,6 +125,7 @@ def compare(args) -> int:
         return 2
     train = load_from_disk("data/processed")["train"]
     steps = args.warmup + args.steps
+    cfg = dataclasses.replace(cfg, max_steps=steps)  # both linear schedules decay to 0 over the benchmark's steps
     ours, theirs = [], []
     for r in range(args.rounds):  # alternate, so that a busy moment of the machine does not favour one side
         ours.append(ptune_round(train, cfg, steps, args.warmup))
