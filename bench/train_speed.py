@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import statistics
 import sys
 import tempfile
 import time
@@ -138,7 +139,9 @@ def compare(args) -> int:
           f"{cfg.per_device_train_batch_size}; {args.steps} timed steps after {args.warmup}, best of {args.rounds}")
     print(f"ptune loop:                 {best_ours:8.1f} samples/s (last loss {ours[-1][1]:.3f})")
     print(f"transformers.Trainer + PEFT: {best_theirs:7.1f} samples/s (last logged loss {theirs[-1][1]:.3f})")
-    print(f"ratio ptune / Trainer + PEFT: {best_ours / best_theirs:.2f}x")
+    print(f"ratio ptune / Trainer + PEFT: {best_ours / best_theirs:.2f}x (best of each); per round "
+          + ", ".join(f"{o / t:.2f}x" for (o, _), (t, _) in zip(ours, theirs))
+          + f", median {statistics.median(o / t for (o, _), (t, _) in zip(ours, theirs)):.2f}x")
     return 0
 
 
