@@ -13,6 +13,7 @@ from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalL
 
 from ptune import prefixed
 from ptune.errors import PtuneError
+from ptune.model import check_quantization
 from ptune.prefix_encoder import PrefixEncoder, prefix_config_for
 
 PREFIX = "models/ptuning/prefix.safetensors"
@@ -60,6 +61,18 @@ def test_fp16_without_a_gpu_fails_at_once_with_a_clear_error(ran_project):
     ran_project.set_param("train.precision", "fp16")
     proc = ran_project.run("ptune", "train", check=False)
     assert proc.returncode == 2 and "fp16 needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quantization_without_a_gpu_fails_at_once_with_a_clear_error(ran_project):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: 4/8-bit loading is allowed")
+    ran_project.set_param("train.quantization", "4bit")
+    proc = ran_project.run("ptune", "train", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "train.quantization: 4bit needs a CUDA GPU" in proc.stderr and "set train.quantization: none" in proc.stderr
+    assert "trainable parameters" not in proc.stderr  # refused before the base was loaded
+    with pytest.raises(PtuneError, match="8bit needs a CUDA GPU"):
+        check_quantization("8bit", "train.quantization")
 
 
 def _tiny(arch: str, layers: int = 2):

@@ -64,34 +64,38 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_training(path: Path, *, step: int, prefix: dict, optimizer: dict, scaler: dict | None,
-                  log_rows: list) -> None:
-    """Write one training checkpoint atomically (temp file, then rename)."""
+def save_training(path: Path, *, step: int, prefix: dict, optimizer: dict, scaler: dict | None, log_rows: list,
+                  rng_per_rank: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
+    """Write one training checkpoint atomically (temp file, then rename); `rng_per_rank[r]` is rank r's
+    `rng_state()`, so that every process of a multi-device run resumes its own random streams."""
     opt_tensors, opt_meta = _split_optimizer(optimizer)
-    rng_tensors, rng_meta = rng_state()
-    tensors = {**{f"prefix.{k}": v for k, v in prefix.items()}, **opt_tensors, **rng_tensors}
-    meta = {"step": step, "optimizer": opt_meta, "scaler": scaler, "rng": rng_meta, "log_rows": log_rows}
+    tensors = {**{f"prefix.{k}": v for k, v in prefix.items()}, **opt_tensors}
+    for rank, (rng_tensors, _) in enumerate(rng_per_rank):
+        tensors.update({f"rank{rank}.{k}": v for k, v in rng_tensors.items()})
+    meta = {"step": step, "optimizer": opt_meta, "scaler": scaler, "rng": [m for _, m in rng_per_rank],
+            "log_rows": log_rows}
     blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                 metadata={META_KEY: json.dumps(meta)})
     with atomic.atomic_file(path, "wb") as fh:
         fh.write(blob)
 
 
-def load_training(path: Path, device: torch.device) -> dict[str, Any]:
-    """Read a checkpoint written by `save_training`; restores the RNG states as a side effect."""
+def load_training(path: Path, rank: int = 0) -> dict[str, Any]:
+    """Read a checkpoint written by `save_training` onto the CPU (load_state_dict moves tensors where they
+    belong); restores rank `rank`'s RNG states as a side effect."""
     try:
-        raw = path.read_bytes()
-        tensors = load(raw)
-        from safetensors import safe_open  # metadata needs the file API
+        tensors = load(path.read_bytes())
+        from safetensors import safe_open  # the metadata needs the file API
 
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads(fh.metadata()[META_KEY])
+        rng_meta = meta["rng"][rank]
     except Exception as exc:  # a truncated or foreign file: say which and what to do, not a decoder traceback
-        raise PtuneError(f"{path}: not a readable ptune checkpoint ({exc}); delete it to resume from the one "
-                         "before, or delete the folder to start over") from None
-    set_rng_state(tensors, meta["rng"])
-    prefix = {k[len("prefix."):]: v.to(device) for k, v in tensors.items() if k.startswith("prefix.")}
-    optimizer = _join_optimizer({k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items()},
-                                meta["optimizer"])
+        raise PtuneError(f"{path}: not a readable ptune checkpoint for process {rank} ({exc}); delete it to resume "
+                         "from the one before, or delete the folder to start over") from None
+    mine = f"rank{rank}."
+    set_rng_state({k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}, rng_meta)
+    prefix = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+    optimizer = _join_optimizer(tensors, meta["optimizer"])
     return {"step": meta["step"], "prefix": prefix, "optimizer": optimizer, "scaler": meta["scaler"],
             "log_rows": [tuple(r) for r in meta["log_rows"]]}

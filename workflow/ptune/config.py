@@ -93,6 +93,8 @@ class TrainConfig:
     save_steps: int
     save_total_limit: int
     precision: str
+    quantization: str
+    devices: int
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class EvaluateConfig(GenerationConfig):
     seed: int
     max_examples: int | None
     batch_size: int
+    devices: int
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Outputs: reports/metrics.json and reports/predictions.jsonl (content, label, base, ptuned per line). Finished
 batches are journalled under .ptune/state/evaluate/, so a killed run resumes where it stopped and, with the
-same seeds, ends with the same bytes as an uninterrupted one.
+same seeds, ends with the same bytes as an uninterrupted one. With `devices: N` the length-sorted batches are
+dealt out among N processes (batch b to process b mod N, each with its own model copy); each journals its
+batches, and the launching process merges them in dev-set order: the same bytes as one process.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from . import atomic, metrics
+from . import atomic, metrics, multiprocess
 from .config import Params
 from .determinism import seed_everything
-from .generation import generate_all
-from .model import device, load_frozen, load_tokenizer
+from .generation import generate_all, in_prompt_order, length_sorted_batches
+from .model import load_frozen, load_tokenizer
 from .prefix_encoder import PrefixEncoder
 from .resume_state import Journal, ResumeState
 
@@ -27,31 +29,56 @@ PREFIX = Path("models/ptuning")
 DATA = Path("data/processed")
 METRICS = Path("reports/metrics.json")
 PREDICTIONS = Path("reports/predictions.jsonl")
+MODELS = ("base", "ptuned")
+# Batches and their seeds do not depend on how many processes share them: a run killed with one `devices`
+# value resumes with another.
+NOT_IN_RESUME_KEY = ("devices",)
+
+
+def _journals(state: ResumeState, name: str) -> list[Path]:
+    """The journal files of one model, one per process that worked on it (in this or an earlier run)."""
+    return sorted(state.dir.glob(f"{name}.rank*.jsonl"))
 
 
 def run(params: Params) -> dict:
     cfg = params.evaluate
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(BASE)
-    model = load_frozen(BASE, device())
-    encoder = PrefixEncoder.load(PREFIX, model).to(model.device)
-    encoder.eval()
-
     dev = load_from_disk(str(DATA))["dev"]
     # The first max_examples of the dev set, in file order: the subset is the same on every run.
     if cfg.max_examples is not None:
         dev = dev.select(range(min(cfg.max_examples, len(dev))))
     prompts = dev["input_ids"]
     labels = dev["label"]
-    state = ResumeState("evaluate", [BASE, PREFIX, DATA], asdict(cfg))
+    key = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
+    state = ResumeState("evaluate", [BASE, PREFIX, DATA], key)
+
     outputs, speed = {}, {}
-    for name, enc in (("base", None), ("ptuned", encoder)):
-        journal = Journal(state.path(f"{name}.jsonl"))
-        todo = len(prompts) - sum(len(texts) for texts in journal.done.values())
-        t0 = time.perf_counter()
-        outputs[name] = generate_all(model, enc, tokenizer, prompts, cfg, cfg.batch_size, cfg.seed, desc=name,
-                                     journal=journal)
-        speed[name] = round(todo / max(time.perf_counter() - t0, 1e-9), 3)
+    if cfg.devices > 1 and not multiprocess.in_worker():
+        # The workers generate their shares of the batches into their journals; this process merges them.
+        per_rank = multiprocess.launch("evaluate", params, cfg.devices)
+        batches = length_sorted_batches(prompts, cfg.batch_size)
+        for name in MODELS:
+            outputs[name] = in_prompt_order(batches, Journal.read_all(_journals(state, name)), len(prompts))
+            # The processes generate side by side: their rates add up.
+            speed[name] = round(sum(facts["examples_per_s"][name] for facts in per_rank), 3)
+        where = f"{cfg.devices} x {per_rank[0]['device']}"
+    else:
+        rank, n = multiprocess.rank(), multiprocess.world_size()
+        tokenizer = load_tokenizer(BASE)
+        model = load_frozen(BASE, multiprocess.local_device())
+        encoder = PrefixEncoder.load(PREFIX, model).to(model.device)
+        encoder.eval()
+        for name, enc in zip(MODELS, (None, encoder)):
+            journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
+            already = set(journal.done)
+            t0 = time.perf_counter()
+            outputs[name] = generate_all(model, enc, tokenizer, prompts, cfg, cfg.batch_size, cfg.seed, desc=name,
+                                         journal=journal, shard=(rank, n))
+            generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
+            speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
+        where = str(model.device)
+        if n > 1:  # a worker: the launching process merges the journals and writes the outputs
+            return {"examples_per_s": speed, "device": where}
 
     result: dict = {"n_examples": len(labels), "empty_predictions": {}}
     for name, preds in outputs.items():
@@ -64,4 +91,4 @@ def run(params: Params) -> dict:
     atomic.write_json(METRICS, result)
     state.finish()
     # examples/s of what this run generated (not what it read back from the journal), for reports/timings/.
-    return {"examples_per_s": speed, "device": str(model.device)}
+    return {"examples_per_s": speed, "device": where, "devices": cfg.devices}

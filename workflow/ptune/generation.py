@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from . import faults, prefixed
 from .config import GenerationConfig
+from .errors import PtuneError
 from .prefix_encoder import PrefixEncoder
 from .resume_state import Journal
 
@@ -44,36 +45,54 @@ def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> 
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+def in_prompt_order(batches: list[list[int]], texts_by_batch: dict[int, list[str]], n_prompts: int) -> list[str]:
+    """Completions placed back at their prompts' positions; raises if a batch has none."""
+    missing = [b for b in range(len(batches)) if b not in texts_by_batch]
+    if missing:
+        raise PtuneError(f"evaluate: no completions for batches {missing[:5]} of {len(batches)}; "
+                         "rerun the stage to generate them")
+    out: list[str] = [""] * n_prompts
+    for b, idx in enumerate(batches):
+        for i, text in zip(idx, texts_by_batch[b]):
+            out[i] = text
+    return out
+
+
 def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Sequence[Sequence[int]],
                  cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
-                 journal: Journal | None = None) -> list[str]:
+                 journal: Journal | None = None, shard: tuple[int, int] = (0, 1)) -> list[str | None]:
     """Decoded completions (special tokens skipped), in the order of `prompts`.
 
     With a `journal`, each finished batch is recorded there and batches it already holds are not generated
-    again: a killed run continues where it stopped, with the same results.
+    again: a killed run continues where it stopped, with the same results. `shard=(rank, n)` generates only
+    the batches b with b % n == rank (the rows of the others stay None): n processes share the work, and each
+    batch is the one a single process would make (same rows, same seed), so the merged result does not depend
+    on n.
     """
     dev = next(model.parameters()).device
     kwargs = generation_kwargs(cfg, tokenizer)
-    out: list[str | None] = [None] * len(prompts)
+    rank, n = shard
     batches = length_sorted_batches(prompts, batch_size)
     done = journal.done if journal is not None else {}
-    if done:
-        log.info("%s: resuming, %d of %d batches already done", desc, len(done), len(batches))
-    with tqdm(total=len(prompts), desc=desc, unit="ex", mininterval=2) as bar:
-        for b, idx in enumerate(batches):
+    mine = [b for b in range(len(batches)) if b % n == rank]
+    resumed = sum(1 for b in mine if b in done)
+    if resumed:
+        log.info("%s: resuming, %d of %d batches already done", desc, resumed, len(mine))
+    out: list[str | None] = [None] * len(prompts)
+    with tqdm(total=sum(len(batches[b]) for b in mine), desc=desc, unit="ex", mininterval=2) as bar:
+        for b in mine:
             if b in done:
                 texts = done[b]
             else:
                 # Seeded per batch (seed + batch index): a resumed run samples what an uninterrupted one would.
                 torch.manual_seed(seed + b)
-                ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, dev)
+                ids, mask = left_pad([prompts[i] for i in batches[b]], tokenizer.pad_token_id, dev)
                 new = prefixed.generate(model, encoder, ids, mask, kwargs)
                 texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if journal is not None:
                     journal.record(b, texts)
                 faults.point("batch")
-            for i, text in zip(idx, texts):
+            for i, text in zip(batches[b], texts):
                 out[i] = text
-            bar.update(len(idx))
-    return out  # type: ignore[return-value]
-
+            bar.update(len(batches[b]))
+    return out

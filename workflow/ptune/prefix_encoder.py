@@ -100,6 +100,10 @@ class PrefixEncoder(nn.Module):
         kv = kv.unsqueeze(2).expand(-1, -1, batch_size, -1, -1, -1)
         return [(kv[i, 0], kv[i, 1]) for i in range(c.num_layers)]
 
+    def forward(self, batch_size: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same as `key_values`; a module's forward, so that a DDP wrapper can synchronise its gradients."""
+        return self.key_values(batch_size, dtype)
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

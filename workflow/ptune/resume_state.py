@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,23 +73,43 @@ class ResumeState:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Journal:
-    """An append-only JSON-lines record of finished units of work; a line cut short by a kill is ignored."""
+def _read_journal(path: Path) -> dict[int, Any]:
+    done: dict[int, Any] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last write was cut short (or is being written); everything before it is sound
+            done[entry["unit"]] = entry["value"]
+    return done
 
-    def __init__(self, path: Path):
+
+class Journal:
+    """An append-only JSON-lines record of finished units of work; a line cut short by a kill is ignored.
+
+    Several processes sharing the work each append to their own file; `also_read` lists the others', whose
+    units count as done too (they are read, never rewritten).
+    """
+
+    def __init__(self, path: Path, also_read: Iterable[Path] = ()):
         self.path = path
-        self.done: dict[int, Any] = {}
+        self.done = self.read_all(p for p in also_read if p != path)
+        own = _read_journal(path)
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # the last write was cut short; everything before it is sound
-                self.done[entry["unit"]] = entry["value"]
             # Drop a torn tail so that appends start on a clean line.
             with open(path, "w", encoding="utf-8") as fh:
-                for unit, value in self.done.items():
+                for unit, value in own.items():
                     fh.write(json.dumps({"unit": unit, "value": value}, ensure_ascii=False) + "\n")
+        self.done.update(own)
+
+    @staticmethod
+    def read_all(paths: Iterable[Path]) -> dict[int, Any]:
+        """The units recorded in any of these journals."""
+        done: dict[int, Any] = {}
+        for path in sorted(paths):
+            done.update(_read_journal(path))
+        return done
 
     def record(self, unit: int, value: Any) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import atomic, checkpoint, checkpoint_sync, device_info, faults, prefixed
+from . import atomic, checkpoint, checkpoint_sync, device_info, faults, multiprocess, prefixed
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
-from .model import assert_frozen, device, load_frozen
+from .model import assert_frozen, check_quantization, device, load_frozen
 from .prefix_encoder import PrefixEncoder, prefix_config_for
+from .prefixed import IGNORE_INDEX
 from .remote import checkpoint_push_every
 from .resume_state import ResumeState
 
@@ -36,7 +37,6 @@ DATA = Path("data/processed")
 OUT = Path("models/ptuning")
 CKPT_SUFFIX = ".safetensors"
 TRAIN_LOG = Path("reports/train_log.csv")
-IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that change neither the data order nor the numbers: editing them keeps checkpoints usable.
 NOT_IN_RESUME_KEY = ("logging_steps", "save_steps", "save_total_limit")
@@ -65,6 +65,24 @@ def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
     return order[pos * batch_size:(pos + 1) * batch_size] or order[:batch_size]
 
 
+def micro_batches_at(step: int, train, cfg: TrainConfig, pad_id: int, dev, rank: int = 0,
+                     world: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The micro-batches of optimizer step `step` for process `rank` of `world`.
+
+    Each step reads gradient_accumulation_steps global micro-batches of per_device x world rows; rank r takes
+    the r-th slice of each, so the data order depends on the step alone, whatever the rank.
+    """
+    per_device = cfg.per_device_train_batch_size
+    out = []
+    for micro in range(cfg.gradient_accumulation_steps):
+        idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train), per_device * world,
+                            cfg.seed)[rank * per_device:(rank + 1) * per_device]
+        cols = train[idx]  # one read for the batch: a row at a time costs twice as much on the embedded default
+        rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(cols["input_ids"], cols["labels"])]
+        out.append({k: v.to(dev) for k, v in collate(rows, pad_id).items()})
+    return out
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to learning_rate, then linear decay to 0 at max_steps."""
     if step < cfg.warmup_steps:
@@ -78,13 +96,19 @@ def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
         raise PtuneError("train.precision: fp16 needs a CUDA GPU (loss scaling runs there); use fp32 or bf16 here")
 
 
-def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float) -> float:
-    """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them)."""
+def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float,
+                   no_sync=contextlib.nullcontext) -> float:
+    """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them).
+
+    `encoder` may be a DistributedDataParallel wrapper; `no_sync()` then skips the gradient all-reduce of every
+    micro-batch but the last (accumulating the local gradients first gives the same sum with one exchange).
+    """
     step_loss = 0.0
-    for batch in micro_batches:
-        with autocast:
-            loss = prefixed.forward(model, encoder, **batch).loss / len(micro_batches)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for i, batch in enumerate(micro_batches):
+        with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+            with autocast:
+                loss = prefixed.forward(model, encoder, **batch).loss / len(micro_batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.item()
     if scaler is not None:
         scaler.unscale_(optim)
@@ -98,11 +122,14 @@ def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, aut
     return step_loss
 
 
-def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int) -> None:
-    """Everything resuming needs (safetensors, never a pickle); the oldest beyond `keep` removed."""
+def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int,
+                    rng_per_rank: list) -> None:
+    """Everything resuming needs (safetensors, never a pickle; the RNG states of every process); the oldest beyond
+    `keep` removed. Called on rank 0 only: the prefix and optimizer are the same on every rank after each step."""
     checkpoint.save_training(state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}"), step=step,
                              prefix=encoder.state_dict(), optimizer=optim.state_dict(),
-                             scaler=scaler.state_dict() if scaler is not None else None, log_rows=rows)
+                             scaler=scaler.state_dict() if scaler is not None else None, log_rows=rows,
+                             rng_per_rank=rng_per_rank)
     for old in sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))[:-keep]:
         old.unlink()
 
@@ -124,13 +151,23 @@ def _check_context(model, train, cfg: TrainConfig) -> None:
 
 def run(params: Params) -> dict:
     cfg = params.train
-    seed_everything(cfg.seed)
+    # Checks that need no model come first: a wrong setting fails at once, not after minutes of loading.
+    _check_precision(cfg, device())
+    check_quantization(cfg.quantization, "train.quantization")
+    if cfg.devices > 1 and not multiprocess.in_worker():
+        return {**multiprocess.launch("train", params, cfg.devices)[0], "devices": cfg.devices}
+
     push_every = checkpoint_push_every()  # read first: a bad value should fail before hours of work, not after
-    dev = device()
-    _check_precision(cfg, dev)
+    seed_everything(cfg.seed)  # the same seed on every rank: the prefix (and its dropout) starts equal everywhere
+    acc = multiprocess.accelerator()
+    dev, world, rank = acc.device, acc.num_processes, acc.process_index
+    if world != cfg.devices:
+        raise PtuneError(f"train.devices is {cfg.devices}, but this process is one of {world}; let `ptune train` "
+                         "launch the processes itself")
     dtype = DTYPES[cfg.precision]
     # The frozen base in the compute dtype on a GPU (half the memory); on the CPU it stays fp32 under autocast.
-    model = load_frozen(BASE, dev, dtype=dtype if dev.type == "cuda" else torch.float32)
+    model = load_frozen(BASE, dev, dtype=dtype if dev.type == "cuda" else torch.float32,
+                        quantization=cfg.quantization)
     total = assert_frozen(model)
     encoder = PrefixEncoder(prefix_config_for(model, cfg.pre_seq_len, cfg.prefix_projection,
                                               cfg.prefix_hidden_size, base_model=str(BASE),
@@ -139,43 +176,58 @@ def run(params: Params) -> dict:
     log.info("trainable parameters: %d of %d (%.4f%%); base frozen", trainable, total + trainable,
              100 * trainable / (total + trainable))
 
-    from datasets import load_from_disk  # here: the benchmarks import this module on machines without it
+    # Here, not at the top: the benchmarks import this module on GPU images without these packages.
+    from accelerate.utils import gather_object
+    from datasets import load_from_disk
 
     train = load_from_disk(str(DATA))["train"]
     _check_context(model, train, cfg)
+    per_device = cfg.per_device_train_batch_size
+    global_batch = per_device * world
+    if world > 1 and len(train) < global_batch:
+        raise PtuneError(f"train.devices: {world} x per_device_train_batch_size {per_device} needs at least "
+                         f"{global_batch} training examples, {DATA} has {len(train)}; lower one of the two")
+    if rank == 0:
+        log.info("effective batch: %d per device x %d accumulation x %d device(s) = %d", per_device,
+                 cfg.gradient_accumulation_steps, world, global_batch * cfg.gradient_accumulation_steps)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     autocast = (torch.autocast(dev.type, dtype=dtype) if cfg.precision != "fp32" else contextlib.nullcontext())
 
     key_params = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
-    state = ResumeState("train", [BASE, DATA], key_params)
+    with acc.main_process_first():  # rank 0 removes stale state before the others look
+        state = ResumeState("train", [BASE, DATA], key_params)
     start, rows = 0, []
     if (ckpt_path := latest_checkpoint(state)) is not None:
-        ckpt = checkpoint.load_training(ckpt_path, dev)  # restores the RNG states too
+        # Onto the CPU: RNG states must be CPU tensors, and load_state_dict moves the rest to the device.
+        ckpt = checkpoint.load_training(ckpt_path, rank)  # restores this rank's RNG states too
         encoder.load_state_dict(ckpt["prefix"])
         optim.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
         start, rows = ckpt["step"], ckpt["log_rows"]
         log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
+    acc.wait_for_everyone()  # every rank has read the checkpoint before rank 0 may write (and prune) the next
 
-    encoder.train()
+    # One process: the encoder itself. Several: a DDP wrapper that averages the prefix's gradients.
+    shared = acc.prepare_model(encoder)
+    shared.train()
     t_start = time.perf_counter()
     t_log, samples_since, window_losses, saved = t_start, 0, [], 0
+    quiet = {"disable": True} if rank != 0 else {}  # one progress bar, rank 0's
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train prefix", unit="step",
-               mininterval=2)
+               mininterval=2, **quiet)
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
-        micro_batches = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train),
-                                cfg.per_device_train_batch_size, cfg.seed)
-            micro_batches.append({k: v.to(dev) for k, v in collate([train[i] for i in idx], pad_id).items()})
-            samples_since += len(idx)
-        step_loss = optimizer_step(model, encoder, micro_batches, optim, scaler, autocast, cfg.max_grad_norm)
+        micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world)
+        samples_since += sum(len(b["input_ids"]) for b in micro_batches) * world
+        step_loss = optimizer_step(model, shared, micro_batches, optim, scaler, autocast, cfg.max_grad_norm,
+                                   no_sync=lambda: acc.no_sync(shared))
+        # The mean over ranks (float64: one process keeps its loss bit for bit); every rank checks the same value.
+        step_loss = acc.reduce(torch.tensor(step_loss, dtype=torch.float64, device=dev), "mean").item()
         if not math.isfinite(step_loss) or step_loss == 0.0:
             hint = (" fp16 overflows here: use bf16 (or fp32)" if cfg.precision == "fp16"
                     else " lower train.learning_rate or check the data")
@@ -192,25 +244,32 @@ def run(params: Params) -> dict:
             rows.append((step + 1, round(mean_loss, 6), f"{lr:.6g}", round(samples_since / max(elapsed, 1e-9), 2)))
             t_log, samples_since, window_losses = time.perf_counter(), 0, []
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit)
-            faults.point("checkpoint")
-            saved += 1
-            if push_every and saved % push_every == 0:  # so that a fresh instance can resume (README)
-                checkpoint_sync.push_quietly("train")
+            rng = gather_object([checkpoint.rng_state()])  # every rank's generators (one CUDA generator per GPU)
+            if acc.is_main_process:
+                save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit, rng)
+                faults.point("checkpoint")
+                saved += 1
+                if push_every and saved % push_every == 0:  # so that a fresh instance can resume (README)
+                    checkpoint_sync.push_quietly("train")
 
     train_s = time.perf_counter() - t_start
-    with atomic.atomic_dir(OUT) as tmp:
-        encoder.save(tmp)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["step", "loss", "learning_rate", "samples_per_s"])
-    writer.writerows(rows)
-    atomic.write_text(TRAIN_LOG, buf.getvalue())
-    state.finish()
+
+    if acc.is_main_process:
+        with atomic.atomic_dir(OUT) as tmp:
+            encoder.save(tmp)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["step", "loss", "learning_rate", "samples_per_s"])
+        writer.writerows(rows)
+        atomic.write_text(TRAIN_LOG, buf.getvalue())
+        state.finish()
+    acc.wait_for_everyone()
     # Every micro-batch holds batch_size rows (or the whole set when it is smaller): see batch_indices.
-    per_step = cfg.gradient_accumulation_steps * min(cfg.per_device_train_batch_size, len(train))
+    per_step = cfg.gradient_accumulation_steps * min(per_device, len(train)) * world
     return {"trainable_parameters": trainable, "total_parameters": total + trainable, "resumed_from_step": start,
-            "precision": cfg.precision, "device": str(dev), "device_name": device_info.device_name(dev),
+            "precision": cfg.precision, "quantization": cfg.quantization, "device": str(dev),
+            "device_name": device_info.device_name(dev),
+            "effective_batch": global_batch * cfg.gradient_accumulation_steps,
             "steps": cfg.max_steps, "samples_seen": cfg.max_steps * per_step,
             # Speed of the steps this process ran (a resumed run did not time the ones before it).
             "train_s": round(train_s, 3),
