@@ -44,12 +44,11 @@ def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> No
 def web(serving_project):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no browser: {CHROMIUM} is missing (`apt-get install chromium`; .ci/run installs it)")
-    seed = cases(serving_project.root, 1)[0][1]
     port = free_port()
     env = {**serving_project.env, "PTUNE_WEB_AUTH": f"{USER}:{PASSWORD}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), *SAMPLING_FLAGS, "--seed",
-         str(seed)], cwd=serving_project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), *SAMPLING_FLAGS],
+        cwd=serving_project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(proc, url)
@@ -78,6 +77,8 @@ def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_
             box = page.locator("#message textarea")
             expect(box).to_be_visible(timeout=60_000)
             expect(page.get_by_text("P-tuned, prefix of 4 tokens")).to_be_visible()
+            page.get_by_text("Generation settings").click()
+            page.locator("#seed textarea, #seed input").first.fill(str(seed))
             page.evaluate(WATCH_ANSWER)
             bots = page.locator('#conversation [data-testid="bot"]')
 

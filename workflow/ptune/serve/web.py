@@ -46,8 +46,10 @@ def build(engine: Engine) -> gr.Blocks:
         question = pairs[-1][0]
         history = [(q, a) for q, a in pairs[:-1]]
         try:
+            if seed.strip() and not seed.strip().lstrip("-").isdigit():
+                raise RequestError(f"seed {seed.strip()!r}: a whole number, or empty", "seed")
             settings = engine.settings(int(max_new_tokens), float(temperature), float(top_p), bool(do_sample),
-                                       None if seed is None else int(seed))
+                                       int(seed) if seed.strip() else None)
             reply = engine.start(question, history, settings)
         except RequestError as exc:
             pairs = pairs[:-1]
@@ -67,8 +69,9 @@ def build(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="ptune chat", analytics_enabled=False) as demo:
         gr.Markdown(f"# ptune chat\n**Model:** {engine.description}, context {engine.context_length} tokens.")
         pairs = gr.State([])
+        # Plain text: ADGEN prompts are full of `*`, which Markdown would turn into italics.
         chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=420, feedback_options=None,
-                             buttons=["copy", "copy_all"])
+                             buttons=["copy", "copy_all"], render_markdown=False)
         with gr.Row():
             box = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=6,
                              elem_id="message", autofocus=True)
@@ -79,7 +82,8 @@ def build(engine: Engine) -> gr.Blocks:
             do_sample = gr.Checkbox(value=d.do_sample, label="Sample (off: greedy decoding)", elem_id="sample")
             top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="top_p")
             temperature = gr.Slider(0.01, 2.0, value=d.temperature, step=0.01, label="Temperature")
-            seed = gr.Number(value=None, precision=0, label="Seed (empty: random)", elem_id="seed")
+            seed = gr.Textbox(value="", label="Seed (a whole number makes sampling repeatable; empty: the server's --seed, if any)",
+                              elem_id="seed")
         settings = [max_new_tokens, do_sample, top_p, temperature, seed]
         for trigger in (box.submit, send.click):
             trigger(ask, [box, pairs], [box, pairs, chatbot], queue=False).then(
