@@ -52,7 +52,7 @@ def test_two_processes_train_one_prefix_and_resume_after_sigkill(ran_project):
     assert sorted(f.name for f in (p.root / "models").iterdir()) == [".gitignore", "base", "deploy", "ptuning"]
     assert sorted(f.name for f in (p.root / "models/ptuning").iterdir()) == ["prefix.safetensors",
                                                                                "prefix_config.json"]
-    assert not list((p.root / ".ptune/state/train").glob("*/checkpoint-*.pt"))
+    assert not list((p.root / ".ptune/state/train").glob("*/checkpoint-*.safetensors"))
     with open(p.root / "reports/train_log.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == list(range(5, 41, 5))
@@ -64,7 +64,7 @@ def test_two_processes_train_one_prefix_and_resume_after_sigkill(ran_project):
     ckpts = p.root / ".ptune/state/train"
 
     def past_step_10() -> bool:
-        return any(int(f.stem.split("-")[1]) >= 10 for f in ckpts.glob("*/checkpoint-*.pt"))
+        return any(int(f.stem.split("-")[1]) >= 10 for f in ckpts.glob("*/checkpoint-*.safetensors"))
 
     _kill_when(p, ["ptune", "train"], past_step_10)
     out = p.run("ptune", "train")

@@ -96,6 +96,8 @@ def check_tokenizer_fits(model_dir: Path) -> None:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if "auto_map" in config:
         return  # remote-code models (ChatGLM-6B) bring their own tokenizer class; their backend checks them
+    if not any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return  # nothing to compare: preprocess names the missing tokenizer when it needs one
     vocab = config.get("vocab_size")
     n_tokens = len(load_tokenizer(model_dir))
     if isinstance(vocab, int) and n_tokens > vocab:
