@@ -118,7 +118,8 @@ def pipeline_run(tmp_path_factory, env) -> Project:
     # Record every failpoint this run passes (ptune.faults), so the fault suite aims its kills at real progress.
     project.failpoint_trace = root / "failpoints.tsv"
     # Credentials as a user's shell would hold them: no output, log, lock or report may ever contain them.
-    project.planted_secret = "ptune-planted-secret-7f3a9c"
+    # Made at run time: a literal here would be found in the copy of this file that the project holds.
+    project.planted_secret = "ptune-planted-" + os.urandom(8).hex()
     secrets = {name: project.planted_secret for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OSS_ACCESS_KEY_SECRET",
                                                          "OPENAI_API_KEY")}
     project.env = {**env, **secrets, TRACE_ENV: str(project.failpoint_trace)}
