@@ -241,3 +241,18 @@ def test_snakemake_own_report_includes_the_report_and_figures(ran_project, brows
     for name in ("report.html", "training.png", "metrics.png", "rouge_l.png", "metrics.csv"):
         assert name in html
     assert page.requests == []
+
+
+def test_without_reference_rate_or_deploy_check_the_report_says_so(ran_project, browser):
+    root = ran_project.root
+    params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    params["report"].update(reference=None, cu_per_hour=None, cu_quota=None)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    (root / "reports/deploy_check.json").unlink()
+    ran_project.run("ptune", "report")
+    sections = Page(browser, root / "reports/report.html").sections()
+    assert "reference" not in sections["Headline"] and "P-tuned − base" in sections["Headline"]
+    assert "Set report.cu_per_hour" in sections["Cost"] and " CU spent" not in sections["Cost"]
+    assert "No deploy check was recorded" in sections["Deploy"] and "ptune serve web" in sections["Deploy"]
+    md = (root / "reports/report.md").read_text(encoding="utf-8")
+    assert "Set `report.cu_per_hour`" in md and "No deploy check was recorded" in md
