@@ -12,6 +12,8 @@ from .errors import PtuneError
 
 # The pipeline's stages in DAG order; each is the module of the same name, with `run(params)`.
 STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
+# The stages that load models/base: they run in the environment its backend needs (backends, legacy_env).
+MODEL_STAGES = ("preprocess", "train", "evaluate", "deploy")
 STAGE_HELP = {
     "fetch_weights": "put the base model and tokenizer in models/base/",
     "fetch_data": "write ADGEN-shaped data/raw/train.json and dev.json",
@@ -51,13 +53,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _switch_environment(argv: list[str]) -> None:
+    """Re-execute this command in the legacy environment when models/base needs ChatGLM-6B's remote code."""
+    from pathlib import Path
+
+    from . import backends, legacy_env
+
+    if backends.needs_legacy_env(Path("models/base")) and not legacy_env.is_current():
+        legacy_env.reexec("ptune.cli", argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # transformers' advisory warnings (e.g. about generation flags) are noise in stage logs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        if args.command in MODEL_STAGES:
+            _switch_environment(argv)
         if args.command in STAGES:
             run_stage(args.command, args.params)
         elif args.command == "validate":

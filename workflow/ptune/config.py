@@ -38,6 +38,7 @@ class EmbeddedModelConfig:
 @dataclass(frozen=True)
 class FetchWeightsConfig:
     source: str
+    backend: str
     path: str
     embedded: EmbeddedModelConfig
 
@@ -82,6 +83,7 @@ class TrainConfig:
     save_steps: int
     save_total_limit: int
     precision: str
+    quantization_bit: int | None
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class EvaluateConfig(GenerationConfig):
     seed: int
     max_examples: int | None
     batch_size: int
+    quantization_bit: int | None
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,16 @@ class DeployConfig(GenerationConfig):
 
 
 @dataclass(frozen=True)
+class ReferenceFigures:
+    source: str
+    metrics: dict[str, float]
+    tolerance: float
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     n_samples: int
+    reference: ReferenceFigures | None
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,8 @@ def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             data["embedded"] = EmbeddedModelConfig(**data["embedded"])
         elif cls is FetchDataConfig:
             data["embedded"] = EmbeddedDataConfig(**data["embedded"])
+        elif cls is ReportConfig and data["reference"] is not None:
+            data["reference"] = ReferenceFigures(**data["reference"])
         sections[name] = cls(**data)
     return Params(**sections, raw=raw)
 

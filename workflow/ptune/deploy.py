@@ -14,11 +14,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import atomic
+from . import atomic, backends
 from .bundle import FORMAT_VERSION, MANIFEST
 from .config import GenerationConfig, Params
 from .errors import PtuneError
-from .prefix_encoder import CONFIG_NAME
 
 BASE = Path("models/base")
 PREFIX = Path("models/ptuning")
@@ -42,7 +41,8 @@ Restore it on a fresh instance with `dvc pull` (the base model and this bundle a
 
 def run(params: Params) -> None:
     cfg = params.deploy
-    prefix_cfg = json.loads((PREFIX / CONFIG_NAME).read_text(encoding="utf-8"))
+    backend = backends.for_base(BASE)
+    prefix_cfg = backend.describe_prefix(PREFIX, BASE)
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
     scores = ", ".join(f"{k.upper()} {v:.2f}" for k, v in sorted(metrics["ptuned"].items()))
     generation = GenerationConfig(cfg.max_new_tokens, cfg.do_sample, cfg.top_p, cfg.temperature)
@@ -51,6 +51,8 @@ def run(params: Params) -> None:
         atomic.write_json(tmp / MANIFEST, {
             "format": FORMAT_VERSION,
             "base_model": str(BASE),
+            "backend": backend.name,
+            "quantization_bit": params.evaluate.quantization_bit,  # served as it was evaluated
             "base_config_sha256": prefix_cfg["base_config_sha256"],
             "prefix": "prefix",
             "prompt_template": params.preprocess.prompt_template,

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from . import atomic, metrics
+from . import atomic, backends, metrics
 from .config import Params
 from .determinism import seed_everything
 from .generation import generate_all
-from .model import device, load_frozen, load_tokenizer
-from .prefix_encoder import PrefixEncoder
+from .model import device
 from .resume_state import Journal, ResumeState
 
 BASE = Path("models/base")
@@ -32,10 +31,9 @@ PREDICTIONS = Path("reports/predictions.jsonl")
 def run(params: Params) -> dict:
     cfg = params.evaluate
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(BASE)
-    model = load_frozen(BASE, device())
-    encoder = PrefixEncoder.load(PREFIX, model).to(model.device)
-    encoder.eval()
+    backend = backends.for_base(BASE)
+    tokenizer = backend.load_tokenizer(BASE)
+    model, encoder = backend.load_for_inference(BASE, PREFIX, device(), cfg.quantization_bit)
 
     dev = load_from_disk(str(DATA))["dev"]
     # The first max_examples of the dev set, in file order: the subset is the same on every run.
@@ -50,7 +48,7 @@ def run(params: Params) -> dict:
         todo = len(prompts) - sum(len(texts) for texts in journal.done.values())
         t0 = time.perf_counter()
         outputs[name] = generate_all(model, enc, tokenizer, prompts, cfg, cfg.batch_size, cfg.seed, desc=name,
-                                     journal=journal)
+                                     journal=journal, backend=backend)
         speed[name] = round(todo / max(time.perf_counter() - t0, 1e-9), 3)
 
     result: dict = {"n_examples": len(labels), "empty_predictions": {}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import atomic, embedded_model
+from . import atomic, backends, embedded_model
 from .config import Params
 from .errors import PtuneError
 
@@ -28,7 +28,13 @@ def run(params: Params) -> None:
     cfg = params.fetch_weights
     with atomic.atomic_dir(OUT) as tmp:
         if cfg.source == "embedded":
+            if cfg.backend != backends.TRANSFORMERS:
+                raise PtuneError(f"fetch_weights.backend: {cfg.backend!r} runs ChatGLM-6B's remote code, but the "
+                                 "embedded model is a transformers-native GLM; set backend: transformers, or a source "
+                                 "that gives a ChatGLM-6B model")
             facts = embedded_model.build(cfg.embedded, tmp)
         else:
             facts = _copy_local(cfg.path, tmp)
-        atomic.write_json(tmp / SOURCE_RECORD, {"source": cfg.source, **facts})
+        # Later stages read the backend from this record (backends.name_of): they depend on models/base anyway.
+        backends.check_model_dir(tmp, cfg.backend)
+        atomic.write_json(tmp / SOURCE_RECORD, {"source": cfg.source, "backend": cfg.backend, **facts})

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from . import prefixed
+from . import backends
 from .config import GenerationConfig
-from .prefix_encoder import PrefixEncoder
 from .resume_state import Journal
 
 log = logging.getLogger(__name__)
@@ -27,32 +26,22 @@ def generation_kwargs(cfg: GenerationConfig, tokenizer) -> dict:
     return kwargs
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-    return ids.to(dev), mask.to(dev)
-
-
 def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar prompt length (less padding), in a deterministic order."""
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Sequence[Sequence[int]],
+def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
                  cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
-                 journal: Journal | None = None) -> list[str]:
-    """Decoded completions (special tokens skipped), in the order of `prompts`.
+                 journal: Journal | None = None, backend=None) -> list[str]:
+    """Decoded completions (special tokens skipped), in the order of `prompts`; `encoder` None: the base alone;
+    `backend` (backends.py) None: transformers-native.
 
     With a `journal`, each finished batch is recorded there and batches it already holds are not generated
     again: a killed run continues where it stopped, with the same results.
     """
-    dev = next(model.parameters()).device
+    backend = backend or backends.native()
     kwargs = generation_kwargs(cfg, tokenizer)
     out: list[str | None] = [None] * len(prompts)
     batches = length_sorted_batches(prompts, batch_size)
@@ -66,8 +55,7 @@ def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Seque
             else:
                 # Seeded per batch (seed + batch index): a resumed run samples what an uninterrupted one would.
                 torch.manual_seed(seed + b)
-                ids, mask = left_pad([prompts[i] for i in idx], tokenizer.pad_token_id, dev)
-                new = prefixed.generate(model, encoder, ids, mask, kwargs)
+                new = backend.generate(model, encoder, tokenizer, [prompts[i] for i in idx], kwargs)
                 texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if journal is not None:
                     journal.record(b, texts)

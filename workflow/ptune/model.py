@@ -35,9 +35,11 @@ def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.
     return model.to(dev or device())
 
 
-def assert_frozen(model) -> int:
-    """Raise if any base parameter would train; returns the base's parameter count."""
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+def assert_frozen(model, prefix=None) -> int:
+    """Raise if any base parameter would train; returns the base's parameter count. `prefix`: a module inside the
+    model that is meant to train (ChatGLM-6B's built-in prefix encoder)."""
+    own = {id(p) for p in prefix.parameters()} if prefix is not None else set()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
     if trainable:
         raise RuntimeError(f"base model parameters are trainable but must be frozen: {trainable[:3]}")
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if id(p) not in own)

@@ -16,7 +16,7 @@ import yaml
 
 from . import atomic
 from .cli import STAGES
-from .config import Params
+from .config import Params, ReferenceFigures
 from .metrics import METRIC_NAMES
 
 REPORTS = Path("reports")
@@ -63,6 +63,18 @@ def _metrics_table(m: dict) -> list[str]:
     return lines
 
 
+def _reference_table(measured: dict, ref: ReferenceFigures) -> list[str]:
+    """The P-tuned scores next to published ones; a rerun is expected within ±tolerance of them."""
+    lines = [f"Reference: {ref.source}. Reruns vary by ±{ref.tolerance:g}.", "",
+             "| metric | measured | reference | difference | within ±" + f"{ref.tolerance:g} |",
+             "|---|---:|---:|---:|---|"]
+    for name in METRIC_NAMES:
+        diff = measured[name] - ref.metrics[name]
+        lines.append(f"| {name.upper()} | {measured[name]:.2f} | {ref.metrics[name]:.2f} | {diff:+.2f} | "
+                     f"{'yes' if abs(diff) <= ref.tolerance else 'no'} |")
+    return lines
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -72,6 +84,9 @@ def render(params: Params, metrics: dict, predictions: list[dict], log_rows: lis
     out += ["## Metrics", "", f"{metrics['n_examples']} dev examples; empty predictions: "
             + ", ".join(f"{k} {v}" for k, v in sorted(metrics["empty_predictions"].items())), ""]
     out += _metrics_table(metrics) + [""]
+    if params.report.reference is not None:
+        out += ["### P-tuned against the reference", ""] + _reference_table(metrics["ptuned"], params.report.reference)
+        out.append("")
     out += ["## Training", ""]
     if log_rows:
         png = base64.b64encode(loss_curve_png(log_rows)).decode()

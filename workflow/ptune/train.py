@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from tqdm import tqdm
 
-from . import atomic, prefixed
+from . import atomic, backends
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
-from .model import assert_frozen, device, load_frozen
-from .prefix_encoder import PrefixEncoder, prefix_config_for
+from .model import assert_frozen, device
 from .resume_state import ResumeState
 
 log = logging.getLogger(__name__)
@@ -36,24 +36,9 @@ BASE = Path("models/base")
 DATA = Path("data/processed")
 OUT = Path("models/ptuning")
 TRAIN_LOG = Path("reports/train_log.csv")
-IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that change neither the data order nor the numbers: editing them keeps checkpoints usable.
 NOT_IN_RESUME_KEY = ("logging_steps", "save_steps", "save_total_limit")
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch for training (generation pads on the left)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
@@ -93,12 +78,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float) -> float:
-    """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them)."""
+def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float,
+                   backend=None) -> float:
+    """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them).
+    `backend` (backends.py) None: transformers-native."""
+    backend = backend or backends.native()
     step_loss = 0.0
     for batch in micro_batches:
         with autocast:
-            loss = prefixed.forward(model, encoder, **batch).loss / len(micro_batches)
+            loss = backend.loss(model, encoder, batch) / len(micro_batches)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.item()
     if scaler is not None:
@@ -135,12 +123,11 @@ def run(params: Params) -> dict:
     dev = device()
     _check_precision(cfg, dev)
     dtype = DTYPES[cfg.precision]
+    backend = backends.for_base(BASE)
     # The frozen base in the compute dtype on a GPU (half the memory); on the CPU it stays fp32 under autocast.
-    model = load_frozen(BASE, dev, dtype=dtype if dev.type == "cuda" else torch.float32)
-    total = assert_frozen(model)
-    encoder = PrefixEncoder(prefix_config_for(model, cfg.pre_seq_len, cfg.prefix_projection,
-                                              cfg.prefix_hidden_size, base_model=str(BASE),
-                                              prefix_dropout=cfg.prefix_dropout)).to(dev)  # fp32 master weights
+    # The prefix, fp32 master weights, is the only trainable module (for chatglm it lives inside the model).
+    model, encoder = backend.load_for_training(BASE, dev, dtype if dev.type == "cuda" else torch.float32, cfg)
+    total = assert_frozen(model, encoder)
     trainable = sum(p.numel() for p in encoder.parameters())
     log.info("trainable parameters: %d of %d (%.4f%%); base frozen", trainable, total + trainable,
              100 * trainable / (total + trainable))
@@ -178,9 +165,9 @@ def run(params: Params) -> dict:
         for micro in range(cfg.gradient_accumulation_steps):
             idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train),
                                 cfg.per_device_train_batch_size, cfg.seed)
-            micro_batches.append({k: v.to(dev) for k, v in collate([train[i] for i in idx], pad_id).items()})
+            micro_batches.append({k: v.to(dev) for k, v in backend.collate([train[i] for i in idx], pad_id).items()})
             samples_since += len(idx)
-        step_loss = optimizer_step(model, encoder, micro_batches, optim, scaler, autocast, cfg.max_grad_norm)
+        step_loss = optimizer_step(model, encoder, micro_batches, optim, scaler, autocast, cfg.max_grad_norm, backend)
         if not math.isfinite(step_loss) or step_loss == 0.0:
             hint = (" fp16 overflows here: use bf16 (or fp32)" if cfg.precision == "fp16"
                     else " lower train.learning_rate or check the data")
@@ -199,7 +186,7 @@ def run(params: Params) -> dict:
             save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit)
 
     with atomic.atomic_dir(OUT) as tmp:
-        encoder.save(tmp)
+        backend.save_prefix(model, encoder, tmp, BASE)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["step", "loss", "learning_rate", "samples_per_s"])
@@ -207,4 +194,5 @@ def run(params: Params) -> dict:
     atomic.write_text(TRAIN_LOG, buf.getvalue())
     state.finish()
     return {"trainable_parameters": trainable, "total_parameters": total + trainable, "resumed_from_step": start,
-            "precision": cfg.precision, "device": str(dev)}
+            "precision": cfg.precision, "device": str(dev), "backend": backend.name,
+            "transformers": transformers.__version__}
