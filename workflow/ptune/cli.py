@@ -7,7 +7,9 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
+from . import backends, legacy_env
 from .errors import PtuneError
 
 # The pipeline's stages in DAG order; each is the module of the same name, with `run(params)`.
@@ -55,10 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _switch_environment(argv: list[str]) -> None:
     """Re-execute this command in the legacy environment when models/base needs ChatGLM-6B's remote code."""
-    from pathlib import Path
-
-    from . import backends, legacy_env
-
     if backends.needs_legacy_env(Path("models/base")) and not legacy_env.is_current():
         legacy_env.reexec("ptune.cli", argv)
 

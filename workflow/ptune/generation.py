@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from . import backends
+from .batching import left_pad  # noqa: F401  (its home is batching.py; callers still import it from here)
 from .config import GenerationConfig
 from .resume_state import Journal
 
