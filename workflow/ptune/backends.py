@@ -34,20 +34,17 @@ SOURCE_RECORD = "ptune_source.json"
 
 
 def detect(model_dir: Path) -> str:
-    """The backend a model directory needs, from its config.json: remote code that only AutoModel loads (ChatGLM-6B's
-    auto_map has no AutoModelForCausalLM) needs chatglm; everything else is transformers-native."""
+    """The backend a model directory needs, from its config.json: model_type chatglm is THUDM's remote code
+    (ChatGLM-6B, 2 and 3; GLM-4 in transformers is model_type glm/glm4); everything else is transformers-native."""
     cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    auto_map = cfg.get("auto_map") or {}
-    if cfg.get("model_type") == "chatglm" and "AutoModelForCausalLM" not in auto_map:
-        return CHATGLM
-    return TRANSFORMERS
+    return CHATGLM if cfg.get("model_type") == "chatglm" else TRANSFORMERS
 
 
 def check_model_dir(model_dir: Path, backend: str) -> None:
     """Refuse a model directory that the chosen backend cannot run, saying which one can."""
     needed = detect(model_dir)
     if needed != backend:
-        why = ("its code ships with the weights (auto_map without AutoModelForCausalLM, model_type chatglm)"
+        why = ("it is model_type chatglm, whose code ships with the weights (trust_remote_code)"
                if needed == CHATGLM else "it is a transformers-native model, not ChatGLM-6B's remote code")
         raise PtuneError(f"fetch_weights.backend: {backend!r} cannot run {model_dir}: {why}; "
                          f"set fetch_weights.backend: {needed}")

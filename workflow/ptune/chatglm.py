@@ -120,7 +120,7 @@ class ChatGLM:
         prefix = model.transformer.prefix_encoder
         # from_pretrained leaves the prefix (absent from the checkpoint) as it finds the memory on transformers
         # 4.27-4.30 and initialises it on 4.33: start every run from torch's own initialisation, seeded, in fp32.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             for module in prefix.modules():
                 if hasattr(module, "reset_parameters"):
