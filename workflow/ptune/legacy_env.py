@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+import yaml
+
 from .errors import PtuneError
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,16 @@ def reexec(module: str, argv: Sequence[str]) -> NoReturn:
     os.execv(str(python), [str(python), "-m", module, *argv])
 
 
+def _selects_chatglm(params: Path) -> bool:
+    """Whether a params file asks for the chatglm backend. Read, not validated: a params file that is being edited
+    must not stop `make setup`; the stages report what is wrong with it."""
+    try:
+        raw = yaml.safe_load(params.read_text(encoding="utf-8"))
+        return raw["fetch_weights"]["backend"] == "chatglm"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptune.legacy_env", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,11 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        if args.command == "ensure" and args.if_needed:
-            from . import config
-
-            if config.load(args.if_needed).fetch_weights.backend != "chatglm":
-                return 0
+        if args.command == "ensure" and args.if_needed and not _selects_chatglm(Path(args.if_needed)):
+            return 0
         python = ensure()
         if args.command == "python":
             print(python)
