@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Tests and runs never report usage or check for updates over the network.
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup legacy report test test-all bench lock clean-venv
+.PHONY: setup legacy report test test-all test-faults bench lock clean-venv
 
 setup: $(STAMP)
 	$(VENV)/bin/python -m ptune.legacy_env ensure --if-needed params.yaml
@@ -28,6 +28,10 @@ test: $(STAMP) legacy
 # Everything, slow tests included.
 test-all: $(STAMP) legacy
 	pytest -m ""
+
+# Every fault-injection case: each stage killed at the first, middle and last pass of each point, both front ends.
+test-faults: $(STAMP)
+	PTUNE_FAULT_CASES=all pytest -m faults tests/test_faults.py
 
 # Regenerate the lock from the current venv (after changing dependency ranges in pyproject.toml).
 lock: $(STAMP)

@@ -8,9 +8,17 @@
 #
 # Convention read from dvc.yaml: an output path without a file suffix (models/base, data/raw) is a directory.
 
+import sys
 import yaml
 from pathlib import Path
 from snakemake.utils import validate
+
+from ptune import config as ptune_config
+
+# ptune's own loader first: a YAML syntax error is named by file, line and column and a bad key by its dotted
+# name, the same messages `ptune` and `dvc repro` give (Snakemake's configfile parser names neither).
+ptune_config.load("params.yaml")
+from ptune.remote import check_survival, push_each_stage
 
 configfile: "params.yaml"
 validate(config, "workflow/schemas/params.schema.yaml")
@@ -50,6 +58,11 @@ if _missing:
                         "to its deps so that `snakemake report` covers the whole pipeline")
 
 
+# PTUNE_PUSH_EACH_STAGE=1: each rule also pushes its stage's outputs (and the run-cache) to the DVC remote as soon
+# as the stage is done, so that an instance stopped mid-run loses at most the stage that was running. Off by
+# default. An environment variable, not a param: params are part of the stages' hashes.
+_PUSH = " && dvc --wait-for-lock push --run-cache {params.stage}" if push_each_stage() else ""
+
 for _name, _stage in DVC_STAGES.items():
     rule:
         name: _name
@@ -59,4 +72,18 @@ for _name, _stage in DVC_STAGES.items():
         output: list(_outputs(_stage))
         params: stage=_name  # bound now: a loop variable in `shell` would run the last stage for every rule
         resources: **_stage.get("meta", {}).get("resources", {})
-        shell: "dvc --wait-for-lock repro --single-item --pull {params.stage} && touch {output}"
+        shell: "dvc --wait-for-lock repro --single-item --pull {params.stage} && touch {output}" + _PUSH
+
+
+# The end of every run says, loudly, when nothing it made would survive the instance (a remote on the same disk).
+def _warn_if_remote_dies_with_instance():
+    warning = check_survival()
+    if warning:
+        print(warning, file=sys.stderr)
+
+
+onsuccess:
+    _warn_if_remote_dies_with_instance()
+
+onerror:
+    _warn_if_remote_dies_with_instance()

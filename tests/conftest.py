@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ptune.faults import TRACE_ENV
 from ptune.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +113,17 @@ def make_project(dest: Path, env: dict[str, str], params: Path = TINY_PARAMS) ->
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory, env) -> Project:
     """The tiny pipeline, run once by `snakemake --cores 1 report`; do not modify it (use `ran_project`)."""
-    project = make_project(tmp_path_factory.mktemp("pipeline") / "project", env)
+    root = tmp_path_factory.mktemp("pipeline")
+    project = make_project(root / "project", env)
+    # Record every failpoint this run passes (ptune.faults), so the fault suite aims its kills at real progress.
+    project.failpoint_trace = root / "failpoints.tsv"
+    # Credentials as a user's shell would hold them: no output, log, lock or report may ever contain them.
+    project.planted_secret = "ptune-planted-secret-7f3a9c"
+    secrets = {name: project.planted_secret for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OSS_ACCESS_KEY_SECRET",
+                                                         "OPENAI_API_KEY")}
+    project.env = {**env, **secrets, TRACE_ENV: str(project.failpoint_trace)}
     project.run("snakemake", "--cores", "1", "report")
+    project.env = env
     return project
 
 

@@ -35,7 +35,7 @@ def test_killed_training_resumes_from_its_checkpoint(ran_project):
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        found = list(ckpts.glob("*/checkpoint-*.pt")) if ckpts.is_dir() else []
+        found = list(ckpts.glob("*/checkpoint-*.safetensors")) if ckpts.is_dir() else []
         if any(int(f.stem.split("-")[1]) >= 40 for f in found):  # progress-triggered: after step 40's checkpoint
             proc.send_signal(signal.SIGKILL)
             break
@@ -51,7 +51,7 @@ def test_killed_training_resumes_from_its_checkpoint(ran_project):
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.allclose(resumed[name], uninterrupted[name]), name
-    assert not list(ckpts.glob("*/checkpoint-*.pt"))  # removed once the stage completed
+    assert not list(ckpts.glob("*/checkpoint-*.safetensors"))  # removed once the stage completed
 
 
 def test_fp16_without_a_gpu_fails_at_once_with_a_clear_error(ran_project):

@@ -28,17 +28,19 @@ STAGE_HELP = {
 
 
 def run_stage(stage: str, params_path: str) -> None:
-    from . import config, determinism, stagelog
+    from . import config, determinism, faults, locks, stagelog
 
-    stagelog.record_start(stage)
-    determinism.configure_threads()
-    params = config.load(params_path)
-    module = importlib.import_module(f"ptune.{stage}")
-    if stage == "report":
-        module.run(params)  # it writes reports/timings.json, its own timing included
-        return
-    with stagelog.timed(stage) as facts:
-        facts.update(module.run(params) or {})
+    params = config.load(params_path)  # bad params fail before anything is recorded or locked
+    faults.arm(stage)
+    with locks.stage_lock(stage):
+        stagelog.record_start(stage)
+        determinism.configure_threads()
+        module = importlib.import_module(f"ptune.{stage}")
+        if stage == "report":
+            module.run(params)  # it writes reports/timings.json, its own timing included
+            return
+        with stagelog.timed(stage) as facts:
+            facts.update(module.run(params) or {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
     sub.add_parser("validate", help="check params.yaml against its schema and exit")
+    preset = sub.add_parser("preset", help="list presets, or copy one over params.yaml (`ptune preset use NAME`)",
+                            description="Presets are complete params files for real runs, in presets/.")
+    preset_sub = preset.add_subparsers(dest="preset_command", metavar="ACTION", required=True)
+    preset_sub.add_parser("list", help="the presets and what each is for")
+    use = preset_sub.add_parser("use", help="copy presets/NAME.yaml over params.yaml")
+    use.add_argument("name")
+    use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
+    sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
+    _add_state_commands(sub)
     return parser
 
 
@@ -59,6 +70,71 @@ def _switch_environment(argv: list[str]) -> None:
     """Re-execute this command in the legacy environment when models/base needs ChatGLM-6B's remote code."""
     if backends.needs_legacy_env(Path("models/base")) and not legacy_env.is_current():
         legacy_env.reexec("ptune.cli", argv)
+
+
+def _preset(args) -> None:
+    from . import presets
+
+    if args.preset_command == "list":
+        for name, path in presets.available().items():
+            print(f"{name:28} {presets.summary(path)}")
+        return
+    source = presets.use(args.name, force=args.force)
+    print(f"params.yaml is now {source}; `dvc status` shows the stages that will rerun, "
+          "`ptune doctor` checks this machine against it")
+
+
+def _doctor(params_path: str) -> int:
+    from . import config, doctor
+
+    findings = doctor.check(config.load(params_path))
+    print(doctor.render(findings))
+    return 1 if any(not f.ok for f in findings) else 0
+
+
+def _add_state_commands(sub) -> None:
+    """Commands that keep a run alive across instances (README, "Surviving the instance")."""
+    from .checkpoint_sync import SYNCED_STAGES
+
+    status = sub.add_parser("status", help="per stage: up to date here? on the DVC remote? and where that is")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    push = sub.add_parser("push", help="save everything to the DVC remote: outputs, run-cache, resume state")
+    restore = sub.add_parser("restore", help="bring back everything from the DVC remote (on a fresh instance)")
+    checkpoint = sub.add_parser("checkpoint", help="resume state (training checkpoints) to/from the DVC remote")
+    direction = checkpoint.add_subparsers(dest="direction", metavar="push|pull", required=True)
+    for name, helptext in (("push", "upload .ptune/state/ (a running training's checkpoints)"),
+                           ("pull", "download it, so that the next run resumes instead of starting over")):
+        d = direction.add_parser(name, help=helptext, description=helptext)
+        d.add_argument("--stage", action="append", choices=SYNCED_STAGES,
+                       help="only this stage's state (repeatable; default: " + " and ".join(SYNCED_STAGES) + ")")
+    for p in (status, push, restore, *direction.choices.values()):
+        p.add_argument("-r", "--remote", help="a DVC remote other than the default one")
+
+
+def _run_state_command(args) -> None:
+    if args.command == "status":
+        from . import status
+
+        status.run(as_json=args.json, remote=args.remote)
+    elif args.command in ("push", "restore"):
+        from . import sync
+
+        getattr(sync, args.command)(remote=args.remote)
+    else:
+        from . import checkpoint_sync
+
+        if args.direction == "push":
+            done = checkpoint_sync.push(args.stage, remote=args.remote)
+            if not done:
+                print("ptune: no resume state in .ptune/state/ to push (nothing is running or was killed)")
+        elif not checkpoint_sync.pull(args.stage, remote=args.remote):
+            print("ptune: the remote holds no resume state (no training was pushed while it ran)")
+    if args.command != "status":  # status prints it itself, after its table
+        from .remote import check_survival
+
+        warning = check_survival()
+        if warning:
+            print(warning, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
             config.load(args.params)
             print(f"{args.params}: valid")
+        elif args.command == "preset":
+            _preset(args)
+        elif args.command == "doctor":
+            return _doctor(args.params)
+        else:
+            _run_state_command(args)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,8 @@ class FetchWeightsConfig:
     source: str
     backend: str
     path: str
+    repo: str
+    revision: str
     embedded: EmbeddedModelConfig
 
 
@@ -54,12 +56,21 @@ class EmbeddedDataConfig:
 class FetchDataConfig:
     source: str
     path: str
+    url: str
+    sha256: str
+    train_file: str
+    dev_file: str
+    encoding: str
+    prompt_column: str
+    response_column: str
+    history_column: str
     embedded: EmbeddedDataConfig
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     prompt_template: str
+    history_template: str
     max_source_length: int
     max_target_length: int
     max_train_examples: int | None
@@ -121,6 +132,12 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class HardwareConfig:
+    gpu_memory_gib: float
+    model_gib: float
+
+
+@dataclass(frozen=True)
 class Params:
     fetch_weights: FetchWeightsConfig
     fetch_data: FetchDataConfig
@@ -129,6 +146,7 @@ class Params:
     evaluate: EvaluateConfig
     deploy: DeployConfig
     report: ReportConfig
+    hardware: HardwareConfig
     raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
 
 
@@ -181,6 +199,7 @@ def _section_types() -> dict[str, type]:
         "evaluate": EvaluateConfig,
         "deploy": DeployConfig,
         "report": ReportConfig,
+        "hardware": HardwareConfig,
     }
 
 

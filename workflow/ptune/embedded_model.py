@@ -16,7 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm import tqdm
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from . import synthetic_adgen
+from . import faults, synthetic_adgen
 from .config import EmbeddedModelConfig
 from .determinism import seed_everything
 from .errors import PtuneError
@@ -110,6 +110,7 @@ def pretrain(model: GlmForCausalLM, stream: torch.Tensor, cfg: EmbeddedModelConf
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         sched.step()
+        faults.point("pretrain_step")
         optim.zero_grad(set_to_none=True)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # refresh at mininterval only

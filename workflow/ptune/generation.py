@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from . import backends
+from . import backends, faults
 from .batching import left_pad  # noqa: F401  (its home is batching.py; callers still import it from here)
 from .config import GenerationConfig
 from .resume_state import Journal
@@ -60,6 +60,7 @@ def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
                 texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if journal is not None:
                     journal.record(b, texts)
+                faults.point("batch")
             for i, text in zip(idx, texts):
                 out[i] = text
             bar.update(len(idx))

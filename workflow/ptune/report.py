@@ -10,6 +10,7 @@ import time
 import csv
 import io
 import json
+import logging
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,7 @@ from . import atomic
 from .cli import STAGES
 from .config import Params, ReferenceFigures
 from .metrics import METRIC_NAMES
+from .remote import check_survival
 
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics.json"
@@ -121,3 +123,7 @@ def run(params: Params) -> None:
     timings["report"] = {"stage": "report", "started": started.isoformat(timespec="seconds"),
                          "wall_s": round(time.perf_counter() - t0, 3), "host": platform.node()}
     atomic.write_json(OUT_TIMINGS, timings)
+    # The last stage of every run: where a `dvc repro` user learns that nothing pushed would survive the instance.
+    warning = check_survival()
+    if warning:
+        logging.getLogger(__name__).warning("\n%s", warning)

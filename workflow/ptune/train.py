@@ -13,21 +13,20 @@ import csv
 import io
 import logging
 import math
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from tqdm import tqdm
 
-from . import atomic, backends
+from . import atomic, backends, checkpoint, checkpoint_sync, faults
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
 from .model import assert_frozen, device
+from .remote import checkpoint_push_every
 from .resume_state import ResumeState
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,7 @@ log = logging.getLogger(__name__)
 BASE = Path("models/base")
 DATA = Path("data/processed")
 OUT = Path("models/ptuning")
+CKPT_SUFFIX = ".safetensors"
 TRAIN_LOG = Path("reports/train_log.csv")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that change neither the data order nor the numbers: editing them keeps checkpoints usable.
@@ -63,21 +63,6 @@ def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
         raise PtuneError("train.precision: fp16 needs a CUDA GPU (loss scaling runs there); use fp32 or bf16 here")
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float,
                    backend=None) -> float:
     """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them).
@@ -102,24 +87,33 @@ def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, aut
 
 
 def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int) -> None:
-    """Everything resuming needs; written atomically, the oldest beyond `keep` removed."""
-    payload = {"step": step, "prefix": encoder.state_dict(), "optimizer": optim.state_dict(),
-               "scaler": scaler.state_dict() if scaler is not None else None, "rng": _rng_state(),
-               "log_rows": rows}
-    with atomic.atomic_file(state.path(f"checkpoint-{step:08d}.pt"), "wb") as fh:
-        torch.save(payload, fh)
-    for old in sorted(state.dir.glob("checkpoint-*.pt"))[:-keep]:
+    """Everything resuming needs (safetensors, never a pickle); the oldest beyond `keep` removed."""
+    checkpoint.save_training(state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}"), step=step,
+                             prefix=encoder.state_dict(), optimizer=optim.state_dict(),
+                             scaler=scaler.state_dict() if scaler is not None else None, log_rows=rows)
+    for old in sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))[:-keep]:
         old.unlink()
 
 
 def latest_checkpoint(state: ResumeState) -> Path | None:
-    found = sorted(state.dir.glob("checkpoint-*.pt"))
+    found = sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))
     return found[-1] if found else None
+
+
+def _check_context(model, train, cfg: TrainConfig) -> None:
+    """The prefix takes positions too: prefix + the longest example must fit the model's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(map(len, train["input_ids"]), default=0)
+    if isinstance(context, int) and cfg.pre_seq_len + longest > context:
+        raise PtuneError(f"train.pre_seq_len ({cfg.pre_seq_len}) + the longest training example ({longest} tokens, "
+                         f"see preprocess.max_source_length/max_target_length) exceed the base model's context of "
+                         f"{context} tokens; lower train.pre_seq_len or the preprocess lengths")
 
 
 def run(params: Params) -> dict:
     cfg = params.train
     seed_everything(cfg.seed)
+    push_every = checkpoint_push_every()  # read first: a bad value should fail before hours of work, not after
     dev = device()
     _check_precision(cfg, dev)
     dtype = DTYPES[cfg.precision]
@@ -135,6 +129,7 @@ def run(params: Params) -> dict:
     from datasets import load_from_disk  # here: the benchmarks import this module on machines without it
 
     train = load_from_disk(str(DATA))["train"]
+    _check_context(model, train, cfg)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -144,17 +139,16 @@ def run(params: Params) -> dict:
     state = ResumeState("train", [BASE, DATA], key_params)
     start, rows = 0, []
     if (ckpt_path := latest_checkpoint(state)) is not None:
-        ckpt = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ckpt = checkpoint.load_training(ckpt_path, dev)  # restores the RNG states too
         encoder.load_state_dict(ckpt["prefix"])
         optim.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
-        _set_rng_state(ckpt["rng"])
         start, rows = ckpt["step"], ckpt["log_rows"]
         log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
 
     encoder.train()
-    t_log, samples_since, window_losses = time.perf_counter(), 0, []
+    t_log, samples_since, window_losses, saved = time.perf_counter(), 0, [], 0
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train prefix", unit="step",
                mininterval=2)
     for step in bar:
@@ -174,6 +168,7 @@ def run(params: Params) -> dict:
             raise PtuneError(f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
                              f"to {OUT}; checkpoints before this step are kept in {state.dir}")
         window_losses.append(step_loss)
+        faults.point("step")
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
         if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
             elapsed = time.perf_counter() - t_log
@@ -184,6 +179,10 @@ def run(params: Params) -> dict:
             t_log, samples_since, window_losses = time.perf_counter(), 0, []
         if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
             save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit)
+            faults.point("checkpoint")
+            saved += 1
+            if push_every and saved % push_every == 0:  # so that a fresh instance can resume (README)
+                checkpoint_sync.push_quietly("train")
 
     with atomic.atomic_dir(OUT) as tmp:
         backend.save_prefix(model, encoder, tmp, BASE)
