@@ -75,7 +75,8 @@ class ChatGLM:
     def load_tokenizer(base: Path):
         _, _, AutoTokenizer = _auto()
         if not (base / "tokenizer_config.json").is_file():
-            raise PtuneError(f"{base}: no tokenizer here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
+            raise PtuneError(f"{base}: no tokenizer here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) "
+                             "first")
         return AutoTokenizer.from_pretrained(str(base), trust_remote_code=True)
 
     @staticmethod
@@ -205,7 +206,8 @@ def prefix_off(model) -> Iterator[None]:
 def _load(base: Path, pre_seq_len: int, prefix_projection: bool):
     AutoConfig, AutoModel, _ = _auto()
     if not (base / "config.json").is_file():
-        raise PtuneError(f"{base}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
+        raise PtuneError(f"{base}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) "
+                         "first")
     config = AutoConfig.from_pretrained(str(base), trust_remote_code=True)
     _require_first_generation(config, base)
     config.pre_seq_len = pre_seq_len
