@@ -32,7 +32,8 @@ def train_tokenizer(out: Path, texts: list[str]) -> dict[str, int]:
     corpus = out / "corpus.txt"
     corpus.write_text("\n".join(texts), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "ice_text"), vocab_size=800, hard_vocab_limit=False, model_type="unigram",
+        input=str(corpus), model_prefix=str(out / "ice_text"), vocab_size=800, hard_vocab_limit=False,
+        model_type="unigram",
         character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
         unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>", user_defined_symbols=SPECIAL_PIECES,
         num_threads=1, seed_sentencepiece_size=100000, minloglevel=2)

@@ -138,8 +138,8 @@ from ptune.chatglm import ChatGLM, prefix_off
 # Ours into the reference web demo: it loads pytorch_model.bin, strips the key prefix, loads the prefix encoder.
 web_demo = reference_model(4, False)
 state = torch.load("models/ptuning/pytorch_model.bin")
-web_demo.transformer.prefix_encoder.load_state_dict(
-    {k[len("transformer.prefix_encoder."):]: v for k, v in state.items() if k.startswith("transformer.prefix_encoder.")})
+key = "transformer.prefix_encoder."
+web_demo.transformer.prefix_encoder.load_state_dict({k[len(key):]: v for k, v in state.items() if k.startswith(key)})
 ours, prefix = ChatGLM.load_for_inference(Path("models/base"), Path("models/ptuning"), torch.device("cpu"))
 same = torch.equal(web_demo.transformer.prefix_encoder.embedding.weight, prefix.embedding.weight)
 ids = torch.tensor([ChatGLM.encode_prompt(ChatGLM.load_tokenizer(Path("models/base")), "类型#上衣*颜色#白色")])
