@@ -15,7 +15,7 @@ Self-contained: it imports the remote code (configuration_chatglm.py, modeling_c
 snapshot directory (--snapshot, default ../shared/chatglm-6b-snapshot, or ./shared/chatglm-6b-snapshot) and builds
 the model from its class with random weights, so neither the tokenizer nor from_pretrained (the parts that fail on
 transformers 5) nor the weights are needed. Requirements:
-  - torch with CUDA, and transformers: 4.27-4.33 or 5.x (checked: 4.33.3 and 5.24 on the CPU, --dry-run);
+  - torch with CUDA, and transformers 4.27-4.33 or 5.x (--dry-run checked on 4.33.3, 5.17.0 and 5.24.0);
   - for INT4, `cpm_kernels` (pure Python: `pip install cpm_kernels`, or copy its wheel) and the CUDA runtime library
     where cpm_kernels looks (/usr/local/cuda/lib64/libcudart.so, or on the linker's path; this script also tries
     the nvidia-cuda-runtime wheel that a pip CUDA torch brings). cpm_kernels imports pkg_resources (setuptools < 81).
