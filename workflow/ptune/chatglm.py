@@ -161,7 +161,12 @@ class ChatGLM:
     def loss(model, prefix, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # The prefix is part of the model: its dropout follows the prefix's train/eval mode.
         model.transformer.dropout.train(prefix.training)
-        return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float()
+        # A quantized model runs as the reference runs it, fp16 without autocast: quantize()'s autograd function
+        # saves its input as it comes (fp32 out of an autocast LayerNorm) and its backward then mixes dtypes.
+        plain = torch.autocast(batch["input_ids"].device.type, enabled=False) if getattr(model, "quantized", False) \
+            else contextlib.nullcontext()
+        with plain:
+            return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float()
 
     @staticmethod
     def generate(model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> torch.Tensor:
