@@ -1,26 +1,32 @@
 # The two commands of the README: `make report` (set up, then run the pipeline) and `make test`.
+# ChatGLM-6B's remote code runs in a second environment, .venv-legacy (workflow/ptune/legacy_env.py): `setup` and
+# `report` create it when params.yaml selects fetch_weights.backend chatglm, `test` always (its tests use it).
 VENV ?= .venv
 STAMP := $(VENV)/.ptune-installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Tests and runs never report usage or check for updates over the network.
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup report test test-all test-faults bench lock clean-venv
+.PHONY: setup legacy report test test-all test-faults bench lock clean-venv
 
 setup: $(STAMP)
+	$(VENV)/bin/python -m ptune.legacy_env ensure --if-needed params.yaml
 
 $(STAMP): pyproject.toml requirements/constraints.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV)
 	touch $@
 
-report: $(STAMP)
+report: setup
 	snakemake --cores 1 report
 
-test: $(STAMP)
+legacy: $(STAMP)
+	$(VENV)/bin/python -m ptune.legacy_env ensure
+
+test: $(STAMP) legacy
 	pytest
 
 # Everything, slow tests included.
-test-all: $(STAMP)
+test-all: $(STAMP) legacy
 	pytest -m ""
 
 # Every fault-injection case: each stage killed at the first, middle and last pass of each point, both front ends.
@@ -35,4 +41,4 @@ lock: $(STAMP)
 	  > requirements/constraints.txt
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-legacy

@@ -36,7 +36,8 @@ THREADS = configure_threads()  # before torch starts its thread pools: the threa
 import torch  # noqa: E402
 
 from ptune.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
-from ptune.train import batch_indices, collate, lr_at, micro_batches_at, optimizer_step  # noqa: E402
+from ptune.native import Transformers  # noqa: E402
+from ptune.train import batch_indices, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 
 
 def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
@@ -101,7 +102,7 @@ def trainer_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
             disable_tqdm=True, use_cpu=True, seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
             train_sampling_strategy="sequential")
         trainer = Trainer(model=model, args=args, train_dataset=same_batches,
-                          data_collator=lambda rows: collate(rows, pad_id), callbacks=[clock])
+                          data_collator=lambda rows: Transformers.collate(rows, pad_id), callbacks=[clock])
         trainer.train()
     wall = clock.at[steps] - clock.at[warmup]
     return (steps - warmup) * batch / wall, clock.loss

@@ -34,8 +34,8 @@ def test_killed_evaluation_resumes_to_identical_outputs(ran_project, do_sample):
     p = ran_project
     p.set_param("evaluate.do_sample", do_sample)
     p.set_param("evaluate.batch_size", 1)
-    p.set_param("evaluate.max_new_tokens", 48)
-    p.set_param("evaluate.max_examples", "null")
+    p.set_param("evaluate.max_new_tokens", 32)
+    p.set_param("evaluate.max_examples", 16)  # 16 one-example batches per model: room to be killed after 3
     p.run("ptune", "evaluate")
     uninterrupted = {rel: (p.root / rel).read_bytes() for rel in OUTPUTS}
     assert not (p.root / ".ptune/state/evaluate").exists() or not any((p.root / ".ptune/state/evaluate").iterdir())

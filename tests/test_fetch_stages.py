@@ -58,7 +58,8 @@ def test_git_lfs_source_fills_models_base_and_cleans_its_state(project, tmp_path
     project.run("ptune", "fetch_weights")
     base = project.root / "models" / "base"
     record = json.loads((base / "ptune_source.json").read_text())
-    assert record == {"source": "git_lfs", "repo": repo.url, "revision": repo.commit}
+    assert record == {"source": "git_lfs", "backend": "transformers", "trust_remote_code": False,
+                      "allow_pickle": False, "repo": repo.url, "revision": repo.commit}
     assert {k: v for k, v in _files(base).items() if k in repo.files} == repo.files
     assert not (base / ".git").exists()
     assert not list((project.root / ".ptune" / "state" / "fetch_weights").iterdir())

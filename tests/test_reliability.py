@@ -97,6 +97,26 @@ def test_a_model_folder_without_config_is_named(ran_project, tmp_path):
     assert proc.returncode == 2 and "config.json" in proc.stderr and str(tmp_path / "empty") in proc.stderr
 
 
+def test_pickled_weights_need_the_opt_in_and_are_left_out_beside_safetensors(ran_project, tmp_path):
+    p = ran_project
+    model = tmp_path / "model"
+    shutil.copytree(p.root / "models/base", model)
+    (model / "ptune_source.json").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"a pickle would run code")  # never loaded: refused or left out
+    (model / "training_args.bin").write_bytes(b"another")
+    _edit_params(p, "  source: embedded\n  path: ''", f"  source: path\n  path: {model}")
+    p.run("ptune", "fetch_weights")
+    base = p.root / "models/base"
+    assert not (base / "pytorch_model.bin").exists() and not (base / "training_args.bin").exists()
+    assert (base / "model.safetensors").is_file()
+    assert json.loads((base / "ptune_source.json").read_text())["allow_pickle"] is False
+    (model / "model.safetensors").unlink()
+    proc = p.run("ptune", "fetch_weights", check=False)
+    assert proc.returncode == 2 and "only as pickles (pytorch_model.bin, training_args.bin)" in proc.stderr
+    assert "fetch_weights.allow_pickle: true" in proc.stderr
+    assert (base / "model.safetensors").is_file()  # the previous base is untouched
+
+
 @pytest.fixture
 def small_disk(ran_project):
     """A 64 KiB tmpfs mounted over the project's models/ (root only; skipped where mounting is not allowed)."""

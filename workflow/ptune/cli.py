@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
+from . import backends, legacy_env
 from .errors import PtuneError
 from .serve import commands as serve_commands
 
 # The pipeline's stages in DAG order; each is the module of the same name, with `run(params)`.
 STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
+# The stages that load models/base: they run in the environment its backend needs (backends, legacy_env).
+MODEL_STAGES = ("preprocess", "train", "evaluate", "deploy")
 STAGE_HELP = {
     "fetch_weights": "put the base model and tokenizer in models/base/",
     "fetch_data": "write ADGEN-shaped data/raw/train.json and dev.json",
@@ -71,6 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("-o", "--out", default="reports/compare.html",
                          help="HTML page to write; the plot goes beside it as .png (default: %(default)s)")
     return parser
+
+
+def _switch_environment(argv: list[str], base: Path | None = Path("models/base")) -> None:
+    """Re-execute this command in the legacy environment when `base` needs ChatGLM-6B's remote code."""
+    if base is not None and backends.needs_legacy_env(base) and not legacy_env.is_current():
+        legacy_env.reexec("ptune.cli", argv)
+
+
+def _served_base(args) -> Path | None:
+    """The base model a serve/chat command loads: --model, or the one its bundle names (None where there is no
+    readable bundle: the command then says what is wrong)."""
+    if getattr(args, "model", None):
+        return Path(args.model)
+    try:
+        manifest = json.loads((Path(args.bundle) / serve_commands.BUNDLE_MANIFEST).read_text(encoding="utf-8"))
+        return Path(manifest["base_model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _preset(args) -> None:
@@ -139,12 +162,17 @@ def _run_state_command(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     # transformers' advisory warnings (e.g. about generation flags) are noise in stage logs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        if args.command in MODEL_STAGES:
+            _switch_environment(argv)
+        elif args.command in ("serve", "chat"):
+            _switch_environment(argv, _served_base(args))
         if args.command in STAGES:
             run_stage(args.command, args.params)
         elif args.command == "validate":

@@ -38,6 +38,9 @@ class EmbeddedModelConfig:
 @dataclass(frozen=True)
 class FetchWeightsConfig:
     source: str
+    backend: str
+    trust_remote_code: bool
+    allow_pickle: bool
     path: str
     repo: str
     revision: str
@@ -111,6 +114,7 @@ class EvaluateConfig(GenerationConfig):
     max_examples: int | None
     batch_size: int
     devices: int
+    quantization: str
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,14 @@ fails its check is never published: the check runs on the temporary directory be
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import atomic
+from . import atomic, backends
 from .bundle import FORMAT_VERSION, MANIFEST
 from .config import GenerationConfig, Params
 from .errors import PtuneError
-from .prefix_encoder import CONFIG_NAME
 from .serve.process import ApiProcess
 
 BASE = Path("models/base")
@@ -47,15 +45,19 @@ Restore it on a fresh instance with `dvc pull` (the base model and this bundle a
 
 def run(params: Params) -> None:
     cfg = params.deploy
-    prefix_cfg = json.loads((PREFIX / CONFIG_NAME).read_text(encoding="utf-8"))
+    backend = backends.for_base(BASE)
+    allow_pickle = params.fetch_weights.allow_pickle
+    prefix_cfg = backend.describe_prefix(PREFIX, BASE, allow_pickle)
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
     scores = ", ".join(f"{k.upper()} {v:.2f}" for k, v in sorted(metrics["ptuned"].items()))
     generation = GenerationConfig(cfg.max_new_tokens, cfg.do_sample, cfg.top_p, cfg.temperature)
     with atomic.atomic_dir(OUT) as tmp:
-        shutil.copytree(PREFIX, tmp / "prefix")
+        backend.copy_prefix(PREFIX, tmp / "prefix", allow_pickle)
         atomic.write_json(tmp / MANIFEST, {
             "format": FORMAT_VERSION,
             "base_model": str(BASE),
+            "backend": backend.name,
+            "quantization": params.evaluate.quantization,  # served as it was evaluated
             "base_config_sha256": prefix_cfg["base_config_sha256"],
             "prefix": "prefix",
             "prompt_template": params.preprocess.prompt_template,

@@ -16,12 +16,10 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from . import atomic, metrics, multiprocess
+from . import atomic, backends, metrics, multiprocess
 from .config import Params
 from .determinism import seed_everything
 from .generation import generate_all, in_prompt_order, length_sorted_batches
-from .model import load_frozen, load_tokenizer
-from .prefix_encoder import PrefixEncoder
 from .resume_state import Journal, ResumeState
 
 BASE = Path("models/base")
@@ -64,16 +62,16 @@ def run(params: Params) -> dict:
         where = f"{cfg.devices} x {per_rank[0]['device']}"
     else:
         rank, n = multiprocess.rank(), multiprocess.world_size()
-        tokenizer = load_tokenizer(BASE)
-        model = load_frozen(BASE, multiprocess.local_device())
-        encoder = PrefixEncoder.load(PREFIX, model).to(model.device)
-        encoder.eval()
+        backend = backends.for_base(BASE)
+        tokenizer = backend.load_tokenizer(BASE)
+        model, encoder = backend.load_for_inference(BASE, PREFIX, multiprocess.local_device(), cfg.quantization,
+                                                    allow_pickle=params.fetch_weights.allow_pickle)
         for name, enc in zip(MODELS, (None, encoder)):
             journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
             already = set(journal.done)
             t0 = time.perf_counter()
             outputs[name] = generate_all(model, enc, tokenizer, prompts, cfg, cfg.batch_size, cfg.seed, desc=name,
-                                         journal=journal, shard=(rank, n))
+                                         journal=journal, shard=(rank, n), backend=backend)
             generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
             speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
         where = str(model.device)

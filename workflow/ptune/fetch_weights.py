@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from . import atomic, embedded_model
+from . import atomic, backends, embedded_model, trust
 from .config import FetchWeightsConfig, Params
 from .errors import PtuneError
 from .resume_state import ResumeState
@@ -89,6 +89,10 @@ def _fetch(cfg: FetchWeightsConfig, dest: Path) -> dict:
     return {"repo": cfg.repo, "revision": snapshot.name if cfg.source == "hf_hub" else cfg.revision}
 
 
+def _describe(cfg: FetchWeightsConfig) -> str:
+    return f"fetch_weights.path {cfg.path}" if cfg.source == "path" else f"fetch_weights.repo {cfg.repo}"
+
+
 def check_tokenizer_fits(model_dir: Path) -> None:
     """A tokenizer from another model hands out ids past the embedding table: an index error deep in torch later."""
     from .model import load_tokenizer
@@ -110,8 +114,17 @@ def run(params: Params) -> None:
     cfg = params.fetch_weights
     with lock.exclusive(OUT), atomic.atomic_dir(OUT) as tmp:
         if cfg.source == "embedded":
+            if cfg.backend != backends.TRANSFORMERS:
+                raise PtuneError(f"fetch_weights.backend: {cfg.backend!r} runs ChatGLM-6B's remote code, but the "
+                                 "embedded model is a transformers-native GLM; set backend: transformers, or a source "
+                                 "that gives a ChatGLM-6B model")
             facts = embedded_model.build(cfg.embedded, tmp)
         else:
             facts = _fetch(cfg, tmp)
+            backends.check_model_dir(tmp, cfg.backend)
+            trust.check_folder(tmp, backend=cfg.backend, trust_remote_code=cfg.trust_remote_code,
+                               allow_pickle=cfg.allow_pickle, what=_describe(cfg))
             check_tokenizer_fits(tmp)
-        atomic.write_json(tmp / SOURCE_RECORD, {"source": cfg.source, **facts})
+        # Later stages read the backend from this record (backends.name_of): they depend on models/base anyway.
+        atomic.write_json(tmp / SOURCE_RECORD, {"source": cfg.source, "backend": cfg.backend,
+                                                **trust.record(cfg.trust_remote_code, cfg.allow_pickle), **facts})

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from . import faults, prefixed
+from . import backends, faults
 from .config import GenerationConfig
 from .errors import PtuneError
-from .prefix_encoder import PrefixEncoder
 from .resume_state import Journal
 
 log = logging.getLogger(__name__)
@@ -26,17 +25,6 @@ def generation_kwargs(cfg: GenerationConfig, tokenizer) -> dict:
         # Unset sampling knobs a model's generation_config may carry, so greedy really is greedy.
         kwargs.update(top_p=None, top_k=None, temperature=None)
     return kwargs
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-    return ids.to(dev), mask.to(dev)
 
 
 def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -58,10 +46,11 @@ def in_prompt_order(batches: list[list[int]], texts_by_batch: dict[int, list[str
     return out
 
 
-def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Sequence[Sequence[int]],
+def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
                  cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
-                 journal: Journal | None = None, shard: tuple[int, int] = (0, 1)) -> list[str | None]:
-    """Decoded completions (special tokens skipped), in the order of `prompts`.
+                 journal: Journal | None = None, shard: tuple[int, int] = (0, 1), backend=None) -> list[str | None]:
+    """Decoded completions (special tokens skipped), in the order of `prompts`; `encoder` None: the base alone;
+    `backend` (backends.py) None: transformers-native.
 
     With a `journal`, each finished batch is recorded there and batches it already holds are not generated
     again: a killed run continues where it stopped, with the same results. `shard=(rank, n)` generates only
@@ -69,7 +58,7 @@ def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Seque
     batch is the one a single process would make (same rows, same seed), so the merged result does not depend
     on n.
     """
-    dev = next(model.parameters()).device
+    backend = backend or backends.native()
     kwargs = generation_kwargs(cfg, tokenizer)
     rank, n = shard
     batches = length_sorted_batches(prompts, batch_size)
@@ -86,8 +75,7 @@ def generate_all(model, encoder: PrefixEncoder | None, tokenizer, prompts: Seque
             else:
                 # Seeded per batch (seed + batch index): a resumed run samples what an uninterrupted one would.
                 torch.manual_seed(seed + b)
-                ids, mask = left_pad([prompts[i] for i in batches[b]], tokenizer.pad_token_id, dev)
-                new = prefixed.generate(model, encoder, ids, mask, kwargs)
+                new = backend.generate(model, encoder, tokenizer, [prompts[i] for i in batches[b]], kwargs)
                 texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
                 if journal is not None:
                     journal.record(b, texts)

@@ -47,7 +47,7 @@ def _quantization_config(mode: str, dtype: torch.dtype):
 
 
 def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                quantization: str = "none"):
+                quantization: str = "none", key: str = "train.quantization"):
     """The base model in eval mode with every parameter frozen (P-tuning trains only the prefix).
 
     quantization "4bit" / "8bit": the weights are quantized by bitsandbytes as they load, onto `dev` (a CUDA GPU);
@@ -58,7 +58,7 @@ def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.
         raise PtuneError(f"{path}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
     dev = dev or device()
     if quantization != "none":
-        check_quantization(quantization, "train.quantization")
+        check_quantization(quantization, key)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": dev},
                                                      quantization_config=_quantization_config(quantization, dtype))
     else:
@@ -68,9 +68,11 @@ def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.
     return model
 
 
-def assert_frozen(model) -> int:
-    """Raise if any base parameter would train; returns the base's parameter count."""
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+def assert_frozen(model, prefix=None) -> int:
+    """Raise if any base parameter would train; returns the base's parameter count. `prefix`: a module inside the
+    model that is meant to train (ChatGLM-6B's built-in prefix encoder)."""
+    own = {id(p) for p in prefix.parameters()} if prefix is not None else set()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
     if trainable:
         raise RuntimeError(f"base model parameters are trainable but must be frozen: {trainable[:3]}")
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if id(p) not in own)

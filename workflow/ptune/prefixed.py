@@ -13,9 +13,8 @@ import torch
 import transformers.modeling_utils
 from transformers import DynamicCache
 
+from .batching import IGNORE_INDEX
 from .prefix_encoder import PrefixEncoder
-
-IGNORE_INDEX = -100  # the label of a token that is not learnt (prompt, padding), as transformers' losses use it
 
 
 def _cache_kwarg(model) -> str:

@@ -2,7 +2,8 @@
 
 train: `input_ids` = prompt (<= max_source_length) + target (<= max_target_length, ending in EOS), `labels` the
 same with the prompt masked (-100). dev: the prompt ids, and the label as the decoded, truncated target, which
-is what evaluation compares predictions against.
+is what evaluation compares predictions against. The token-level layout is the model backend's (backends.py):
+ChatGLM-6B's adds [gMASK] <sop> as its reference P-tuning does.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from . import adgen, atomic
+from . import adgen, atomic, backends
 from .config import Params, PreprocessConfig
 from .errors import PtuneError
-from .model import load_tokenizer
 
 RAW = Path("data/raw")
 BASE = Path("models/base")
 OUT = Path("data/processed")
-IGNORE_INDEX = -100
 
 
 _PLACEHOLDER = re.compile(r"\{(content|round|history|question|answer)\}")
@@ -44,43 +43,36 @@ def format_prompt(template: str, content: str, history: Sequence[Sequence[str]] 
     return _fill(template, {"history": past, "round": str(len(history) + 1), "content": content})
 
 
-def _encode(tokenizer, cfg: PreprocessConfig, examples: list[dict]) -> tuple[list, list]:
-    prompts = [format_prompt(cfg.prompt_template, ex["content"], ex.get("history", ()), cfg.history_template)
-               for ex in examples]
-    prompt_ids = [ids[:cfg.max_source_length]
-                  for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    # Keep room for EOS so the model learns where ad copy ends.
-    target_ids = [ids[:cfg.max_target_length - 1]
-                  for ids in tokenizer([ex["summary"] for ex in examples], add_special_tokens=False)["input_ids"]]
-    return prompt_ids, target_ids
+def _prompts(cfg: PreprocessConfig, examples: list[dict]) -> list[str]:
+    return [format_prompt(cfg.prompt_template, ex["content"], ex.get("history", ()), cfg.history_template)
+            for ex in examples]
 
 
-def build(tokenizer, cfg: PreprocessConfig, train: list[dict], dev: list[dict]) -> DatasetDict:
+def build(tokenizer, cfg: PreprocessConfig, train: list[dict], dev: list[dict], backend=None) -> DatasetDict:
+    backend = backend or backends.native()
     if tokenizer.eos_token_id is None:
         raise PtuneError(f"{BASE}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     if cfg.max_train_examples is not None:
         train = train[:cfg.max_train_examples]
-    p_ids, t_ids = _encode(tokenizer, cfg, train)
-    eos = tokenizer.eos_token_id
-    train_ds = Dataset.from_dict({
-        "input_ids": [p + t + [eos] for p, t in zip(p_ids, t_ids)],
-        "labels": [[IGNORE_INDEX] * len(p) + t + [eos] for p, t in zip(p_ids, t_ids)],
-    })
-    p_ids, t_ids = _encode(tokenizer, cfg, dev)
+    input_ids, labels = backend.encode_train(tokenizer, _prompts(cfg, train), [ex["summary"] for ex in train],
+                                             cfg.max_source_length, cfg.max_target_length)
+    train_ds = Dataset.from_dict({"input_ids": input_ids, "labels": labels})
+    prompt_ids, label_texts = backend.encode_eval(tokenizer, _prompts(cfg, dev), [ex["summary"] for ex in dev],
+                                                  cfg.max_source_length, cfg.max_target_length)
     dev_ds = Dataset.from_dict({
-        "input_ids": p_ids,
+        "input_ids": prompt_ids,
         "content": [ex["content"] for ex in dev],
-        "label": tokenizer.batch_decode(t_ids, skip_special_tokens=True),
+        "label": label_texts,
     })
     return DatasetDict({"train": train_ds, "dev": dev_ds})
 
 
-def context_length(model_dir: Path) -> int | None:
+def context_length(model_dir: Path, trust_remote_code: bool = False) -> int | None:
     """The base model's context window, from its config.json (None where the config does not say)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(model_dir))
-    for key in ("max_position_embeddings", "seq_length", "n_positions"):
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)
     return None
@@ -100,9 +92,13 @@ def check_lengths(tokenizer, cfg: PreprocessConfig, context: int | None) -> None
 
 
 def run(params: Params) -> None:
-    tokenizer = load_tokenizer(BASE)
-    check_lengths(tokenizer, params.preprocess, context_length(BASE))
-    data = build(tokenizer, params.preprocess, adgen.read(RAW / "train.json"), adgen.read(RAW / "dev.json"))
+    backend = backends.for_base(BASE)
+    tokenizer = backend.load_tokenizer(BASE)
+    # ChatGLM-6B's config class is its remote code too.
+    context = context_length(BASE, trust_remote_code=backend.name == backends.CHATGLM)
+    check_lengths(tokenizer, params.preprocess, context)
+    data = build(tokenizer, params.preprocess, adgen.read(RAW / "train.json"), adgen.read(RAW / "dev.json"),
+                 backend)
     with atomic.atomic_dir(OUT) as tmp:
         # datasets gives in-memory datasets random fingerprints, which end up in state.json; fixed ones keep
         # the saved bytes reproducible across reruns.

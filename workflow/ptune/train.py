@@ -18,15 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
 from tqdm import tqdm
 
-from . import atomic, checkpoint, checkpoint_sync, device_info, faults, multiprocess, prefixed
+from . import atomic, backends, checkpoint, checkpoint_sync, device_info, faults, multiprocess
 from .config import Params, TrainConfig
 from .determinism import seed_everything
 from .errors import PtuneError
-from .model import assert_frozen, check_quantization, device, load_frozen
-from .prefix_encoder import PrefixEncoder, prefix_config_for
-from .prefixed import IGNORE_INDEX
+from .model import assert_frozen, device
 from .remote import checkpoint_push_every
 from .resume_state import ResumeState
 
@@ -42,20 +41,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NOT_IN_RESUME_KEY = ("logging_steps", "save_steps", "save_total_limit")
 
 
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch for training (generation pads on the left)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
     """Rows of the k-th micro-batch: epoch e is a permutation seeded by (seed, e), so any position can be
     recomputed from k alone and a resumed run reads exactly the batches an uninterrupted one would."""
@@ -65,13 +50,14 @@ def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
     return order[pos * batch_size:(pos + 1) * batch_size] or order[:batch_size]
 
 
-def micro_batches_at(step: int, train, cfg: TrainConfig, pad_id: int, dev, rank: int = 0,
-                     world: int = 1) -> list[dict[str, torch.Tensor]]:
+def micro_batches_at(step: int, train, cfg: TrainConfig, pad_id: int, dev, rank: int = 0, world: int = 1,
+                     collate=None) -> list[dict[str, torch.Tensor]]:
     """The micro-batches of optimizer step `step` for process `rank` of `world`.
 
     Each step reads gradient_accumulation_steps global micro-batches of per_device x world rows; rank r takes
     the r-th slice of each, so the data order depends on the step alone, whatever the rank.
     """
+    collate = collate or backends.native().collate  # the backend's padding and tensors (backends.py)
     per_device = cfg.per_device_train_batch_size
     out = []
     for micro in range(cfg.gradient_accumulation_steps):
@@ -97,17 +83,19 @@ def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
 
 
 def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float,
-                   no_sync=contextlib.nullcontext) -> float:
+                   no_sync=contextlib.nullcontext, backend=None) -> float:
     """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them).
 
     `encoder` may be a DistributedDataParallel wrapper; `no_sync()` then skips the gradient all-reduce of every
     micro-batch but the last (accumulating the local gradients first gives the same sum with one exchange).
+    `backend` (backends.py) computes the loss; None: transformers-native.
     """
+    backend = backend or backends.native()
     step_loss = 0.0
     for i, batch in enumerate(micro_batches):
         with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
             with autocast:
-                loss = prefixed.forward(model, encoder, **batch).loss / len(micro_batches)
+                loss = backend.loss(model, encoder, batch) / len(micro_batches)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += loss.item()
     if scaler is not None:
@@ -153,7 +141,11 @@ def run(params: Params) -> dict:
     cfg = params.train
     # Checks that need no model come first: a wrong setting fails at once, not after minutes of loading.
     _check_precision(cfg, device())
-    check_quantization(cfg.quantization, "train.quantization")
+    backend = backends.for_base(BASE)
+    backend.check_quantization(cfg.quantization, "train", device())
+    if cfg.devices > 1 and backend.name != backends.TRANSFORMERS:
+        raise PtuneError(f"train.devices: {cfg.devices} is implemented for transformers-native models; ChatGLM-6B's "
+                         "prefix lives inside its remote-code model, which ptune trains on one GPU: set train.devices: 1")
     if cfg.devices > 1 and not multiprocess.in_worker():
         return {**multiprocess.launch("train", params, cfg.devices)[0], "devices": cfg.devices}
 
@@ -166,12 +158,9 @@ def run(params: Params) -> dict:
                          "launch the processes itself")
     dtype = DTYPES[cfg.precision]
     # The frozen base in the compute dtype on a GPU (half the memory); on the CPU it stays fp32 under autocast.
-    model = load_frozen(BASE, dev, dtype=dtype if dev.type == "cuda" else torch.float32,
-                        quantization=cfg.quantization)
-    total = assert_frozen(model)
-    encoder = PrefixEncoder(prefix_config_for(model, cfg.pre_seq_len, cfg.prefix_projection,
-                                              cfg.prefix_hidden_size, base_model=str(BASE),
-                                              prefix_dropout=cfg.prefix_dropout)).to(dev)  # fp32 master weights
+    # The prefix, fp32 master weights, is the only trainable module (for chatglm it lives inside the model).
+    model, encoder = backend.load_for_training(BASE, dev, dtype if dev.type == "cuda" else torch.float32, cfg)
+    total = assert_frozen(model, encoder)
     trainable = sum(p.numel() for p in encoder.parameters())
     log.info("trainable parameters: %d of %d (%.4f%%); base frozen", trainable, total + trainable,
              100 * trainable / (total + trainable))
@@ -222,10 +211,10 @@ def run(params: Params) -> dict:
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
-        micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world)
+        micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world, backend.collate)
         samples_since += sum(len(b["input_ids"]) for b in micro_batches) * world
         step_loss = optimizer_step(model, shared, micro_batches, optim, scaler, autocast, cfg.max_grad_norm,
-                                   no_sync=lambda: acc.no_sync(shared))
+                                   no_sync=lambda: acc.no_sync(shared), backend=backend)
         # The mean over ranks (float64: one process keeps its loss bit for bit); every rank checks the same value.
         step_loss = acc.reduce(torch.tensor(step_loss, dtype=torch.float64, device=dev), "mean").item()
         if not math.isfinite(step_loss) or step_loss == 0.0:
@@ -256,7 +245,7 @@ def run(params: Params) -> dict:
 
     if acc.is_main_process:
         with atomic.atomic_dir(OUT) as tmp:
-            encoder.save(tmp)
+            backend.save_prefix(model, encoder, tmp, BASE)
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["step", "loss", "learning_rate", "samples_per_s"])
@@ -268,6 +257,7 @@ def run(params: Params) -> dict:
     per_step = cfg.gradient_accumulation_steps * min(per_device, len(train)) * world
     return {"trainable_parameters": trainable, "total_parameters": total + trainable, "resumed_from_step": start,
             "precision": cfg.precision, "quantization": cfg.quantization, "device": str(dev),
+            "backend": backend.name, "transformers": transformers.__version__,
             "device_name": device_info.device_name(dev),
             "effective_batch": global_batch * cfg.gradient_accumulation_steps,
             "steps": cfg.max_steps, "samples_seen": cfg.max_steps * per_step,

@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .. import prefixed
+from .. import backends
 from ..bundle import Bundle
 from ..config import GenerationConfig
-from ..generation import generation_kwargs, left_pad
+from ..errors import PtuneError
+from ..generation import generation_kwargs
 from ..model import device, load_frozen, load_tokenizer
 from ..preprocess import format_prompt
 
@@ -66,6 +67,14 @@ def context_length(config) -> int:
         if isinstance(getattr(config, key, None), int):
             return getattr(config, key)
     return 2048
+
+
+def _prefix_length(bundle: Bundle) -> int:
+    """Positions the prefix takes: ptune's prefix says in its config, ChatGLM-6B's in the model's."""
+    if bundle.encoder is None:
+        return 0
+    config = getattr(bundle.encoder, "config", None) or bundle.model.config
+    return config.pre_seq_len
 
 
 @dataclass(frozen=True)
@@ -139,8 +148,9 @@ class Engine:
         self.max_pending = max_pending
         self.defaults = bundle.generation
         self.default_seed: int | None = None
+        self.backend = bundle.backend or backends.native()  # tokenizes and generates as the stages did
         self.context_length = context_length(bundle.model.config)
-        self.prefix_length = bundle.encoder.config.pre_seq_len if bundle.encoder is not None else 0
+        self.prefix_length = _prefix_length(bundle)
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -150,7 +160,7 @@ class Engine:
     def from_bundle(cls, directory: str | Path, base_only: bool = False, max_pending: int = 32) -> "Engine":
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone."""
         bundle = Bundle.load(directory, with_prefix=not base_only)
-        what = "base model alone" if base_only else f"P-tuned, prefix of {bundle.encoder.config.pre_seq_len} tokens"
+        what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
         return cls(bundle, "ptune-base" if base_only else "ptune",
                    f"bundle `{directory}` ({what})", max_pending)
 
@@ -158,6 +168,9 @@ class Engine:
     def from_model(cls, directory: str | Path, prompt_template: str, generation: GenerationConfig,
                    max_pending: int = 32) -> "Engine":
         """A plain transformers model directory (e.g. models/base before any deploy), no prefix."""
+        if backends.needs_legacy_env(Path(directory)):
+            raise PtuneError(f"{directory}: a ChatGLM-6B base (backend chatglm) is served from its deploy bundle; "
+                             "use --bundle models/deploy --base-only for the base alone")
         model = load_frozen(directory, device())
         generation = GenerationConfig(generation.max_new_tokens, generation.do_sample, generation.top_p,
                                       generation.temperature)
@@ -199,7 +212,7 @@ class Engine:
 
     def _encode(self, text: str) -> list[int]:
         with self._tokenize_lock:
-            return self.bundle.tokenizer(text, add_special_tokens=False)["input_ids"]
+            return self.backend.encode_prompt(self.bundle.tokenizer, text)
 
     def prompt_ids(self, query: str, history: History, max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the prompt and how many of the latest history rounds fit the context with the answer.
@@ -255,10 +268,9 @@ class Engine:
                 kwargs = generation_kwargs(config, bundle.tokenizer)
                 kwargs.update(streamer=reply._streamer,
                               stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)]))
-                input_ids, mask = left_pad([ids], bundle.tokenizer.pad_token_id, bundle.model.device)
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
-                new = prefixed.generate(bundle.model, bundle.encoder, input_ids, mask, kwargs)[0].tolist()
+                new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
             eos = bundle.tokenizer.eos_token_id
             reply.completion_tokens = len(new)
             reply.text = bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
