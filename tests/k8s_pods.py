@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 from snakemake.api import SnakemakeApi
+from snakemake.settings.enums import Quietness
 from snakemake.settings.types import (DAGSettings, ExecutionSettings, GroupSettings, OutputSettings,
                                       RemoteExecutionSettings, ResourceSettings, SchedulingSettings, StorageSettings)
 from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
@@ -38,7 +39,7 @@ def pod_commands(project_root: Path, store: Path, envvars: list[str]) -> tuple[d
     cwd = os.getcwd()
     os.chdir(project_root)
     try:
-        with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             storage = StorageSettings(default_storage_provider="fs", default_storage_prefix=str(store),
                                       shared_fs_usage=frozenset())
             workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1), storage_settings=storage,
@@ -54,7 +55,7 @@ def pod_commands(project_root: Path, store: Path, envvars: list[str]) -> tuple[d
             workflow._prepare_dag(forceall=True, ignore_incomplete=False, lock_warn_only=False, nolock=True)
             workflow._build_dag()
             workflow.upload_sources()
-            executor = NoApiExecutor(workflow, workflow.logger if hasattr(workflow, "logger") else _logger())
+            executor = NoApiExecutor(workflow, _logger())
             try:
                 return ({job.rule.name: executor.format_job_exec(job) for job in workflow.dag.jobs},
                         executor.envvars())
@@ -75,3 +76,13 @@ def run_pod(command: str, workdir: Path, env: dict[str, str], timeout: int = 300
     workdir.mkdir(parents=True)
     return subprocess.run(["/bin/sh", "-c", PIP_STEP.sub("", command)], cwd=workdir, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+if __name__ == "__main__":
+    # `python k8s_pods.py PROJECT STORE VAR...`: the commands and pod environment as JSON, computed in a process of
+    # their own (Snakemake's API changes directory and global state).
+    import json
+    import sys
+
+    commands, pod_env = pod_commands(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])
+    print(json.dumps({"commands": commands, "env": pod_env}))
