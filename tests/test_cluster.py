@@ -8,6 +8,7 @@ pods.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -80,6 +81,8 @@ def test_kubernetes_profile_parses_and_asks_for_nvidia_gpus(dry_project):
     # of the profile (the plugin's settings included) and stops at the one thing pods need and do not have here.
     storage = {"default-storage-provider", "default-storage-prefix"}
     no_storage = {k: v for k, v in profile.items() if k not in storage}
+    # The profile's envvars (credentials the pods get) must be set where Snakemake starts.
+    dry_project.env = {**dry_project.env, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     proc = dry_project.run("snakemake", "--profile", _derived_profile(dry_project, "k8s", no_storage), "-n",
                            "report", check=False)
     assert proc.returncode == 1 and "default storage provider" in proc.stdout + proc.stderr, proc
@@ -89,6 +92,14 @@ def test_kubernetes_profile_parses_and_asks_for_nvidia_gpus(dry_project):
     for name in ("train", "evaluate"):
         assert rules[name]["gpu"] == "1" and rules[name]["gpu_manufacturer"] == "nvidia", rules[name]
     assert rules["train"]["mem_mb"] == str(_dvc_yaml_resources()["train"]["mem_mb"])
+    # With a default storage (a directory here, S3 in the profile), each rule's one output is the stage's record.
+    if importlib.util.find_spec("snakemake_storage_plugin_fs"):
+        fs = {**local, "default-storage-provider": "fs", "default-storage-prefix": str(dry_project.root / ".s")}
+        out = dry_project.run("snakemake", "--profile", _derived_profile(dry_project, "k8s-fs", fs), "-n",
+                              "report").stdout
+        outputs = re.findall(r"^\s+output: (.*)$", out, re.M)
+        assert len(outputs) == len(STAGES) and all(re.search(r"\.ptune/pods/\w+/\w+\.lock\.yaml", o)
+                                                   for o in outputs), out
 
 
 @pytest.fixture(scope="module")
