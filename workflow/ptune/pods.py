@@ -65,12 +65,24 @@ def _check_remote() -> None:
     if info.name is None:
         raise PtuneError(".dvc/config: no default DVC remote. Jobs without a shared filesystem hand their results "
                          "on through it: `dvc remote add -d store s3://BUCKET/ptune` (README, \"Cluster\")")
-    url = str(info.url)
+    url = _written_url(info.name) or str(info.url)
     if info.local_path is not None and not Path(url.removeprefix("file://")).is_absolute():
         raise PtuneError(f".dvc/config: the default DVC remote '{info.name}' is the relative directory '{url}', "
                          "which in a pod lies on the pod's own disk and vanishes with it. Use storage every pod "
                          "reaches: `dvc remote add -d -f store s3://BUCKET/ptune`, or the absolute path of a "
                          "volume mounted in every pod (the profile's kubernetes-persistent-volumes)")
+
+
+def _written_url(name: str) -> str | None:
+    """The remote's url as the config files spell it (DVC resolves a relative directory to an absolute path)."""
+    from configobj import ConfigObj
+
+    for path in (Path(".dvc/config.local"), Path(".dvc/config")):
+        if path.is_file():
+            url = ConfigObj(str(path)).get(f'remote "{name}"', {}).get("url")
+            if url:
+                return url
+    return None
 
 
 def _dvc(*args: str) -> None:
