@@ -19,6 +19,7 @@ from ptune import config as ptune_config
 # name, the same messages `ptune` and `dvc repro` give (Snakemake's configfile parser names neither).
 ptune_config.load("params.yaml")
 from ptune.remote import check_survival, push_each_stage
+from ptune import pods
 
 configfile: "params.yaml"
 report: "workflow/report/workflow.rst"
@@ -63,12 +64,35 @@ if _missing:
                         "to its deps so that `snakemake report` covers the whole pipeline")
 
 
+def _producers(name):
+    """The stages whose outputs `name` reads directly."""
+    deps = set(_paths(DVC_STAGES[name].get("deps")))
+    return [other for other, stage in DVC_STAGES.items()
+            if deps & {p for kind in ("outs", "metrics", "plots") for p in _paths(stage.get(kind))}]
+
+
 # PTUNE_PUSH_EACH_STAGE=1: each rule also pushes its stage's outputs (and the run-cache) to the DVC remote as soon
 # as the stage is done, so that an instance stopped mid-run loses at most the stage that was running. Off by
 # default. An environment variable, not a param: params are part of the stages' hashes.
 _PUSH = " && dvc --wait-for-lock push --run-cache {params.stage}" if push_each_stage() else ""
 
+# Jobs with no shared filesystem (Kubernetes): Snakemake would move each rule's files through its default storage,
+# but a stage's data lives in DVC, and the DVC remote is the storage the jobs share (ptune/pods.py). So the rules
+# declare only a small record per stage, keyed by dvc.yaml + params.yaml, and each job runs `ptune pod-stage`:
+# `dvc repro --pull` from the remote, `dvc push --run-cache`, and the stage's dvc.lock entry into the record.
+_NO_SHARED_FS = workflow.storage_settings.default_storage_provider is not None
+_KEY = pods.run_key() if _NO_SHARED_FS else None
+
 for _name, _stage in DVC_STAGES.items():
+    if _NO_SHARED_FS:
+        rule:
+            name: _name
+            input: [pods.record_path(_KEY, up) for up in _producers(_name)]
+            output: pods.record_path(_KEY, _name)
+            params: stage=_name
+            resources: **_stage.get("meta", {}).get("resources", {})
+            shell: "ptune pod-stage {params.stage} {output}"
+        continue
     rule:
         name: _name
         # params.yaml is an input of every rule: on a fresh clone Snakemake has no record of params, and a

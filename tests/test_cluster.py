@@ -1,17 +1,25 @@
 """The cluster profiles: resources from dvc.yaml into the rules, and a real one-node Slurm running the pipeline.
 
-Kubernetes has no cluster here: its profile is only parsed and dry-run. The Slurm run is slow (every stage is a
-Slurm job); the default suite dry-runs both profiles.
+Kubernetes has no cluster here: its profile is parsed and dry-run, and the commands its pods would run (built by
+Snakemake's and the plugin's own code) run for real, each in an empty directory that holds only what a pod gets.
+The Slurm run and the whole pipeline through pods are slow; the default suite dry-runs both profiles and runs two
+pods.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from conftest import REPO, STAGES, make_project
+from k8s_pods import run_pod
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 # The outputs that are not byte-stable by design (timings, throughput, latency; see README).
@@ -73,6 +81,8 @@ def test_kubernetes_profile_parses_and_asks_for_nvidia_gpus(dry_project):
     # of the profile (the plugin's settings included) and stops at the one thing pods need and do not have here.
     storage = {"default-storage-provider", "default-storage-prefix"}
     no_storage = {k: v for k, v in profile.items() if k not in storage}
+    # The profile's envvars (credentials the pods get) must be set where Snakemake starts.
+    dry_project.env = {**dry_project.env, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     proc = dry_project.run("snakemake", "--profile", _derived_profile(dry_project, "k8s", no_storage), "-n",
                            "report", check=False)
     assert proc.returncode == 1 and "default storage provider" in proc.stdout + proc.stderr, proc
@@ -82,6 +92,14 @@ def test_kubernetes_profile_parses_and_asks_for_nvidia_gpus(dry_project):
     for name in ("train", "evaluate"):
         assert rules[name]["gpu"] == "1" and rules[name]["gpu_manufacturer"] == "nvidia", rules[name]
     assert rules["train"]["mem_mb"] == str(_dvc_yaml_resources()["train"]["mem_mb"])
+    # With a default storage (a directory here, S3 in the profile), each rule's one output is the stage's record.
+    if importlib.util.find_spec("snakemake_storage_plugin_fs"):
+        fs = {**local, "default-storage-provider": "fs", "default-storage-prefix": str(dry_project.root / ".s")}
+        out = dry_project.run("snakemake", "--profile", _derived_profile(dry_project, "k8s-fs", fs), "-n",
+                              "report").stdout
+        outputs = re.findall(r"^\s+output: (.*)$", out, re.M)
+        assert len(outputs) == len(STAGES) and all(re.search(r"\.ptune/pods/\w+/\w+\.lock\.yaml", o)
+                                                   for o in outputs), out
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +154,97 @@ def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, 
     cloud = project.run("dvc", "status", "--cloud").stdout
     assert "in sync" in cloud, cloud
 
+
+
+class Pods:
+    """A project as a user submits it to Kubernetes, the commands its pods get, and where their files go."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root = root
+        self.project = make_project(root / "project", env)
+        # The DVC remote the pods share: an absolute directory stands in for the bucket (or a volume every pod
+        # mounts). Committed, as a user commits it: the pods get .dvc/config from the sources archive.
+        self.remote = root / "dvc-remote"
+        self.project.run("dvc", "remote", "add", "-d", "-f", "shared", str(self.remote))
+        self.project.run("git", "commit", "-qam", "the shared DVC remote")
+        self.store = root / "snakemake-storage"  # Snakemake's default storage (an S3 bucket on a real cluster)
+        out = subprocess.run([sys.executable, str(Path(__file__).parent / "k8s_pods.py"), str(self.project.root),
+                              str(self.store), "DVC_NO_ANALYTICS"], cwd=self.project.root, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        found = json.loads(out.stdout.strip().splitlines()[-1])
+        self.commands, self.pod_env = found["commands"], found["env"]
+        # The image's environment (the venv on PATH) plus what the plugin passes through its secret.
+        self.env = {**env, **self.pod_env}
+        self.count = 0
+
+    def run(self, stage: str) -> Path:
+        self.count += 1
+        workdir = self.root / "pods" / f"{self.count}-{stage}"
+        proc = run_pod(self.commands[stage], workdir, self.env)
+        assert proc.returncode == 0, f"pod {stage}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        return workdir
+
+    def record(self, stage: str) -> dict:
+        found = list(self.store.glob(f".ptune/pods/*/{stage}.lock.yaml"))
+        assert len(found) == 1, found
+        return yaml.safe_load(found[0].read_text())[stage]
+
+    def on_remote(self, md5: str) -> bool:
+        return (self.remote / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+
+def _executed(workdir: Path) -> list[str]:
+    from ptune.stagelog import executed_stages
+
+    return executed_stages(workdir / ".ptune" / "stage.log")
+
+
+@pytest.fixture(scope="module")
+def pods(tmp_path_factory, env):
+    for plugin in ("snakemake_executor_plugin_kubernetes", "snakemake_storage_plugin_fs"):
+        pytest.importorskip(plugin, reason="pip install -e '.[test]' (Python >= 3.11)")
+    return Pods(tmp_path_factory.mktemp("k8s"), env)
+
+
+def test_kubernetes_pod_gets_the_sources_pushes_its_stage_and_a_later_pod_restores_it(pods):
+    assert set(pods.commands) == set(STAGES)
+    assert all("--deploy-sources" in c and "--mode 'remote'" in c for c in pods.commands.values())
+    assert pods.pod_env == {"DVC_NO_ANALYTICS": "1"}  # only what --envvars names reaches a pod
+
+    first = pods.run("fetch_data")
+    assert not (first / ".git").exists() and (first / "dvc.lock").is_file()  # the archive: tracked files, no git
+    assert _executed(first) == ["fetch_data"]
+    record = pods.record("fetch_data")  # the rule's output, in Snakemake's storage: the stage's dvc.lock entry
+    outs = [out for out in record["outs"]]
+    assert {out["path"] for out in outs} == {"data/raw", "reports/timings/fetch_data.json"}
+    assert all(pods.on_remote(out["md5"]) for out in outs), outs  # pushed, with the run-cache
+
+    # Another pod (a retry, or the same stage in a later run) restores the stage from the remote: nothing runs.
+    second = pods.run("fetch_data")
+    assert _executed(second) == []
+    assert (second / "data/raw/train.json").read_bytes() == (first / "data/raw/train.json").read_bytes()
+
+    # The submitting side: its dvc.lock is the one it submitted; DVC restores the stage and writes the lock.
+    pods.project.clear_log()
+    pods.project.run("dvc", "repro", "--pull", "fetch_data")
+    assert pods.project.executed() == []
+    assert "up to date" in pods.project.run("dvc", "status", "fetch_data").stdout
+
+
+@pytest.mark.slow
+def test_kubernetes_pods_run_the_pipeline_each_its_own_stage_with_the_outputs_of_a_local_run(pods, pipeline_run):
+    for stage in STAGES:  # dvc.yaml's order is a topological order; each pod starts empty
+        workdir = pods.run(stage)
+        assert _executed(workdir) in ([stage], []), (stage, _executed(workdir))  # fetch_data ran above
+        assert all(pods.on_remote(out["md5"]) for out in pods.record(stage)["outs"]), stage
+    project = pods.project
+    project.clear_log()
+    project.run("dvc", "repro", "--pull", "report")
+    assert project.executed() == []
+    assert "up to date" in project.run("dvc", "status").stdout
+    mine, local = _out_hashes(project), _out_hashes(pipeline_run)
+    # The report made in a pod names no git commit (a pod has no .git), so it differs from a local run's there.
+    stable = [rel for rel in mine if not rel.startswith(NOT_BYTE_STABLE + ("reports/report.",))]
+    assert {rel for rel in stable if mine[rel] != local[rel]} == set()
+    assert {"models/ptuning", "models/deploy", "reports/metrics.json"} <= set(stable)

@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
     sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
     _add_state_commands(sub)
+    pod = sub.add_parser("pod-stage", help="run one stage as a job with no shared filesystem (the Kubernetes "
+                                           "profile's rules): pull, repro, push to the DVC remote",
+                         description="What each job of `snakemake --profile profiles/kubernetes` runs: `dvc repro "
+                                     "--pull STAGE` from the shared DVC remote, `dvc push --run-cache STAGE`, and "
+                                     "the stage's dvc.lock entry written to RECORD.")
+    pod.add_argument("stage", choices=STAGES)
+    pod.add_argument("record", help="where to write the stage's dvc.lock entry (the rule's output)")
     serve_commands.add_parsers(sub)
     compare = sub.add_parser("compare", help="compare DVC experiments: params, scores, training curves",
                              description="Compare DVC experiments (`dvc exp run -S train.pre_seq_len=8`): a table "
@@ -186,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args.params)
         elif args.command in ("serve", "chat"):
             return serve_commands.run(args)
+        elif args.command == "pod-stage":
+            from pathlib import Path
+
+            from . import pods
+
+            pods.run(args.stage, Path(args.record))
         elif args.command == "compare":
             from pathlib import Path
 
