@@ -38,8 +38,12 @@ def _outputs(stage):
     in_report = stage.get("meta", {}).get("report", {})
     for kind in ("outs", "metrics", "plots"):
         for path in _paths(stage.get(kind)):
-            # update(): Snakemake must not delete outputs before the job; DVC decides to keep, restore or rerun.
-            output = update(path if Path(path).suffix else directory(path))
+            # Plain outputs, which Snakemake removes before a job runs: `dvc repro` then restores an unchanged stage
+            # from DVC's cache or run-cache (links, no copy) or reruns it. update() would keep them, but after a
+            # failed job it copies the old outputs back and records the job as done with the new params, so the
+            # next run skipped a stage that DVC still saw as changed (and it copied every directory output, a
+            # 13 GB model included, as a backup before each job).
+            output = path if Path(path).suffix else directory(path)
             # report(): Snakemake's own report (`snakemake --report FILE`) includes the outputs that dvc.yaml
             # lists under the stage's meta.report, with the options given there (category, labels, ...).
             yield report(output, **in_report[path]) if path in in_report else output

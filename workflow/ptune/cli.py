@@ -194,14 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("serve", "chat"):
             return serve_commands.run(args)
         elif args.command == "pod-stage":
-            from pathlib import Path
-
             from . import pods
 
             pods.run(args.stage, Path(args.record))
         elif args.command == "compare":
-            from pathlib import Path
-
             from . import compare
 
             print(compare.run(args.experiments, Path(args.out)))
