@@ -163,12 +163,14 @@ def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and
     assert f"{repo}@{absent} is not in the ModelScope cache" in missing and "MODELSCOPE_ENDPOINT" in missing
 
 
-def test_a_model_folder_missing_a_shard_its_index_names_is_refused(tmp_path):
-    """What a download cut short leaves (config.json and some shards): named, not taken for a model."""
+def test_a_model_folder_without_weights_or_missing_a_shard_its_index_names_is_refused(tmp_path):
+    """What a download cut short leaves (config.json, some shards or none): named, not taken for a model."""
     from ptune.errors import PtuneError
     from ptune.fetch_weights import check_model_dir
 
     (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(PtuneError, match=r"has a config.json but no weights \(\*.safetensors or \*.bin\)"):
+        check_model_dir(tmp_path, "fetch_weights.repo x")
     shards = {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {f"layer.{i}": name for i, name in enumerate(sorted(shards))}}))

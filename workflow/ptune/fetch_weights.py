@@ -28,10 +28,13 @@ OUT = Path("models/base")
 
 
 def check_model_dir(folder: Path, what: str) -> None:
-    """A transformers model folder with real content: config.json present, every weight shard its index names
-    present (a download cut short leaves some out), no LFS pointer files."""
+    """A transformers model folder with real content: config.json and weights present, every weight shard its index
+    names present (a download cut short leaves some out), no LFS pointer files."""
     if not (folder / "config.json").is_file():
         raise PtuneError(f"{what}: {folder} has no config.json; is it a transformers model directory?")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise PtuneError(f"{what}: {folder} has a config.json but no weights (*.safetensors or *.bin); the download "
+                         "did not finish, or the folder holds only the configuration: fetch it again")
     for index in sorted(folder.glob("*.index.json")):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
