@@ -144,7 +144,8 @@ def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and
         project.run("ptune", "fetch_weights")
         assert {k: v for k, v in _files(base).items() if k != "ptune_source.json"} == model
         assert json.loads((base / "ptune_source.json").read_text()) == {
-            "source": "modelscope", "repo": repo, "revision": COMMIT}
+            "source": "modelscope", "backend": "transformers", "trust_remote_code": False, "allow_pickle": False,
+            "repo": repo, "revision": COMMIT}
         # Every request went to the endpoint set, for the pinned revision only: the listing, then each file once.
         asked = [path for path, _ in hub.requests if path.startswith(f"/api/v1/models/{repo}/")]
         assert len(asked) == 1 + len(model) and all(f"Revision={COMMIT}&" in path for path in asked)
