@@ -9,9 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FileServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, files: dict[str, bytes], drops: int = 0):
+    def __init__(self, files: dict[str, bytes], drops: int = 0, not_found: bytes | None = None):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files = files  # URL path -> content
+        self.not_found = not_found  # a JSON body for 404s, as an API answers them (else a plain HTML error page)
         self.drops = drops  # this many downloads are cut off half-way
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.lock = threading.Lock()
@@ -42,6 +43,13 @@ class _Handler(BaseHTTPRequestHandler):
             drop = self.server.drops > 0
             self.server.drops -= drop
         data = self.server.files.get(self.path)
+        if data is None and self.server.not_found is not None:
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(self.server.not_found)))
+            self.end_headers()
+            self.wfile.write(self.server.not_found)
+            return
         if data is None:
             self.send_error(404, "Not Found")
             return

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import pytest
 
 from conftest import SHARED_ADGEN
@@ -16,6 +19,18 @@ def test_reads_the_real_adgen_dev_split_unchanged():
     examples = adgen.read(dev)
     assert len(examples) == 1070
     assert examples[0]["content"].startswith("类型#上衣*材质#牛仔布")
+
+
+def test_the_shared_sample_is_the_one_its_readme_describes():
+    """The tests that read ../shared/data/adgen/ rely on these being the files its README names (lines, sha256)."""
+    readme = SHARED_ADGEN / "README.md"
+    if not readme.is_file():
+        pytest.skip(f"{readme} is absent (the shared ADGEN sample is provided beside the repository)")
+    rows = re.findall(r"^\| ([\w.-]+\.json) \| (\d+) \| ([0-9a-f]{64}) \|", readme.read_text(encoding="utf-8"), re.M)
+    assert {name for name, _, _ in rows} == {"dev.json", "train-first5000.json"}
+    for name, lines, sha256 in rows:
+        data = (SHARED_ADGEN / name).read_bytes()
+        assert (hashlib.sha256(data).hexdigest(), data.count(b"\n")) == (sha256, int(lines)), name
 
 
 def test_round_trip_is_byte_identical(tmp_path):

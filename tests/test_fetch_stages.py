@@ -4,6 +4,8 @@ ends in the same checked folder; pointer-only clones, busy folders and missing h
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import yaml
 
 from conftest import REPO, make_project
 from lfs_stand_in import make_lfs_repo
+import modelscope_stand_in
 from ptune.sources import lfs_pointer, lock
 
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"
@@ -99,6 +102,86 @@ def test_hf_hub_source_works_offline_from_a_filled_cache(pipeline_run, project, 
     project.set_param("fetch_weights.revision", "f" * 40)
     proc = project.run("ptune", "fetch_weights", check=False)
     assert proc.returncode == 2 and "is not in the Hugging Face cache" in proc.stderr and "HF_ENDPOINT" in proc.stderr
+
+
+# What the source says for each revision, as `ptune fetch_weights` would say it (PtuneError), or the folder it gives.
+_MODELSCOPE_OUTCOMES = """
+import sys
+from ptune.errors import PtuneError
+from ptune.sources import hub
+for revision in sys.argv[2:]:
+    try:
+        print("FOLDER", hub.modelscope(sys.argv[1], revision))
+    except PtuneError as exc:
+        print("ERROR", exc)
+"""
+
+
+def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and_falls_back_to_its_cache(
+        pipeline_run, project, tmp_path):
+    """The real modelscope.snapshot_download against a stand-in of the hub on 127.0.0.1 (MODELSCOPE_ENDPOINT)."""
+    pytest.importorskip("modelscope", reason="the modelscope extra is not installed (`pip install -e '.[modelscope]'`, "
+                                             "which the test extra includes)")
+    model = _files(pipeline_run.root / "models" / "base")
+    model.pop("ptune_source.json")
+    repo, absent = "ptune/tiny-glm", "c" * 40
+    base = project.root / "models" / "base"
+    project.set_param("fetch_weights.source", "modelscope")
+    project.set_param("fetch_weights.repo", repo)
+    project.set_param("fetch_weights.revision", COMMIT)
+    # One listing attempt, not four with back-off, when the hub is out of reach (only to keep the test short).
+    env = {**project.env, "MODELSCOPE_CACHE": str(tmp_path / "ms-cache"), "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": "1"}
+
+    def outcomes(*revisions: str) -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", _MODELSCOPE_OUTCOMES, repo, *revisions], env=project.env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return [line for line in proc.stdout.splitlines() if line.startswith(("FOLDER", "ERROR"))]
+
+    with modelscope_stand_in.serve(modelscope_stand_in.routes(repo, COMMIT, model)) as hub:
+        endpoint = hub.url("")
+        project.env = {**env, "MODELSCOPE_ENDPOINT": endpoint}
+        project.run("ptune", "fetch_weights")
+        assert {k: v for k, v in _files(base).items() if k != "ptune_source.json"} == model
+        assert json.loads((base / "ptune_source.json").read_text()) == {
+            "source": "modelscope", "backend": "transformers", "trust_remote_code": False, "allow_pickle": False,
+            "repo": repo, "revision": COMMIT}
+        # Every request went to the endpoint set, for the pinned revision only: the listing, then each file once.
+        asked = [path for path, _ in hub.requests if path.startswith(f"/api/v1/models/{repo}/")]
+        assert len(asked) == 1 + len(model) and all(f"Revision={COMMIT}&" in path for path in asked)
+
+        [missing] = outcomes(absent)
+        assert missing.startswith(f"ERROR fetch_weights.repo: {repo}@{absent} from ModelScope ({endpoint})")
+        assert "[404]" in missing and "Check the id and the revision" in missing
+
+    # The hub out of reach: the pinned revision comes from the cache it filled, with a warning; another fails.
+    (base / "ptune_source.json").unlink()
+    proc = project.run("ptune", "fetch_weights")
+    assert "cannot be reached; using the cached snapshot" in proc.stderr
+    assert {k: v for k, v in _files(base).items() if k != "ptune_source.json"} == model
+    assert json.loads((base / "ptune_source.json").read_text())["revision"] == COMMIT
+    [missing] = outcomes(absent)
+    assert f"{repo}@{absent} is not in the ModelScope cache" in missing and "MODELSCOPE_ENDPOINT" in missing
+
+
+def test_a_model_folder_without_weights_or_missing_a_shard_its_index_names_is_refused(tmp_path):
+    """What a download cut short leaves (config.json, some shards or none): named, not taken for a model."""
+    from ptune.errors import PtuneError
+    from ptune.fetch_weights import check_model_dir
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(PtuneError, match=r"has a config.json but no weights \(\*.safetensors or \*.bin\)"):
+        check_model_dir(tmp_path, "fetch_weights.repo x")
+    shards = {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {f"layer.{i}": name for i, name in enumerate(sorted(shards))}}))
+    for name in sorted(shards)[:2]:
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(PtuneError, match=r"model.safetensors.index.json names 1 weight file\(s\) missing .*"
+                                         r"model-00003-of-00003.safetensors; the download did not finish"):
+        check_model_dir(tmp_path, "fetch_weights.repo x")
+    (tmp_path / "model-00003-of-00003.safetensors").write_bytes(b"x")
+    check_model_dir(tmp_path, "fetch_weights.repo x")
 
 
 def test_modelscope_source_without_its_package_says_how_to_install_it(project):

@@ -28,9 +28,24 @@ OUT = Path("models/base")
 
 
 def check_model_dir(folder: Path, what: str) -> None:
-    """A transformers model folder with real content: config.json present, no LFS pointer files."""
+    """A transformers model folder with real content: config.json and weights present, every weight shard its index
+    names present (a download cut short leaves some out), no LFS pointer files."""
     if not (folder / "config.json").is_file():
         raise PtuneError(f"{what}: {folder} has no config.json; is it a transformers model directory?")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise PtuneError(f"{what}: {folder} has a config.json but no weights (*.safetensors or *.bin); the download "
+                         "did not finish, or the folder holds only the configuration: fetch it again")
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
+        except (ValueError, AttributeError) as exc:
+            raise PtuneError(f"{what}: {index} is not a weight index (JSON with a weight_map): {exc}; "
+                             "fetch the model again") from None
+        missing = sorted(name for name in shards if not (folder / name).is_file())
+        if missing:
+            raise PtuneError(f"{what}: {index.name} names {len(missing)} weight file(s) missing from {folder}: "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; the download did "
+                             "not finish: fetch again with the hub reachable")
     require_no_pointers(folder, what)
 
 
