@@ -266,6 +266,8 @@ def test_backend_must_fit_the_model(tmp_path, env, tiny_chatglm):
     assert not (project.root / "models/base").exists()
 
 
+# Slow: a check of bench/legacy_gpu.py, not of the pipeline.
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_dry_run_on_transformers_5():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "legacy_gpu.py"), "--dry-run"], capture_output=True,
                           text=True, timeout=600)

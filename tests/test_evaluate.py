@@ -29,7 +29,9 @@ def _kill_after_batches(project, n_batches: int) -> int:
     return done
 
 
-@pytest.mark.parametrize("do_sample", ["false", "true"], ids=["greedy", "sampling"])
+# Sampling too (seeded per batch), in the slow suite: the default suite's 2-process evaluation resumes as well.
+@pytest.mark.parametrize("do_sample", ["false", pytest.param("true", marks=pytest.mark.slow)],
+                         ids=["greedy", "sampling"])
 def test_killed_evaluation_resumes_to_identical_outputs(ran_project, do_sample):
     p = ran_project
     p.set_param("evaluate.do_sample", do_sample)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 
@@ -179,6 +181,8 @@ def _commit_pipeline_state(project) -> None:
     project.run("git", "commit", "-q", "-m", "pipeline run")
 
 
+# Slow: it recomputes the whole pipeline; restoring without recomputing is the default suite's (test_survival.py).
+@pytest.mark.slow
 def test_fresh_clone_with_lock_but_no_remote_data_recomputes(ran_project, tmp_path):
     _commit_pipeline_state(ran_project)
     # A clone in another directory: its default remote (a sibling directory) is empty.

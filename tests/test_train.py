@@ -25,6 +25,8 @@ def _long_training(project) -> None:
     project.set_param("train.prefix_dropout", 0.1)  # so that resuming must restore the RNG too
 
 
+# Slow: the default suite kills training through tests/test_faults.py (seeded) and test_parallel.py.
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_checkpoint(ran_project):
     p = ran_project
     _long_training(p)

@@ -129,6 +129,11 @@ def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]
 class BodyLimit:
     """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses it."""
 
+    # The rest of a refused body is read and dropped up to this many bytes before the 413 goes out: a server that
+    # closes with unread bytes resets the connection, and the client then loses the answer (or gets a broken pipe
+    # while still sending). Past it the connection is cut, as for any abuse.
+    DRAIN_BYTES = 64 << 20
+
     def __init__(self, app, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
@@ -138,15 +143,18 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send, more=True)
         seen = 0
 
         class TooLarge(Exception):
             pass
 
+        last = {}
+
         async def counted():
-            nonlocal seen
+            nonlocal seen, last
             message = await receive()
+            last = message
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
@@ -156,9 +164,14 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except TooLarge:
-            await self._too_large(scope, receive, send)
+            await self._too_large(scope, receive, send, more=last.get("more_body", False))
 
-    async def _too_large(self, scope, receive, send):
+    async def _too_large(self, scope, receive, send, more: bool):
+        dropped = 0
+        while more and dropped <= self.DRAIN_BYTES:
+            message = await receive()
+            dropped += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
         response = error_response(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large")
         await response(scope, receive, send)
 
