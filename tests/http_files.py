@@ -6,28 +6,39 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class FileServer(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """A threaded HTTP server on a free 127.0.0.1 port, serving while its `with` block runs."""
+
     daemon_threads = True
 
-    def __init__(self, files: dict[str, bytes], drops: int = 0, not_found: bytes | None = None):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.files = files  # URL path -> content
-        self.not_found = not_found  # a JSON body for 404s, as an API answers them (else a plain HTML error page)
-        self.drops = drops  # this many downloads are cut off half-way
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        super().__init__(("127.0.0.1", 0), handler)
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def __enter__(self) -> "FileServer":
+    def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
         self.server_close()
+
+
+class FileServer(LoopbackServer):
+    def __init__(self, files: dict[str, bytes], drops: int = 0, not_found: bytes | None = None):
+        super().__init__(_Handler)
+        self.files = files  # URL path -> content
+        self.not_found = not_found  # a JSON body for 404s, as an API answers them (else a plain HTML error page)
+        self.drops = drops  # this many downloads are cut off half-way
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+
+    def url(self, path: str) -> str:
+        return self.origin + path
 
 
 class _Handler(BaseHTTPRequestHandler):

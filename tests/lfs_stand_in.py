@@ -8,10 +8,11 @@ import hashlib
 import json
 import random
 import subprocess
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from http_files import LoopbackServer
 
 
 @dataclass
@@ -56,28 +57,16 @@ def make_lfs_repo(root: Path, env: dict, lfs_url: str | None = None) -> LfsRepo:
     return LfsRepo(remote.as_uri(), _run(src, env, "git", "rev-parse", "HEAD"), files, remote)
 
 
-class LfsServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class LfsServer(LoopbackServer):
     def __init__(self, objects: dict[str, bytes], drops: int = 0):
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(_Handler)
         self.objects = objects  # oid -> content
         self.drops = drops  # this many object downloads are cut off half-way
         self.ranges: list[str | None] = []  # the Range header of each object download
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/lfs"
-
-    def __enter__(self) -> "LfsServer":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-        self.server_close()
+        return f"{self.origin}/lfs"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -88,7 +77,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        base = f"http://127.0.0.1:{self.server.server_address[1]}/objects"
+        base = f"{self.server.origin}/objects"
         objects = []
         for obj in request["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}

@@ -192,6 +192,7 @@ def test_a_reference_checkpoint_is_evaluated_and_served_in_place_of_ours(chatglm
     assert project.executed() == ["evaluate", "deploy", "report"]
     bundle = project.root / "models/deploy"
     assert (bundle / "prefix/pytorch_model.bin").is_file()
+    assert (bundle / "prefix/model.safetensors").is_file()  # the bundle is served without unpickling
     assert "pre_seq_len 6" in (bundle / "README.md").read_text()
     assert "answer" in json.loads((project.root / "reports/deploy_check.json").read_text())
 
