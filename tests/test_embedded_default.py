@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -21,4 +22,5 @@ def test_default_ptuning_beats_the_base_by_10_rouge_l(tmp_path, env):
     assert metrics["ptuned"]["rouge-l"] >= metrics["base"]["rouge-l"] + 10, metrics
     report = (project.root / "reports/report.md").read_text()
     assert "data:image/png;base64," in report
-    assert report.count("\n| 类型#") == 5  # five samples next to their labels
+    # The 5 best, the 5 worst and 10 random dev examples, each row with its content and label.
+    assert len(re.findall(r"\n\| \d+ \| 类型\\#", report)) == 20
