@@ -78,7 +78,12 @@ def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_
             expect(box).to_be_visible(timeout=60_000)
             expect(page.get_by_text("P-tuned, prefix of 4 tokens")).to_be_visible()
             page.get_by_text("Generation settings").click()
-            page.locator("#seed textarea, #seed input").first.fill(str(seed))
+            seed_box = page.locator("#seed textarea, #seed input").first
+            seed_box.fill(str(seed))
+            # Leave the field, so the page commits the value before the message goes out: on a loaded machine
+            # an answer was once generated with the default seed instead.
+            seed_box.press("Tab")
+            expect(seed_box).to_have_value(str(seed))
             page.evaluate(WATCH_ANSWER)
             bots = page.locator('#conversation [data-testid="bot"]')
 
