@@ -34,8 +34,9 @@ def _weights(folder: Path) -> tuple[list[Path], list[Path]]:
 def _remote_code(folder: Path) -> list[str]:
     """The Python modules config.json's auto_map points at (what trust_remote_code would import)."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    refs = config.get("auto_map", {}).values()
-    return sorted({(ref if isinstance(ref, str) else ref[0]).split(".")[0] + ".py" for ref in refs if ref})
+    # A value is "module.Class", or a [slow, fast] pair of them in which either may be null.
+    refs = [r for ref in config.get("auto_map", {}).values() for r in (ref if isinstance(ref, list) else [ref])]
+    return sorted({r.split(".")[0] + ".py" for r in refs if isinstance(r, str)})
 
 
 def check_folder(folder: Path, *, backend: str, trust_remote_code: bool, allow_pickle: bool, what: str) -> None:
