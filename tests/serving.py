@@ -38,17 +38,9 @@ def _bundle(root: str, base_only: bool):
 @cache
 def reference_answer(root: Path, prompt: str, seed: int, base_only: bool = False,
                      history: tuple[tuple[str, str], ...] = ()) -> str:
-    """The answer the bundle gives in this process (Bundle.answer: no engine, no streamer, no server).
-
-    With `history`, the prompt is ChatGLM2's multi-round format, built here by ptune.serve.engine.chat_prompt.
-    """
-    from ptune.serve.engine import chat_prompt
-
-    bundle = _bundle(str(root), base_only)
-    if history:
-        bundle = dataclasses.replace(bundle, prompt_template="{content}")
-        prompt = chat_prompt(_bundle(str(root), base_only).prompt_template, prompt, history)
-    return bundle.answer(prompt, seed=seed)
+    """The answer the bundle gives in this process (Bundle.answer: no engine, no streamer, no server), with
+    `history` as earlier rounds of the conversation."""
+    return _bundle(str(root), base_only).answer(prompt, seed=seed, history=history)
 
 
 def dev_prompts(root: Path) -> list[str]:

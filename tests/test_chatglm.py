@@ -46,7 +46,10 @@ def chatglm_params(model_dir) -> dict:
     # ChatGLM-6B runs its own code and ships pickles only (as the tiny model does): both opt-ins are needed.
     raw["fetch_weights"].update(source="path", backend="chatglm", path=str(model_dir), trust_remote_code=True,
                                 allow_pickle=True)
-    raw["preprocess"]["prompt_template"] = "{content}"
+    # ChatGLM-6B's own prompt format, as the preset has it (the raw content for single-turn data).
+    raw["preprocess"]["prompt_format"] = "chatglm6b"
+    for key in ("prompt_template", "history_template", "system"):
+        raw["preprocess"].pop(key)
     raw["evaluate"]["do_sample"] = True
     return raw
 
@@ -148,7 +151,8 @@ key = "transformer.prefix_encoder."
 web_demo.transformer.prefix_encoder.load_state_dict({k[len(key):]: v for k, v in state.items() if k.startswith(key)})
 ours, prefix = ChatGLM.load_for_inference(Path("models/base"), Path("models/ptuning"), torch.device("cpu"))
 same = torch.equal(web_demo.transformer.prefix_encoder.embedding.weight, prefix.embedding.weight)
-ids = torch.tensor([ChatGLM.encode_prompt(ChatGLM.load_tokenizer(Path("models/base")), "类型#上衣*颜色#白色")])
+tok = ChatGLM.load_tokenizer(Path("models/base"))
+ids = torch.tensor([ChatGLM.encode_text(tok, "类型#上衣*颜色#白色") + ChatGLM.prompt_specials(tok)])
 with torch.no_grad():
     with_prefix = ours(input_ids=ids).logits[0, -1]
     with prefix_off(ours):
@@ -204,7 +208,7 @@ def test_evaluation_deploy_and_report(chatglm_run, env):
     rows = [json.loads(line) for line in (root / "reports/predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and any(r["ptuned"] for r in rows)  # sampled text, decoded
     bundle = json.loads((root / "models/deploy/bundle.json").read_text())
-    assert bundle["backend"] == "chatglm" and bundle["prompt_template"] == "{content}"
+    assert bundle["backend"] == "chatglm" and bundle["prompt"]["kind"] == "chatglm6b"
     assert (root / "models/deploy/prefix/pytorch_model.bin").is_file()
     assert "prompt" in json.loads((root / "reports/deploy_check.json").read_text())
     # Serving from the main environment switches to the legacy one by itself.
@@ -212,6 +216,76 @@ def test_evaluation_deploy_and_report(chatglm_run, env):
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"answer", "latency_s"} <= set(answer)
     assert "| P-tuned |" in (root / "reports/report.md").read_text()
+
+
+# The snapshot's own model.chat, run on the tiny model: the ids it hands to generate() are the outside truth.
+MODEL_CHAT = """
+import json
+from pathlib import Path
+from transformers import AutoModel
+from ptune import prompts
+from ptune.chatglm import ChatGLM
+
+tok = ChatGLM.load_tokenizer(Path("models/base"))
+model = AutoModel.from_pretrained("models/base", trust_remote_code=True).float()
+seen, generate = [], model.generate
+def watched(**kwargs):
+    seen.append(kwargs["input_ids"][0].tolist())
+    return generate(**kwargs)
+model.generate = watched
+rounds = [("类型#上衣*颜色#白色", "白色上衣。"), ("有红色的吗", "有。")]
+cases = [("再写一句", rounds), ("类型#裙*长度#短", [])]
+prompter = prompts.Prompter(prompts.PromptFormat("chatglm6b"), tok, ChatGLM)
+ours = [prompter.fit(prompts.Turn.of(query, history), 10**6, chat=True)[0] for query, history in cases]
+for query, history in cases:
+    model.chat(tok, query, history=history, max_new_tokens=1)
+print(json.dumps({"model_chat": seen, "ours": ours}))
+"""
+
+
+def test_prompts_are_the_ones_model_chat_builds(chatglm_run, legacy_python):
+    got = run_legacy(chatglm_run, legacy_python, MODEL_CHAT)
+    assert got["ours"] == got["model_chat"]  # [Round i] from 0 with history, the query alone without
+
+
+def test_every_serving_path_sends_the_prompts_of_training(chatglm_run, tmp_path):
+    """POST /, OpenAI messages and `ptune chat` (all in the legacy environment) send the model, for a three-turn
+    conversation and a first message, the token ids `ptune preprocess` writes for those examples."""
+    import io
+
+    import pexpect
+
+    from prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
+    from ptune.serve.process import ApiProcess
+
+    answers = ("白色衬衫，简约百搭。", "有，红色更显气色。")
+    root = chatglm_run.root
+    with ApiProcess(["--bundle", "models/deploy", "--log-prompts", "--max-new-tokens", "2"], cwd=root,
+                    env=chatglm_run.env, start_timeout=300) as api:
+        api.post("/", {"prompt": QUESTIONS[2], "history": [list(p) for p in third_turn(answers)[1]]})
+        api.post("/v1/chat/completions", {"model": "ptune", "messages": three_turn_messages(answers)})
+        api.post("/", {"prompt": QUESTIONS[0]})
+        sent = logged_prompts(api.output())
+    chat = pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", "--log-prompts", "--max-new-tokens", "2"],
+                         cwd=str(root), env=chatglm_run.env, encoding="utf-8", timeout=300)
+    chat.logfile_read = screen = io.StringIO()
+    replies = []
+    try:
+        chat.expect_exact("You: ")
+        for question in QUESTIONS:
+            chat.sendline(question)
+            chat.expect_exact("ptune: ")
+            chat.expect_exact("\r\nYou: ")
+            replies.append(chat.before.strip())
+        chat.sendline("stop")
+    finally:
+        chat.close(force=True)
+    said = logged_prompts(screen.getvalue())
+    trained = preprocessed_prompts(root, tmp_path / "preprocess", chatglm_run.env, [
+        third_turn(answers), third_turn(answers), (QUESTIONS[0], None),
+        (QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], replies[0])]),
+        (QUESTIONS[2], [(QUESTIONS[0], replies[0]), (QUESTIONS[1], replies[1])])])
+    assert sent + said == trained
 
 
 def test_quantization_on_a_cpu_fails_at_once_naming_the_keys(chatglm_run, tmp_path):

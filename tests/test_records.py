@@ -9,7 +9,7 @@ import pytest
 
 from ptune import records
 from ptune.errors import PtuneError
-from ptune.preprocess import format_prompt
+from ptune.prompts import PromptFormat, Turn, render_template
 
 A = {"content": "类型#裙*颜色#红色", "summary": "红色的裙子，很好看。"}
 B = {"content": "类型#上衣*风格#简约", "summary": "简约的上衣。"}
@@ -65,8 +65,10 @@ COLUMNS = records.Columns(prompt="q", response="a", history="turns")
 def test_own_json_lines_with_history(tmp_path):
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(_line(x) for x in MULTI_TURN), encoding="utf-8")
+    # A data set with a history column keeps it on every row, empty ones included (ChatGLM-6B's format numbers
+    # the rounds of every example of such a data set).
     assert records.read(path, COLUMNS) == [
-        {"content": "推荐一件上衣", "summary": "白色衬衫，简约百搭。"},
+        {"content": "推荐一件上衣", "summary": "白色衬衫，简约百搭。", "history": []},
         {"content": "有红色的吗", "summary": "有，红色衬衫更显气色。",
          "history": [["推荐一件上衣", "白色衬衫，简约百搭。"]]},
     ]
@@ -113,6 +115,10 @@ def test_bad_history_is_named_with_file_line_and_column(tmp_path, turns, problem
 
 CHATGLM2 = "{history}[Round {round}]\n\n问：{content}\n\n答："
 TURN = "[Round {round}]\n\n问：{question}\n\n答：{answer}\n\n"
+
+
+def format_prompt(template: str, content: str, history=None, history_template: str = "") -> str:
+    return render_template(PromptFormat("template", template, history_template), Turn.of(content, history))
 
 
 def test_history_renders_in_the_reference_chatglm_format():

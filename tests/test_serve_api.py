@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from ptune.serve.process import ApiProcess
 from serving import MAX_NEW_TOKENS, cases
 
@@ -23,7 +24,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def api(serving_project):
     env = {**serving_project.env, "PTUNE_API_KEY": KEY}
-    with ApiProcess(["--bundle", "models/deploy"], cwd=serving_project.root, env=env, start_timeout=300) as server:
+    with ApiProcess(["--bundle", "models/deploy", "--log-prompts"], cwd=serving_project.root, env=env,
+                    start_timeout=300) as server:
         yield server
         assert server._proc.poll() is None, "the server died during the tests:\n" + server.output()
 
@@ -60,6 +62,21 @@ def test_seed_request_and_response_shape(api, serving_project):
     status, body2 = api.post("/", _seed_body("再写一句", seed, history=body["history"]), headers=AUTH)
     assert status == 200 and body2["history"][:1] == [[prompt, expected]]
     assert body2["history"][1] == ["再写一句", body2["response"]]
+
+
+def test_both_apis_send_the_model_the_prompts_it_was_trained_on(api, serving_project, tmp_path):
+    """A three-turn conversation through POST / and through OpenAI messages reaches the model as the very token ids
+    `ptune preprocess` writes for a training example with that history; a first message as well."""
+    answers = ("白色衬衫，简约百搭。", "有，红色更显气色。")
+    body = {"prompt": QUESTIONS[2], "history": [list(p) for p in third_turn(answers)[1]], "max_new_tokens": 2}
+    assert api.post("/", body, headers=AUTH)[0] == 200
+    _client(api).chat.completions.create(model="ptune", messages=three_turn_messages(answers), max_tokens=2)
+    assert api.post("/", {"prompt": QUESTIONS[0], "max_new_tokens": 2}, headers=AUTH)[0] == 200
+    sent = logged_prompts(api.output())[-3:]
+    trained = preprocessed_prompts(serving_project.root, tmp_path / "preprocess", serving_project.env,
+                                   [third_turn(answers), third_turn(answers), (QUESTIONS[0], None)])
+    assert sent == trained
+    assert len(sent[0]) > len(sent[2])  # the history is in it
 
 
 def test_openai_client_with_and_without_streaming(api, serving_project):

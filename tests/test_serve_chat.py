@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import sys
 
 import pexpect
 import pytest
 
+from prompt_seam import logged_prompts, preprocessed_prompts
 from serving import SAMPLING_FLAGS, cases, reference_answer
 
 
@@ -22,15 +24,22 @@ def _ask(chat: pexpect.spawn, text: str) -> str:
     return chat.before.strip()
 
 
-def test_chat_asks_clears_and_stops(serving_project):
+def test_chat_asks_clears_and_stops(serving_project, tmp_path):
     prompt, seed, expected = cases(serving_project.root, 1)[0]
-    chat = _spawn(serving_project, *SAMPLING_FLAGS, "--seed", str(seed))
+    chat = _spawn(serving_project, *SAMPLING_FLAGS, "--seed", str(seed), "--log-prompts")
+    chat.logfile_read = screen = io.StringIO()
     try:
         chat.expect_exact("P-tuned, prefix of 4 tokens")
         chat.expect_exact("You: ")
         assert _ask(chat, prompt) == expected
         second = _ask(chat, prompt)  # with the first round as history
         assert second == reference_answer(serving_project.root, prompt, seed, history=((prompt, expected),))
+        _ask(chat, prompt)  # a third turn, after two rounds
+        # The model read each turn as `ptune preprocess` writes a training example with that history.
+        trained = preprocessed_prompts(serving_project.root, tmp_path / "preprocess", serving_project.env,
+                                       [(prompt, None), (prompt, [(prompt, expected)]),
+                                        (prompt, [(prompt, expected), (prompt, second)])])
+        assert logged_prompts(screen.getvalue()) == trained
         chat.sendline("clear")
         chat.expect_exact("(history cleared)")
         chat.expect_exact("You: ")
@@ -58,3 +67,21 @@ def test_chat_on_the_base_model_alone_and_ctrl_c_quits(serving_project, source, 
     finally:
         chat.close(force=True)
     assert chat.exitstatus == 0
+
+
+def test_a_bundle_of_the_old_format_is_refused_saying_how_to_rebuild_it(serving_project, tmp_path):
+    """A format-1 bundle did not record the prompt format: it is never served with another prompt."""
+    import json
+    import shutil
+
+    old = tmp_path / "deploy"
+    shutil.copytree(serving_project.root / "models/deploy", old)
+    manifest = json.loads((old / "bundle.json").read_text(encoding="utf-8"))
+    manifest["format"] = 1
+    manifest["prompt_template"] = manifest.pop("prompt")["template"]
+    (old / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    for cmd in (["-m", "ptune.cli", "chat", "--bundle", str(old)], ["-m", "ptune.bundle", str(old), "你好"]):
+        proc = serving_project.run(sys.executable, *cmd, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "bundle format 1" in proc.stderr and "dvc repro deploy" in proc.stderr
+        assert "Traceback" not in proc.stderr

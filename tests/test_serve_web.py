@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from prompt_seam import logged_prompts, preprocessed_prompts
 from serving import CHROMIUM, CHROMIUM_ARGS, SAMPLING_FLAGS, cases, free_port, reference_answer
 
 USER, PASSWORD = "ptune", "s3cret"
@@ -30,7 +31,7 @@ def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> No
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"ptune serve web exited {proc.returncode}:\n{proc.stdout.read()}")
+            raise AssertionError(f"ptune serve web exited {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 if resp.status == 200:
@@ -40,16 +41,25 @@ def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> No
     raise AssertionError(f"ptune serve web did not answer on {url} within {timeout} s")
 
 
+class Web(str):
+    """The page's URL; `log` is the server's output (its --log-prompts lines among it)."""
+
+    log: Path
+
+
 @pytest.fixture(scope="module")
-def web(serving_project):
+def web(serving_project, tmp_path_factory):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no browser: {CHROMIUM} is missing (`apt-get install chromium`; .ci/run installs it)")
     port = free_port()
     env = {**serving_project.env, "PTUNE_WEB_AUTH": f"{USER}:{PASSWORD}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), *SAMPLING_FLAGS],
-        cwd=serving_project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}/"
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    with open(log, "w", encoding="utf-8") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), "--log-prompts",
+             *SAMPLING_FLAGS], cwd=serving_project.root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    url = Web(f"http://127.0.0.1:{port}/")
+    url.log = log
     try:
         _wait_until_up(proc, url)
         yield url
@@ -102,6 +112,15 @@ def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_
             page.get_by_role("button", name="Send").click()
             expect(bots).to_have_count(2, timeout=60_000)
             expect(bots.last).to_have_text(second, timeout=60_000)
+            # A third turn: the model read each turn as `ptune preprocess` writes a training example with that
+            # history (the server logs what it sent).
+            box.fill(prompt)
+            box.press("Enter")
+            expect(bots).to_have_count(3, timeout=60_000)
+            trained = preprocessed_prompts(serving_project.root, tmp_path / "preprocess", serving_project.env,
+                                           [(prompt, None), (prompt, [(prompt, expected)]),
+                                            (prompt, [(prompt, expected), (prompt, second)])])
+            assert logged_prompts(web.log.read_text(encoding="utf-8"))[-3:] == trained
 
             page.locator("#clear").click()
             expect(bots).to_have_count(0)

@@ -1,5 +1,6 @@
 """data/raw files: ADGEN's JSON lines `{"content": "类型#上衣*...", "summary": "..."}`, plus `"history"` (earlier
-[question, answer] turns) for multi-turn data. Read with errors that name the line."""
+[question, answer] turns) for data with a history column and `"system"` for examples with a system message. Read
+with errors that name the line."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from . import atomic, records
 from .errors import PtuneError
 
-RAW_COLUMNS = records.Columns("content", "summary", "history")
+RAW_COLUMNS = records.Columns("content", "summary", "history", "system", history_per_row=True)
 
 
 def read(path: str | Path) -> list[records.Example]:
@@ -26,6 +27,8 @@ def write(path: str | Path, examples: Iterable[records.Example]) -> None:
     with atomic.atomic_file(path) as fh:
         for ex in examples:
             row = {"content": ex["content"], "summary": ex["summary"]}
-            if ex.get("history"):
+            if "history" in ex:  # even empty: see records.Columns.history_per_row
                 row["history"] = ex["history"]
+            if ex.get("system"):
+                row["system"] = ex["system"]
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -10,9 +10,11 @@ models/base/ptune_source.json, where every later stage reads it (so they need no
 of backend changes models/base and reruns them). The stages call the same methods on either backend:
 
     load_tokenizer(base)                                       -> tokenizer
-    encode_train(tokenizer, prompts, targets, max_src, max_tgt) -> input_ids, labels    (preprocess)
-    encode_eval(tokenizer, prompts, targets, max_src, max_tgt)  -> prompt ids, label texts
-    encode_prompt(tokenizer, prompt)                            -> prompt ids           (serving)
+    encode_text(tokenizer, text)                                -> ids of prompt text   (prompts.py builds prompts)
+    prompt_specials(tokenizer)                                  -> ids that end every prompt
+    prompt_budget(max_source_length, training)                  -> the most tokens a data prompt may have
+    encode_train(tokenizer, prompt_ids, answers, max_tgt, end)  -> input_ids, labels    (preprocess)
+    encode_labels(tokenizer, targets, max_tgt)                  -> dev label texts
     load_for_training(base, device, dtype, train_cfg)           -> model, prefix (the only trainable module)
     check_quantization(mode, section, device, dtype)            (fails at once where quantization cannot run)
     load_for_inference(base, prefix_dir, device, quantization, allow_pickle) -> model, prefix

@@ -2,7 +2,8 @@
 
 models/deploy/
   bundle.json    base model path (relative to the project root), its backend and config hash, how to load it
-                 (quantization), prompt template, generation settings
+                 (quantization), the prompt format the prefix was trained on (prompts.PromptFormat: the templates
+                 or the chat template's text), generation settings
   prefix/        the trained prefix (prefix.safetensors + prefix_config.json), copied from models/ptuning
   README.md      how to start it
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +28,12 @@ from .config import GenerationConfig
 from .errors import PtuneError
 from .generation import generation_kwargs
 from .model import device
-from .preprocess import format_prompt
+from .prompts import PromptFormat, Prompter, Turn
 
 MANIFEST = "bundle.json"
-FORMAT_VERSION = 1
+# 2: the prompt format (templates or chat template) replaced format 1's prompt_template, which served multi-turn
+# conversations in another format than training's.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -37,9 +41,9 @@ class Bundle:
     tokenizer: object
     model: object
     encoder: object | None
-    prompt_template: str
+    prompt: PromptFormat
     generation: GenerationConfig
-    backend: object = None  # backends.py; None: transformers-native
+    backend: object
 
     @classmethod
     def load(cls, directory: str | Path, with_prefix: bool = True) -> "Bundle":
@@ -49,25 +53,35 @@ class Bundle:
         model, encoder = backend.load_for_inference(base, Path(directory) / manifest["prefix"], device(),
                                                     manifest.get("quantization", "none"))
         return cls(backend.load_tokenizer(base), model, encoder if with_prefix else None,
-                   manifest["prompt_template"], GenerationConfig(**manifest["generation"]), backend)
+                   PromptFormat.from_dict(manifest["prompt"]), GenerationConfig(**manifest["generation"]), backend)
 
-    def answer(self, content: str, seed: int = 0) -> str:
-        self.backend = self.backend or backends.native()
-        ids = self.backend.encode_prompt(self.tokenizer, format_prompt(self.prompt_template, content))
+    def prompter(self) -> Prompter:
+        return Prompter(self.prompt, self.tokenizer, self.backend)
+
+    def answer(self, content: str, seed: int = 0, history: Sequence[tuple[str, str]] = ()) -> str:
+        """One answer, its prompt built as the server builds it (no engine, no thread, no truncation)."""
+        prompter = self.prompter()
+        ids = prompter.ids(Turn.of(content, list(history) or None))  # no history: none at all, as model.chat
         torch.manual_seed(seed)
         new = self.backend.generate(self.model, self.encoder, self.tokenizer, [ids],
-                                    generation_kwargs(self.generation, self.tokenizer))
+                                    generation_kwargs(self.generation, self.tokenizer,
+                                                      prompter.stop_ids(self.model.generation_config.eos_token_id)))
         return self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
 def read_manifest(directory: str | Path) -> dict:
     manifest_path = Path(directory) / MANIFEST
     if not manifest_path.is_file():
-        raise PtuneError(f"{manifest_path}: missing; build the bundle with `ptune deploy`")
+        raise PtuneError(f"{manifest_path}: missing; build the bundle with `dvc repro deploy` (or `ptune deploy`)")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT_VERSION:
-        raise PtuneError(f"{manifest_path}: bundle format {manifest.get('format')!r}, this ptune reads "
-                         f"{FORMAT_VERSION}; rebuild it with `ptune deploy`")
+    found = manifest.get("format")
+    if found == 1:
+        raise PtuneError(f"{manifest_path}: bundle format 1, written before ptune recorded the prompt format a prefix "
+                         "was trained on (its multi-turn prompts differed from training's); rebuild it with "
+                         "`dvc repro deploy` (or `ptune deploy`)")
+    if found != FORMAT_VERSION:
+        raise PtuneError(f"{manifest_path}: bundle format {found!r}, this ptune reads {FORMAT_VERSION}; rebuild it "
+                         "with `dvc repro deploy` (or `ptune deploy`)")
     return manifest
 
 

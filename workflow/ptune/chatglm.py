@@ -8,7 +8,7 @@ How it differs from transformers-native models (backends.Transformers), and why:
   code; set from train.prefix_dropout here). The MLP of `prefix_projection` is hidden_size wide, fixed by that code.
 - `model.quantize(bits)` swaps its linear layers for INT4/INT8 ones whose kernels are CUDA cubins (sm_61 to sm_86).
 - Inputs are built as the reference P-tuning builds them: prompt ids + [gMASK] <sop> + target ids + <eop> for
-  training, labels from <sop> on; prompt ids + [gMASK] <sop> for generation; the model derives its 2D positions
+  training, labels from <sop> on; prompt ids + [gMASK] <sop> for generation (the prompt's text: prompts.py); the model derives its 2D positions
   and attention mask from where <sop> stands, and its tokenizer pads on the left.
 - The prefix is saved with the reference checkpoint's tensor names, `transformer.prefix_encoder.*` in fp32, twice:
   `model.safetensors` (what ptune loads: never a pickle for its own artefacts) and `pytorch_model.bin` (what the
@@ -85,33 +85,41 @@ class ChatGLM:
         return AutoTokenizer.from_pretrained(str(base), trust_remote_code=True)
 
     @staticmethod
-    def encode_train(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_source_length: int,
-                     max_target_length: int) -> tuple[list[list[int]], list[list[int]]]:
-        """As the reference: prompt cut to max_source_length - 1, target to max_target_length - 2, then
-        prompt [gMASK] <sop> target <eop>; labels -100 up to <sop>, which is itself a label."""
+    def encode_text(tokenizer, text: str) -> list[int]:
+        return tokenizer.encode(text=text, add_special_tokens=False)
+
+    @staticmethod
+    def prompt_specials(tokenizer) -> list[int]:
+        """[gMASK] <sop>: what follows every prompt (the model finds where the answer starts by <sop>)."""
+        return tokenizer.build_inputs_with_special_tokens([])
+
+    @staticmethod
+    def prompt_budget(max_source_length: int, training: bool) -> int:
+        """As the reference: a training prompt is cut to max_source_length - 1 tokens before [gMASK] <sop> are added
+        (max_source_length + 1 in all); a dev prompt is max_source_length with them (its tokenizer's truncation)."""
+        return max_source_length + 1 if training else max_source_length
+
+    @staticmethod
+    def encode_train(tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
+                     end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]:
+        """As the reference: prompt [gMASK] <sop> target <eop>, the target cut to max_target_length - 2; labels
+        -100 up to <sop>, which is itself a label."""
         input_ids, labels = [], []
-        for prompt, target in zip(prompts, targets, strict=True):
-            a = tokenizer.encode(text=prompt, add_special_tokens=False)[:max_source_length - 1]
-            b = tokenizer.encode(text=target, add_special_tokens=False)[:max_target_length - 2]
-            ids = tokenizer.build_inputs_with_special_tokens(a, b)
-            context = ids.index(tokenizer.bos_token_id)
+        for prompt, answer in zip(prompts, answers, strict=True):
+            b = tokenizer.encode(text=answer, add_special_tokens=False)[:max_target_length - 2]
+            ids = list(prompt) + b + [end_of_turn]
+            context = len(prompt) - 1  # <sop>, the prompt's last token
             input_ids.append(ids)
             labels.append([IGNORE_INDEX] * context + ids[context:])
         return input_ids, labels
 
     @staticmethod
-    def encode_eval(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_source_length: int,
-                    max_target_length: int) -> tuple[list[list[int]], list[str]]:
-        """As the reference: the prompt with [gMASK] <sop>, max_source_length in all; the label is the target
-        tokenized the same way and decoded without special tokens. ([gMASK] is not one of them for this tokenizer,
-        so labels end with it exactly as the reference's do, and scores stay comparable with its figures.)"""
-        p_ids = tokenizer(list(prompts), max_length=max_source_length, truncation=True)["input_ids"]
+    def encode_labels(tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]:
+        """As the reference: the target tokenized with max_length and decoded without special tokens. ([gMASK] is
+        not one of them for this tokenizer, so labels end with it exactly as the reference's do, and scores stay
+        comparable with its figures.)"""
         t_ids = tokenizer(text_target=list(targets), max_length=max_target_length, truncation=True)["input_ids"]
-        return p_ids, tokenizer.batch_decode(t_ids, skip_special_tokens=True)
-
-    @staticmethod
-    def encode_prompt(tokenizer, prompt: str) -> list[int]:
-        return tokenizer(prompt)["input_ids"]
+        return tokenizer.batch_decode(t_ids, skip_special_tokens=True)
 
     @staticmethod
     def load_for_training(base: Path, dev: torch.device, dtype: torch.dtype, cfg):

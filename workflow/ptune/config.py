@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from . import prompts
 from .errors import PtuneError
 
 SCHEMA_RELPATH = "workflow/schemas/params.schema.yaml"
@@ -67,15 +68,19 @@ class FetchDataConfig:
     response_column: str
     history_column: str
     embedded: EmbeddedDataConfig
+    system_column: str = ""
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    prompt_template: str
-    history_template: str
     max_source_length: int
     max_target_length: int
     max_train_examples: int | None
+    # prompts.py: template | chat_template | chatglm6b; a params file written before the key existed means template
+    prompt_format: str = "template"
+    prompt_template: str = ""
+    history_template: str = ""
+    system: str = ""
 
 
 @dataclass(frozen=True)
@@ -232,6 +237,7 @@ def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         elif cls is ReportConfig and data["reference"] is not None:
             data["reference"] = ReferenceConfig(**{k.replace("-", "_"): v for k, v in data["reference"].items()})
         sections[name] = cls(**data)
+    prompts.check_params(sections["preprocess"])
     return Params(**sections, raw=raw)
 
 

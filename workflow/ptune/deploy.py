@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import atomic, backends
+from . import atomic, prompts
 from .bundle import FORMAT_VERSION, MANIFEST
 from .config import GenerationConfig, Params
 from .errors import PtuneError
@@ -28,7 +28,8 @@ CHECK = Path("reports/deploy_check.json")
 
 LAUNCH = """# ptune deploy bundle
 
-Base model: `{base}` · prefix: `prefix/` (pre_seq_len {pre_seq_len}) · prompt template: `{template}`
+Base model: `{base}` · prefix: `prefix/` (pre_seq_len {pre_seq_len}) · prompt format: {prompt_format} (bundle.json,
+`prompt`: every server builds the prompts the prefix was trained on from it)
 
 Evaluated on {n_examples} dev examples: {scores}
 
@@ -45,7 +46,8 @@ Restore it on a fresh instance with `dvc pull` (the base model and this bundle a
 
 def run(params: Params) -> None:
     cfg = params.deploy
-    backend = backends.for_base(BASE)
+    prompter = prompts.for_base(params.preprocess, BASE)
+    backend = prompter.backend
     allow_pickle = params.fetch_weights.allow_pickle
     prefix_cfg = backend.describe_prefix(PREFIX, BASE, allow_pickle)
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
@@ -60,12 +62,12 @@ def run(params: Params) -> None:
             "quantization": params.evaluate.quantization,  # served as it was evaluated
             "base_config_sha256": prefix_cfg["base_config_sha256"],
             "prefix": "prefix",
-            "prompt_template": params.preprocess.prompt_template,
+            "prompt": prompter.format.to_dict(),
             "generation": asdict(generation),
             "evaluation": {"n_examples": metrics["n_examples"], "ptuned": metrics["ptuned"]},
         })
         atomic.write_text(tmp / "README.md", LAUNCH.format(
-            base=BASE, pre_seq_len=prefix_cfg["pre_seq_len"], template=params.preprocess.prompt_template,
+            base=BASE, pre_seq_len=prefix_cfg["pre_seq_len"], prompt_format=prompter.format.kind,
             bundle=OUT, prompt=cfg.smoke_prompt, n_examples=metrics["n_examples"], scores=scores))
         check = smoke_test(tmp, cfg.smoke_prompt, generation)
     atomic.write_json(CHECK, {"bundle": str(OUT), "prompt": cfg.smoke_prompt, **check})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from . import atomic, backends, metrics, multiprocess
+from . import atomic, metrics, multiprocess, prompts
 from .config import Params
 from .determinism import seed_everything
 from .generation import generate_all, in_prompt_order, length_sorted_batches
@@ -45,33 +45,36 @@ def run(params: Params) -> dict:
     # The first max_examples of the dev set, in file order: the subset is the same on every run.
     if cfg.max_examples is not None:
         dev = dev.select(range(min(cfg.max_examples, len(dev))))
-    prompts = dev["input_ids"]
+    prompt_ids = dev["input_ids"]
     labels = dev["label"]
     key = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
+    key["prompt_format"] = params.preprocess.prompt_format  # it decides the tokens generation stops on
     state = ResumeState("evaluate", [BASE, PREFIX, DATA], key)
 
     outputs, speed = {}, {}
     if cfg.devices > 1 and not multiprocess.in_worker():
         # The workers generate their shares of the batches into their journals; this process merges them.
         per_rank = multiprocess.launch("evaluate", params, cfg.devices)
-        batches = length_sorted_batches(prompts, cfg.batch_size)
+        batches = length_sorted_batches(prompt_ids, cfg.batch_size)
         for name in MODELS:
-            outputs[name] = in_prompt_order(batches, Journal.read_all(_journals(state, name)), len(prompts))
+            outputs[name] = in_prompt_order(batches, Journal.read_all(_journals(state, name)), len(prompt_ids))
             # The processes generate side by side: their rates add up.
             speed[name] = round(sum(facts["examples_per_s"][name] for facts in per_rank), 3)
         where = f"{cfg.devices} x {per_rank[0]['device']}"
     else:
         rank, n = multiprocess.rank(), multiprocess.world_size()
-        backend = backends.for_base(BASE)
-        tokenizer = backend.load_tokenizer(BASE)
+        # The prompts are in data/processed; generation stops where the prompt format ends an answer.
+        prompter = prompts.for_base(params.preprocess, BASE)
+        backend, tokenizer = prompter.backend, prompter.tokenizer
         model, encoder = backend.load_for_inference(BASE, PREFIX, multiprocess.local_device(), cfg.quantization,
                                                     allow_pickle=params.fetch_weights.allow_pickle)
+        stop_ids = prompter.stop_ids(model.generation_config.eos_token_id)
         for name, enc in zip(MODELS, (None, encoder)):
             journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
             already = set(journal.done)
             t0 = time.perf_counter()
-            outputs[name] = generate_all(model, enc, tokenizer, prompts, cfg, cfg.batch_size, cfg.seed, desc=name,
-                                         journal=journal, shard=(rank, n), backend=backend)
+            outputs[name] = generate_all(model, enc, tokenizer, prompt_ids, cfg, cfg.batch_size, cfg.seed, desc=name,
+                                         journal=journal, shard=(rank, n), backend=backend, stop_ids=stop_ids)
             generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
             speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
         where = str(model.device)

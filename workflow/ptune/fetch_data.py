@@ -49,7 +49,7 @@ def run(params: Params) -> None:
             return
         folder, state = _source_folder(cfg)
         require_no_pointers(folder, f"fetch_data {folder}")
-        columns = records.Columns(cfg.prompt_column, cfg.response_column, cfg.history_column)
+        columns = records.Columns(cfg.prompt_column, cfg.response_column, cfg.history_column, cfg.system_column)
         for split, name in (("train", cfg.train_file), ("dev", cfg.dev_file)):
             src = folder / name
             if not src.is_file():

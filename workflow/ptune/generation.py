@@ -16,9 +16,11 @@ from .resume_state import Journal
 log = logging.getLogger(__name__)
 
 
-def generation_kwargs(cfg: GenerationConfig, tokenizer) -> dict:
+def generation_kwargs(cfg: GenerationConfig, tokenizer, stop_ids: Sequence[int] | None = None) -> dict:
+    """generate() arguments; `stop_ids`: the tokens an answer ends with (prompts.Prompter.stop_ids), else EOS."""
     kwargs = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+              "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": list(stop_ids) if stop_ids else tokenizer.eos_token_id}
     if cfg.do_sample:
         kwargs.update(top_p=cfg.top_p, temperature=cfg.temperature)
     else:
@@ -48,9 +50,10 @@ def in_prompt_order(batches: list[list[int]], texts_by_batch: dict[int, list[str
 
 def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
                  cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
-                 journal: Journal | None = None, shard: tuple[int, int] = (0, 1), backend=None) -> list[str | None]:
+                 journal: Journal | None = None, shard: tuple[int, int] = (0, 1), backend=None,
+                 stop_ids: Sequence[int] | None = None) -> list[str | None]:
     """Decoded completions (special tokens skipped), in the order of `prompts`; `encoder` None: the base alone;
-    `backend` (backends.py) None: transformers-native.
+    `backend` (backends.py) None: transformers-native; `stop_ids`: the tokens an answer ends with.
 
     With a `journal`, each finished batch is recorded there and batches it already holds are not generated
     again: a killed run continues where it stopped, with the same results. `shard=(rank, n)` generates only
@@ -59,7 +62,7 @@ def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
     on n.
     """
     backend = backend or backends.native()
-    kwargs = generation_kwargs(cfg, tokenizer)
+    kwargs = generation_kwargs(cfg, tokenizer, stop_ids)
     rank, n = shard
     batches = length_sorted_batches(prompts, batch_size)
     done = journal.done if journal is not None else {}

@@ -26,29 +26,34 @@ class Transformers:
         return load_tokenizer(base)
 
     @staticmethod
-    def encode_train(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_source_length: int,
-                     max_target_length: int) -> tuple[list[list[int]], list[list[int]]]:
-        """prompt (<= max_source_length) + target (<= max_target_length, ending in EOS); the prompt masked in labels."""
-        p_ids = [ids[:max_source_length] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        # Keep room for EOS so the model learns where ad copy ends.
-        t_ids = [ids[:max_target_length - 1]
-                 for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
-        eos = tokenizer.eos_token_id
-        return ([p + t + [eos] for p, t in zip(p_ids, t_ids)],
-                [[IGNORE_INDEX] * len(p) + t + [eos] for p, t in zip(p_ids, t_ids)])
+    def encode_text(tokenizer, text: str) -> list[int]:
+        """Token ids of prompt text as the tokenizer reads it (a chat template's own special tokens included)."""
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @staticmethod
-    def encode_eval(tokenizer, prompts: Sequence[str], targets: Sequence[str], max_source_length: int,
-                    max_target_length: int) -> tuple[list[list[int]], list[str]]:
-        """The prompt ids, and the label: the target as truncated for training, decoded."""
-        p_ids = [ids[:max_source_length] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        t_ids = [ids[:max_target_length - 1]
-                 for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
-        return p_ids, tokenizer.batch_decode(t_ids, skip_special_tokens=True)
+    def prompt_specials(tokenizer) -> list[int]:
+        return []  # a prompt is its text's tokens: templates write whatever special tokens the model wants
 
     @staticmethod
-    def encode_prompt(tokenizer, prompt: str) -> list[int]:
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def prompt_budget(max_source_length: int, training: bool) -> int:
+        return max_source_length
+
+    @staticmethod
+    def encode_train(tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
+                     end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]:
+        """prompt ids + answer (<= max_target_length with its end-of-turn token); the prompt masked in labels."""
+        # Keep room for the end of turn, so the model learns where ad copy ends.
+        t_ids = [ids[:max_target_length - 1]
+                 for ids in tokenizer(list(answers), add_special_tokens=False)["input_ids"]]
+        return ([list(p) + t + [end_of_turn] for p, t in zip(prompts, t_ids, strict=True)],
+                [[IGNORE_INDEX] * len(p) + t + [end_of_turn] for p, t in zip(prompts, t_ids, strict=True)])
+
+    @staticmethod
+    def encode_labels(tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]:
+        """Dev labels: each target as truncated for training, decoded."""
+        t_ids = [ids[:max_target_length - 1]
+                 for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
+        return tokenizer.batch_decode(t_ids, skip_special_tokens=True)
 
     @staticmethod
     def load_for_training(base: Path, dev: torch.device, dtype: torch.dtype, cfg):

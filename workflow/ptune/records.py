@@ -1,7 +1,8 @@
 """A data set's files as the user has them: JSON lines or CSV, columns by name, read with errors that say where.
 
-Every example becomes `{"content", "summary"}` plus `"history"` (earlier [question, answer] turns) when it has
-any: the shape of data/raw, whatever the source. Duplicates are kept, as the reference keeps them.
+Every example becomes `{"content", "summary"}`, plus `"history"` (earlier [question, answer] turns, maybe none) when
+the data set has a history column and `"system"` when it has a system column and the example a system message: the
+shape of data/raw, whatever the source. Duplicates are kept, as the reference keeps them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class Columns:
     prompt: str = "content"
     response: str = "summary"
     history: str = ""  # "" = the data has no history
+    system: str = ""  # "" = the data has no system messages
+    # data/raw: a row without the history key belongs to a data set without a history column. A source's rows
+    # (False) all get one once a history column is named, empty where a row has none.
+    history_per_row: bool = False
 
 
 def decode(path: Path, encoding: str) -> str:
@@ -71,10 +76,15 @@ def _example(row: dict, where: str, cols: Columns) -> Example:
             found = "missing" if column not in row else f"a {type(value).__name__}"
             raise PtuneError(f"{where}: key {column!r} is {found}; it must be a string")
         out[key] = value
-    if cols.history:
-        history = _history(row.get(cols.history), where, cols.history)
-        if history:
-            out["history"] = history
+    if cols.history and (cols.history in row or not cols.history_per_row):
+        # Kept even when empty: ChatGLM-6B's P-tuning numbers the rounds of every example of such a data set.
+        out["history"] = _history(row.get(cols.history), where, cols.history)
+    if cols.system:
+        system = row.get(cols.system)
+        if system is not None and not isinstance(system, str):
+            raise PtuneError(f"{where}: column {cols.system!r} is a {type(system).__name__}; it must be a string")
+        if system:
+            out["system"] = system
     return out
 
 
@@ -99,11 +109,12 @@ def _json_lines(path: Path, text: str, cols: Columns) -> list[Example]:
 
 def _csv(path: Path, text: str, cols: Columns) -> list[Example]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    wanted = [c for c in (cols.prompt, cols.response, cols.history) if c]
+    wanted = [c for c in (cols.prompt, cols.response, cols.history, cols.system) if c]
     missing = [c for c in wanted if c not in (reader.fieldnames or [])]
     if missing:
         raise PtuneError(f"{path}:1: no column {', '.join(map(repr, missing))} in the header "
-                         f"{reader.fieldnames}; set fetch_data.prompt_column / response_column / history_column")
+                         f"{reader.fieldnames}; set fetch_data.prompt_column / response_column / history_column / "
+                         "system_column")
     examples = []
     for row in reader:
         if not any((v or "").strip() for k, v in row.items() if k is not None):

@@ -102,15 +102,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts), first
 
 
-def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]]]:
-    """OpenAI messages as (query, history): user/assistant pairs, then the user's new message."""
+def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]], str | None]:
+    """OpenAI messages as (query, history, system): a system (or developer) message first, if any, then
+    user/assistant pairs, then the user's new message."""
     history: list[tuple[str, str]] = []
+    system: str | None = None
     pending: str | None = None
     for i, msg in enumerate(messages):
         if msg.role in ("system", "developer"):
-            raise RequestError(f"messages.{i}: role {msg.role!r} is not supported: this model's prompt template "
-                               "has no system part; send user and assistant messages only", f"messages.{i}.role")
-        if msg.role == "user":
+            if i != 0:
+                raise RequestError(f"messages.{i}: a {msg.role} message must come first, before the conversation",
+                                   f"messages.{i}.role")
+            system = msg.text()
+        elif msg.role == "user":
             if pending is not None:
                 raise RequestError(f"messages.{i}: two user messages in a row; alternate user and assistant",
                                    f"messages.{i}.role")
@@ -123,7 +127,7 @@ def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]
             pending = None
     if pending is None:
         raise RequestError("the last message must be the user's, the one to answer", "messages")
-    return pending, history
+    return pending, history, system
 
 
 class BodyLimit:
@@ -268,10 +272,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             raise RequestError(f"n {body.n}: this server returns one choice per request", "n")
         if body.stop is not None:
             raise RequestError("stop sequences are not supported; leave `stop` out", "stop")
-        query, history = messages_to_turn(body.messages)
+        query, history, system = messages_to_turn(body.messages)
         settings = engine.settings(max_new_tokens=body.max_completion_tokens or body.max_tokens,
                                    temperature=body.temperature, top_p=body.top_p, seed=body.seed)
-        reply = engine.start(query, history, settings)  # a bad request raises here, before any byte is sent
+        reply = engine.start(query, history, settings, system)  # a bad request raises here, before any byte is sent
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)

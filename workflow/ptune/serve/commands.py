@@ -29,9 +29,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="serve the bundle's base model without its prefix, to compare")
     group.add_argument("--model", metavar="DIR",
                        help="serve a plain transformers model directory instead of a bundle (e.g. models/base); "
-                            "its prompt template and generation settings come from --params")
+                            "its prompt format (preprocess) and generation settings (deploy) come from --params")
     group.add_argument("--max-pending", type=int, default=32,
                        help="requests running or waiting at once; more are refused as busy (default: %(default)s)")
+    group.add_argument("--log-prompts", action="store_true",
+                       help="log each request's prompt token ids (JSON, on stderr): what the model reads")
     gen = parser.add_argument_group("generation defaults (a request may override them; unset: the bundle's)")
     gen.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens")
     choice = gen.add_mutually_exclusive_group()
@@ -130,11 +132,11 @@ def load_engine(args: argparse.Namespace):
 
         params = config.load(args.params)
         log.info("loading model %s", args.model)
-        engine = Engine.from_model(args.model, params.preprocess.prompt_template, params.deploy,
-                                   args.max_pending)
+        engine = Engine.from_model(args.model, params.preprocess, params.deploy, args.max_pending)
     else:
         log.info("loading bundle %s%s", args.bundle, " (base model only)" if args.base_only else "")
         engine = Engine.from_bundle(args.bundle, args.base_only, args.max_pending)
+    engine.log_prompts = args.log_prompts
     try:
         engine.set_defaults(args.max_new_tokens, args.do_sample, args.top_p, args.temperature, args.seed)
     except RequestError as exc:

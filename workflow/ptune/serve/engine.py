@@ -12,6 +12,7 @@ a worker thread; a reader may stop it at any time (`Reply.cancel`), e.g. when a 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,20 +22,18 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .. import backends
+from .. import backends, prompts
 from ..bundle import Bundle
 from ..config import GenerationConfig
 from ..errors import PtuneError
 from ..generation import generation_kwargs
 from ..model import device, load_frozen, load_tokenizer
-from ..preprocess import format_prompt
 
 log = logging.getLogger(__name__)
+# `--log-prompts` writes each request's prompt token ids here, as vLLM's request log does: to see what the model reads.
+prompt_log = logging.getLogger("ptune.prompts")
 
 History = Sequence[tuple[str, str]]
-# ChatGLM2's multi-turn format numbers the rounds; a template that names round 1 is renumbered per round.
-ROUND_MARK = "[Round 1]"
-ROUND_SEPARATOR = "\n\n"
 
 
 class RequestError(ValueError):
@@ -49,16 +48,6 @@ class Busy(RequestError):
     def __init__(self, pending: int):
         super().__init__(f"the server is busy ({pending} requests pending); retry in a moment",
                          status=503, code="server_busy")
-
-
-def round_prompt(template: str, number: int, content: str) -> str:
-    return format_prompt(template.replace(ROUND_MARK, f"[Round {number}]", 1), content)
-
-
-def chat_prompt(template: str, query: str, history: History) -> str:
-    """The prompt for `query` after `history`: each earlier round as the template renders it, plus its answer."""
-    rounds = [round_prompt(template, i + 1, q) + a + ROUND_SEPARATOR for i, (q, a) in enumerate(history)]
-    return "".join(rounds) + round_prompt(template, len(history) + 1, query)
 
 
 def context_length(config) -> int:
@@ -148,9 +137,12 @@ class Engine:
         self.max_pending = max_pending
         self.defaults = bundle.generation
         self.default_seed: int | None = None
-        self.backend = bundle.backend or backends.native()  # tokenizes and generates as the stages did
+        self.backend = bundle.backend  # tokenizes and generates as the stages did
+        self.prompter = bundle.prompter()  # builds prompts as preprocess built the training data
+        self.stop_ids = self.prompter.stop_ids(bundle.model.generation_config.eos_token_id)
         self.context_length = context_length(bundle.model.config)
         self.prefix_length = _prefix_length(bundle)
+        self.log_prompts = False
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -165,16 +157,19 @@ class Engine:
                    f"bundle `{directory}` ({what})", max_pending)
 
     @classmethod
-    def from_model(cls, directory: str | Path, prompt_template: str, generation: GenerationConfig,
+    def from_model(cls, directory: str | Path, preprocess, generation: GenerationConfig,
                    max_pending: int = 32) -> "Engine":
-        """A plain transformers model directory (e.g. models/base before any deploy), no prefix."""
+        """A plain transformers model directory (e.g. models/base before any deploy), no prefix; its prompts in the
+        format of the preprocess section (config.PreprocessConfig) of the params file."""
         if backends.needs_legacy_env(Path(directory)):
             raise PtuneError(f"{directory}: a ChatGLM-6B base (backend chatglm) is served from its deploy bundle; "
                              "use --bundle models/deploy --base-only for the base alone")
         model = load_frozen(directory, device())
         generation = GenerationConfig(generation.max_new_tokens, generation.do_sample, generation.top_p,
                                       generation.temperature)
-        bundle = Bundle(load_tokenizer(directory), model, None, prompt_template, generation)
+        tokenizer = load_tokenizer(directory)
+        fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
+        bundle = Bundle(tokenizer, model, None, fmt, generation, backends.native())
         return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending)
 
     def set_defaults(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
@@ -210,37 +205,41 @@ class Engine:
                         temperature=d.temperature if not temperature else temperature,
                         seed=self.default_seed if seed is None else seed)
 
-    def _encode(self, text: str) -> list[int]:
-        with self._tokenize_lock:
-            return self.backend.encode_prompt(self.bundle.tokenizer, text)
-
-    def prompt_ids(self, query: str, history: History, max_new_tokens: int) -> tuple[list[int], int]:
+    def prompt_ids(self, query: str, history: History, max_new_tokens: int,
+                   system: str | None = None) -> tuple[list[int], int]:
         """Token ids of the prompt and how many of the latest history rounds fit the context with the answer.
 
-        The oldest rounds are dropped first; only the current message must fit.
+        Built by prompts.Prompter, as preprocess built the training data: the oldest rounds are dropped first; the
+        message itself must fit.
         """
         if not query.strip():
             raise RequestError("the message is empty; send some text to answer", "prompt")
+        if system and not self.prompter.supports_system:
+            kind = self.prompter.format.kind
+            what = f"{kind} without {{system}}" if kind == prompts.TEMPLATE else kind
+            raise RequestError(f"a system message was given, but this model's prompt format ({what}) has no place "
+                               "for one; send user and assistant messages only", "messages")
         budget = self.context_length - self.prefix_length - max_new_tokens
-        alone = self._encode(chat_prompt(self.bundle.prompt_template, query, []))
-        if len(alone) > budget:
+        turn = prompts.Turn.of(query, list(history), system)
+        try:
+            with self._tokenize_lock:
+                return self.prompter.fit(turn, budget, chat=True)
+        except prompts.TooLong as exc:
             raise RequestError(
-                f"the message is {len(alone)} tokens with its template, but the model's context of "
+                f"the message is {exc.tokens} tokens with its prompt format, but the model's context of "
                 f"{self.context_length} tokens leaves {budget} for it after the prefix ({self.prefix_length}) "
                 f"and the answer (max_new_tokens {max_new_tokens}); shorten it or ask for fewer new tokens",
-                "prompt", code="context_length_exceeded")
-        kept = list(history)
-        while kept:
-            ids = self._encode(chat_prompt(self.bundle.prompt_template, query, kept))
-            if len(ids) <= budget:
-                return ids, len(kept)
-            kept = kept[1:]
-        return alone, 0
+                "prompt", code="context_length_exceeded") from None
+        except prompts.PromptError as exc:
+            raise RequestError(str(exc), exc.param) from None
 
-    def start(self, query: str, history: History = (), settings: Settings | None = None) -> Reply:
+    def start(self, query: str, history: History = (), settings: Settings | None = None,
+              system: str | None = None) -> Reply:
         """Check and tokenize the request now (raising RequestError), then generate in a worker thread."""
         settings = settings or self.settings()
-        ids, used = self.prompt_ids(query, history, settings.max_new_tokens)
+        ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system)
+        if self.log_prompts:
+            prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
         with self._count_lock:
             if self._pending >= self.max_pending:
                 raise Busy(self._pending)
@@ -253,8 +252,9 @@ class Engine:
                          name="ptune-generate").start()
         return reply
 
-    def complete(self, query: str, history: History = (), settings: Settings | None = None) -> Reply:
-        return self.start(query, history, settings).wait()
+    def complete(self, query: str, history: History = (), settings: Settings | None = None,
+                 system: str | None = None) -> Reply:
+        return self.start(query, history, settings, system).wait()
 
     def _generate(self, reply: Reply, ids: list[int], settings: Settings) -> None:
         bundle = self.bundle
@@ -265,18 +265,17 @@ class Engine:
                     return
                 config = GenerationConfig(settings.max_new_tokens, settings.do_sample, settings.top_p,
                                           settings.temperature)
-                kwargs = generation_kwargs(config, bundle.tokenizer)
+                kwargs = generation_kwargs(config, bundle.tokenizer, self.stop_ids)
                 kwargs.update(streamer=reply._streamer,
                               stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)]))
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
                 new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
-            eos = bundle.tokenizer.eos_token_id
             reply.completion_tokens = len(new)
             reply.text = bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
             if reply._cancel.is_set():
                 reply.finish_reason = "cancelled"
-            elif new and new[-1] == eos:
+            elif new and new[-1] in self.stop_ids:
                 reply.finish_reason = "stop"
             elif len(new) >= settings.max_new_tokens:
                 reply.finish_reason = "length"
