@@ -73,9 +73,33 @@ def test_prompts_are_the_chat_templates_own(chat_project):
     assert set(tok.convert_ids_to_tokens(stops)) == set(stop_names)
 
 
-def test_every_serving_path_sends_the_prompts_of_training(chat_project, tmp_path):
-    """`ptune serve api --model` (POST / and OpenAI messages, a system message included) and `ptune chat --model`
-    send, for three turns, the token ids `ptune preprocess` writes for those examples."""
+def _web_page_conversation(project: Project, caplog) -> tuple[list[str], list[list[int]]]:
+    """Three turns through the web page's own call into the engine (ptune.serve.web.answer, what the page's Send
+    runs), on the model `serve web --model models/base` loads: the answers and the prompts it logged."""
+    import logging
+
+    from ptune import config
+    from ptune.serve import web
+    from ptune.serve.engine import Engine
+
+    params = config.load(project.root / "params.yaml")
+    engine = Engine.from_model(str(project.root / "models/base"), params.preprocess, params.deploy)
+    engine.log_prompts = True
+    d = engine.defaults
+    pairs: list = []
+    with caplog.at_level(logging.INFO, logger="ptune.prompts"):
+        for question in QUESTIONS:
+            for pairs, _ in web.answer(engine, pairs + [[question, None]], d.max_new_tokens, d.do_sample, d.top_p,
+                                       d.temperature, ""):
+                pass
+    logged = "\n".join(f"ptune.prompts INFO {r.getMessage()}" for r in caplog.records if r.name == "ptune.prompts")
+    return [a for _, a in pairs], logged_prompts(logged)
+
+
+def test_every_serving_path_sends_the_prompts_of_training(chat_project, tmp_path, caplog):
+    """`ptune serve api --model` (POST / and OpenAI messages, a system message included), `ptune chat --model` and
+    the web page's call into the engine send, for three turns, the token ids `ptune preprocess` writes for those
+    examples."""
     from ptune.serve.process import ApiProcess
 
     root = chat_project.root
@@ -100,11 +124,16 @@ def test_every_serving_path_sends_the_prompts_of_training(chat_project, tmp_path
         chat.sendline("stop")
     finally:
         chat.close(force=True)
+    page_answers, page = _web_page_conversation(chat_project, caplog)
+
+    def conversation(answers):
+        return [(QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], answers[0])]),
+                (QUESTIONS[2], [(QUESTIONS[0], answers[0]), (QUESTIONS[1], answers[1])])]
+
     trained = preprocessed_prompts(root, tmp_path / "preprocess", chat_project.env, [
         third_turn(ANSWERS), third_turn(ANSWERS), (*third_turn(ANSWERS), SYSTEM),
-        (QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], replies[0])]),
-        (QUESTIONS[2], [(QUESTIONS[0], replies[0]), (QUESTIONS[1], replies[1])])])
-    assert sent + logged_prompts(screen.getvalue()) == trained
+        *conversation(replies), *conversation(page_answers)])
+    assert sent + logged_prompts(screen.getvalue()) + page == trained
 
 
 def test_rounds_are_dropped_oldest_first_and_data_cut_only_at_the_content(chat_project):

@@ -29,6 +29,36 @@ def display(pairs: Pairs) -> list[dict]:
     return messages
 
 
+def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
+    """The page's call into the engine: answer the last question of `pairs` (the page's state), the earlier pairs
+    as the conversation's history; yields the pairs and the Chatbot's messages as the answer streams in."""
+    if not pairs or pairs[-1][1] is not None:
+        yield pairs, display(pairs)
+        return
+    question = pairs[-1][0]
+    history = [(q, a) for q, a in pairs[:-1]]
+    try:
+        if seed.strip() and not seed.strip().lstrip("-").isdigit():
+            raise RequestError(f"seed {seed.strip()!r}: a whole number, or empty", "seed")
+        settings = engine.settings(int(max_new_tokens), float(temperature), float(top_p), bool(do_sample),
+                                   int(seed) if seed.strip() else None)
+        reply = engine.start(question, history, settings)
+    except RequestError as exc:
+        pairs = pairs[:-1]
+        yield pairs, display(pairs)
+        raise gr.Error(exc.message) from None
+    pairs = [list(p) for p in pairs]
+    pairs[-1][1] = ""
+    try:
+        for piece in reply:
+            pairs[-1][1] += piece
+            yield pairs, display(pairs)
+    finally:
+        reply.cancel()  # the page went away: stop generating
+    pairs[-1][1] = reply.text
+    yield pairs, display(pairs)
+
+
 def build(engine: Engine) -> gr.Blocks:
     d = engine.defaults
     room = engine.context_length - engine.prefix_length - 1
@@ -39,32 +69,8 @@ def build(engine: Engine) -> gr.Blocks:
         pairs = pairs + [[message, None]]
         return "", pairs, display(pairs)
 
-    def answer(pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
-        if not pairs or pairs[-1][1] is not None:
-            yield pairs, display(pairs)
-            return
-        question = pairs[-1][0]
-        history = [(q, a) for q, a in pairs[:-1]]
-        try:
-            if seed.strip() and not seed.strip().lstrip("-").isdigit():
-                raise RequestError(f"seed {seed.strip()!r}: a whole number, or empty", "seed")
-            settings = engine.settings(int(max_new_tokens), float(temperature), float(top_p), bool(do_sample),
-                                       int(seed) if seed.strip() else None)
-            reply = engine.start(question, history, settings)
-        except RequestError as exc:
-            pairs = pairs[:-1]
-            yield pairs, display(pairs)
-            raise gr.Error(exc.message) from None
-        pairs = [list(p) for p in pairs]
-        pairs[-1][1] = ""
-        try:
-            for piece in reply:
-                pairs[-1][1] += piece
-                yield pairs, display(pairs)
-        finally:
-            reply.cancel()  # the page went away: stop generating
-        pairs[-1][1] = reply.text
-        yield pairs, display(pairs)
+    def respond(pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
+        yield from answer(engine, pairs, max_new_tokens, do_sample, top_p, temperature, seed)
 
     with gr.Blocks(title="ptune chat", analytics_enabled=False) as demo:
         gr.Markdown(f"# ptune chat\n**Model:** {engine.description}, context {engine.context_length} tokens.")
@@ -87,7 +93,7 @@ def build(engine: Engine) -> gr.Blocks:
         settings = [max_new_tokens, do_sample, top_p, temperature, seed]
         for trigger in (box.submit, send.click):
             trigger(ask, [box, pairs], [box, pairs, chatbot], queue=False).then(
-                answer, [pairs, *settings], [pairs, chatbot])
+                respond, [pairs, *settings], [pairs, chatbot])
         clear.click(lambda: ([], [], ""), None, [pairs, chatbot, box], queue=False)
         chatbot.clear(lambda: [], None, pairs, queue=False)  # the Chatbot's own trash button
     return demo
