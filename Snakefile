@@ -34,19 +34,23 @@ def _paths(entries):
         yield from ([entry] if isinstance(entry, str) else entry)
 
 
+def _written(stage):
+    """Every path a dvc.yaml stage writes: its outs, metrics and plots."""
+    return [path for kind in ("outs", "metrics", "plots") for path in _paths(stage.get(kind))]
+
+
 def _outputs(stage):
     in_report = stage.get("meta", {}).get("report", {})
-    for kind in ("outs", "metrics", "plots"):
-        for path in _paths(stage.get(kind)):
-            # Plain outputs, which Snakemake removes before a job runs: `dvc repro` then restores an unchanged stage
-            # from DVC's cache or run-cache (links, no copy) or reruns it. update() would keep them, but after a
-            # failed job it copies the old outputs back and records the job as done with the new params, so the
-            # next run skipped a stage that DVC still saw as changed (and it copied every directory output, a
-            # 13 GB model included, as a backup before each job).
-            output = path if Path(path).suffix else directory(path)
-            # report(): Snakemake's own report (`snakemake --report FILE`) includes the outputs that dvc.yaml
-            # lists under the stage's meta.report, with the options given there (category, labels, ...).
-            yield report(output, **in_report[path]) if path in in_report else output
+    for path in _written(stage):
+        # Plain outputs, which Snakemake removes before a job runs: `dvc repro` then restores an unchanged stage
+        # from DVC's cache or run-cache (links, no copy) or reruns it. update() would keep them, but after a
+        # failed job it copies the old outputs back and records the job as done with the new params, so the
+        # next run skipped a stage that DVC still saw as changed (and it copied every directory output, a
+        # 13 GB model included, as a backup before each job).
+        output = path if Path(path).suffix else directory(path)
+        # report(): Snakemake's own report (`snakemake --report FILE`) includes the outputs that dvc.yaml
+        # lists under the stage's meta.report, with the options given there (category, labels, ...).
+        yield report(output, **in_report[path]) if path in in_report else output
 
 
 def _upstream(name, seen=None):
@@ -54,8 +58,7 @@ def _upstream(name, seen=None):
     seen = set() if seen is None else seen
     deps = set(_paths(DVC_STAGES[name].get("deps")))
     for other, stage in DVC_STAGES.items():
-        outs = {p for kind in ("outs", "metrics", "plots") for p in _paths(stage.get(kind))}
-        if other not in seen and outs & deps:
+        if other not in seen and set(_written(stage)) & deps:
             seen.add(other)
             _upstream(other, seen)
     return seen
@@ -71,8 +74,7 @@ if _missing:
 def _producers(name):
     """The stages whose outputs `name` reads directly."""
     deps = set(_paths(DVC_STAGES[name].get("deps")))
-    return [other for other, stage in DVC_STAGES.items()
-            if deps & {p for kind in ("outs", "metrics", "plots") for p in _paths(stage.get(kind))}]
+    return [other for other, stage in DVC_STAGES.items() if deps & set(_written(stage))]
 
 
 # PTUNE_PUSH_EACH_STAGE=1: each rule also pushes its stage's outputs (and the run-cache) to the DVC remote as soon

@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
-from ptune.cli import STAGES  # noqa: E402
+from ptune.paths import STAGES  # noqa: E402
 
 BUDGET_S = 300
 

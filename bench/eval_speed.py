@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from ptune.config import GenerationConfig  # noqa: E402
+from ptune.backends import native  # noqa: E402
 from ptune.generation import generate_all  # noqa: E402
 from ptune.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
 
@@ -75,7 +76,8 @@ def rate(model, encoder, tok, prompts, cfg, batch_size) -> tuple[float, float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate_all(model, encoder, tok, prompts, cfg, batch_size=batch_size, seed=0, desc=f"batch {batch_size}")
+    generate_all(model, encoder, tok, prompts, cfg, batch_size=batch_size, seed=0, desc=f"batch {batch_size}",
+                 backend=native())
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0

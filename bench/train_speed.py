@@ -36,7 +36,7 @@ THREADS = configure_threads()  # before torch starts its thread pools: the threa
 import torch  # noqa: E402
 
 from ptune.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
-from ptune.native import Transformers  # noqa: E402
+from ptune.backends import native  # noqa: E402
 from ptune.train import batch_indices, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 
 
@@ -57,8 +57,9 @@ def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
             t0 = time.perf_counter()
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batches = micro_batches_at(step, train, cfg, pad_id, torch.device("cpu"))
-        loss = optimizer_step(model, encoder, batches, optim, None, contextlib.nullcontext(), cfg.max_grad_norm)
+        batches = micro_batches_at(step, train, cfg, pad_id, torch.device("cpu"), collate=native().collate)
+        loss = optimizer_step(model, encoder, batches, optim, None, contextlib.nullcontext(), cfg.max_grad_norm,
+                              backend=native())
     wall = time.perf_counter() - t0
     return (steps - warmup) * cfg.per_device_train_batch_size / wall, loss
 
@@ -102,7 +103,7 @@ def trainer_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
             disable_tqdm=True, use_cpu=True, seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
             train_sampling_strategy="sequential")
         trainer = Trainer(model=model, args=args, train_dataset=same_batches,
-                          data_collator=lambda rows: Transformers.collate(rows, pad_id), callbacks=[clock])
+                          data_collator=lambda rows: native().collate(rows, pad_id), callbacks=[clock])
         trainer.train()
     wall = clock.at[steps] - clock.at[warmup]
     return (steps - warmup) * batch / wall, clock.loss
@@ -169,7 +170,8 @@ def chatglm_shape(args) -> int:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     def step():
-        return optimizer_step(model, encoder, [micro() for _ in range(args.accumulation)], optim, None, autocast, 1.0)
+        return optimizer_step(model, encoder, [micro() for _ in range(args.accumulation)], optim, None, autocast, 1.0,
+                              backend=native())
 
     step()  # warm-up
     if dev.type == "cuda":

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from ptune.faults import TRACE_ENV
+from ptune.paths import STAGES  # noqa: F401  (tests import the one list of stages from here)
 from ptune.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
 SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"
-STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
 
 
 def project_files() -> list[str]:

@@ -142,7 +142,8 @@ def test_prefix_is_saved_as_the_reference_checkpoint_format_both_ways(chatglm_ru
     got = run_legacy(chatglm_run, legacy_python, REFERENCE_CHECKPOINT + """
 import json, os
 from pathlib import Path
-from ptune.chatglm import ChatGLM, prefix_off
+from ptune.chatglm import ChatGLMBackend, prefix_off
+ChatGLM = ChatGLMBackend()
 
 # Ours into the reference web demo: it loads pytorch_model.bin, strips the key prefix, loads the prefix encoder.
 web_demo = reference_model(4, False)
@@ -224,7 +225,8 @@ import json
 from pathlib import Path
 from transformers import AutoModel
 from ptune import prompts
-from ptune.chatglm import ChatGLM
+from ptune.chatglm import ChatGLMBackend
+ChatGLM = ChatGLMBackend()
 
 tok = ChatGLM.load_tokenizer(Path("models/base"))
 model = AutoModel.from_pretrained("models/base", trust_remote_code=True).float()

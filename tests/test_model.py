@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForC
 from ptune import embedded_model, prefixed, synthetic_adgen
 from ptune.config import EmbeddedModelConfig
 from ptune.errors import PtuneError
+from ptune.backends import native
 from ptune.generation import generate_all
 from ptune.config import GenerationConfig
 from ptune.prefix_encoder import PrefixEncoder, prefix_config_for
@@ -69,10 +70,10 @@ def test_batched_greedy_equals_one_at_a_time_with_prefix(projection):
 
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16], [20]]
     cfg = GenerationConfig(max_new_tokens=6, do_sample=False, top_p=0.7, temperature=0.95)
-    batched = generate_all(model, encoder, Tok, prompts, cfg, batch_size=4, seed=0, desc="b")
-    single = generate_all(model, encoder, Tok, prompts, cfg, batch_size=1, seed=0, desc="s")
+    batched = generate_all(model, encoder, Tok, prompts, cfg, batch_size=4, seed=0, desc="b", backend=native())
+    single = generate_all(model, encoder, Tok, prompts, cfg, batch_size=1, seed=0, desc="s", backend=native())
     assert batched == single
-    plain = generate_all(model, None, Tok, prompts, cfg, batch_size=4, seed=0, desc="p")
+    plain = generate_all(model, None, Tok, prompts, cfg, batch_size=4, seed=0, desc="p", backend=native())
     assert plain != batched  # the prefix really reaches generate()
 
 

@@ -7,34 +7,72 @@
 
 `fetch_weights.backend` chooses; fetch_weights checks that the model fits it and records it in
 models/base/ptune_source.json, where every later stage reads it (so they need no param of their own, and a change
-of backend changes models/base and reruns them). The stages call the same methods on either backend:
-
-    load_tokenizer(base)                                       -> tokenizer
-    encode_text(tokenizer, text)                                -> ids of prompt text   (prompts.py builds prompts)
-    prompt_specials(tokenizer)                                  -> ids that end every prompt
-    prompt_budget(max_source_length, training)                  -> the most tokens a data prompt may have
-    encode_train(tokenizer, prompt_ids, answers, max_tgt, end)  -> input_ids, labels    (preprocess)
-    encode_labels(tokenizer, targets, max_tgt)                  -> dev label texts
-    load_for_training(base, device, dtype, train_cfg)           -> model, prefix (the only trainable module)
-    check_quantization(mode, section, device, dtype)            (fails at once where quantization cannot run)
-    load_for_inference(base, prefix_dir, device, quantization, allow_pickle) -> model, prefix
-    collate(rows, pad_id) / loss(model, prefix, batch)          (train)
-    generate(model, prefix or None, tokenizer, prompts, kwargs) -> new token ids    (None: the base alone)
-    save_prefix(model, prefix, directory, base)                 (models/ptuning; prefix_config.json in both)
-    describe_prefix(directory, base, allow_pickle)              -> {pre_seq_len, base_config_sha256}  (deploy)
-    copy_prefix(source, dest, allow_pickle)                     (into the deploy bundle, as safetensors)
+of backend changes models/base and reruns them). `for_base` is the one way to obtain the backend of a base; both
+implement `Backend`, the interface the stages and serving call. They do not import this module (a Protocol needs no
+inheritance), so the interface sits below the implementations and nothing imports in a circle.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
+from .base_model import require_config
 from .errors import PtuneError
+from .paths import SOURCE_RECORD
 
 TRANSFORMERS = "transformers"
 CHATGLM = "chatglm"
-SOURCE_RECORD = "ptune_source.json"
+
+
+class Backend(Protocol):
+    """What the stages and serving call to load, tune and run a base model (its code: native.py, chatglm.py)."""
+
+    name: str  # TRANSFORMERS or CHATGLM, as fetch_weights records it
+
+    def load_tokenizer(self, base: Path) -> Any: ...
+
+    # Prompts (prompts.py builds their text): ids of text, the ids that end every prompt, a data prompt's budget.
+    def encode_text(self, tokenizer, text: str) -> list[int]: ...
+
+    def prompt_specials(self, tokenizer) -> list[int]: ...
+
+    def prompt_budget(self, max_source_length: int, training: bool) -> int: ...
+
+    # preprocess: training sequences and dev labels
+    def encode_train(self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
+                     end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]: ...
+
+    def encode_labels(self, tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]: ...
+
+    # train
+    def load_for_training(self, base: Path, dev, dtype, cfg) -> tuple[Any, Any]:
+        """The frozen model and its prefix, the only trainable module."""
+
+    def check_quantization(self, mode: str, section: str, dev, dtype=None) -> None:
+        """Fail at once where `mode` cannot run (before minutes of loading)."""
+
+    def collate(self, rows: list[dict], pad_id: int) -> dict: ...
+
+    def loss(self, model, prefix, batch: dict) -> Any: ...
+
+    def save_prefix(self, model, prefix, directory: Path, base: Path) -> None:
+        """models/ptuning, with prefix_config.json."""
+
+    # evaluate, deploy and serving
+    def load_for_inference(self, base: Path, prefix_dir: Path, dev, quantization: str = "none",
+                           allow_pickle: bool = False) -> tuple[Any, Any]: ...
+
+    def generate(self, model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> Any:
+        """New token ids for a batch of prompts; `prefix` None: the base alone."""
+
+    def describe_prefix(self, directory: Path, base: Path, allow_pickle: bool = False) -> dict:
+        """pre_seq_len and base_config_sha256 of a saved prefix."""
+
+    def copy_prefix(self, source: Path, dest: Path, allow_pickle: bool = False) -> None:
+        """Into the deploy bundle, as safetensors."""
 
 
 def detect(model_dir: Path) -> str:
@@ -61,26 +99,26 @@ def name_of(base: Path) -> str:
         backend = json.loads(record.read_text(encoding="utf-8")).get("backend")
         if backend:
             return backend
-    if not (base / "config.json").is_file():
-        raise PtuneError(f"{base}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
+    require_config(base)
     return detect(base)
 
 
-def for_base(base: Path):
-    """The backend for models/base. Imported on use: the CLI picks the environment from this module before any
-    model code (torch, transformers) is loaded."""
+def for_base(base: Path) -> Backend:
+    """The backend of the base model in `base` (as fetch_weights recorded it). Imported on use: the CLI picks the
+    environment from this module before any model code (torch, transformers) is loaded."""
     if name_of(base) == CHATGLM:
-        from .chatglm import ChatGLM
+        from .chatglm import ChatGLMBackend
 
-        return ChatGLM
+        return ChatGLMBackend()
     return native()
 
 
-def native():
-    """The transformers backend (its module needs transformers 5: never imported in the legacy environment)."""
-    from .native import Transformers
+def native() -> Backend:
+    """The transformers backend, for a model that is not in a directory (benchmarks). Its module needs
+    transformers 5: never imported in the legacy environment."""
+    from .native import TransformersBackend
 
-    return Transformers
+    return TransformersBackend()
 
 
 def needs_legacy_env(base: Path) -> bool:

@@ -1,6 +1,6 @@
 """The chatglm backend: ChatGLM-6B through its own remote code, with its built-in prefix and quantize().
 
-How it differs from transformers-native models (backends.Transformers), and why:
+How it differs from transformers-native models (native.TransformersBackend), and why:
 - Its model and tokenizer code ships with the weights (`trust_remote_code`) and needs transformers 4.27–4.33, so this
   module runs in the legacy environment (legacy_env); its auto_map has no AutoModelForCausalLM: AutoModel loads it.
 - P-tuning v2 is built in: `config.pre_seq_len` / `prefix_projection` make the model create
@@ -21,7 +21,6 @@ Only the first ChatGLM-6B generation is implemented: ChatGLM2/3-6B build their i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -30,14 +29,13 @@ from pathlib import Path
 
 import torch
 
-from . import atomic, trust
-from .backends import CHATGLM
+from . import atomic, base_model, trust
 from .batching import IGNORE_INDEX, right_pad
 from .errors import PtuneError
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "pytorch_model.bin"  # the reference trainer's name for it (a pickle)
+REFERENCE_PICKLE = "pytorch_model.bin"  # the reference trainer's name for it (a pickle)
 SAFETENSORS_NAME = "model.safetensors"  # what the reference trainer writes on transformers >= 4.35; ptune reads it
 CONFIG_NAME = "prefix_config.json"
 KEY_PREFIX = "transformer.prefix_encoder."
@@ -62,21 +60,21 @@ def _require_first_generation(config, base: Path) -> None:
                          "(ChatGLM2/3-6B?), and its inputs would be built wrongly")
 
 
+# The config keys that fix ChatGLM-6B's architecture (base_model.config_sha256).
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "inner_hidden_size", "position_encoding_2d")
+
+
 def config_sha256(config) -> str:
-    """A fingerprint of the base's architecture, to refuse loading a prefix onto another base."""
-    keys = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "inner_hidden_size",
-            "position_encoding_2d")
-    shape = {k: getattr(config, k, None) for k in keys}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    return base_model.config_sha256(config, ARCHITECTURE_KEYS)
 
 
-class ChatGLM:
-    """ChatGLM-6B's remote code (a namespace, as backends.Transformers)."""
+class ChatGLMBackend:
+    """ChatGLM-6B's remote code (backends.Backend; no state, as native.TransformersBackend)."""
 
-    name = CHATGLM
+    name = "chatglm"  # backends.CHATGLM
 
-    @staticmethod
-    def load_tokenizer(base: Path):
+    def load_tokenizer(self, base: Path):
         _, _, AutoTokenizer = _auto()
         if not (base / "tokenizer_config.json").is_file():
             raise PtuneError(f"{base}: no tokenizer here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) "
@@ -84,23 +82,19 @@ class ChatGLM:
         trust.require_remote_code(base)
         return AutoTokenizer.from_pretrained(str(base), trust_remote_code=True)
 
-    @staticmethod
-    def encode_text(tokenizer, text: str) -> list[int]:
+    def encode_text(self, tokenizer, text: str) -> list[int]:
         return tokenizer.encode(text=text, add_special_tokens=False)
 
-    @staticmethod
-    def prompt_specials(tokenizer) -> list[int]:
+    def prompt_specials(self, tokenizer) -> list[int]:
         """[gMASK] <sop>: what follows every prompt (the model finds where the answer starts by <sop>)."""
         return tokenizer.build_inputs_with_special_tokens([])
 
-    @staticmethod
-    def prompt_budget(max_source_length: int, training: bool) -> int:
+    def prompt_budget(self, max_source_length: int, training: bool) -> int:
         """As the reference: a training prompt is cut to max_source_length - 1 tokens before [gMASK] <sop> are added
         (max_source_length + 1 in all); a dev prompt is max_source_length with them (its tokenizer's truncation)."""
         return max_source_length + 1 if training else max_source_length
 
-    @staticmethod
-    def encode_train(tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
+    def encode_train(self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
                      end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]:
         """As the reference: prompt [gMASK] <sop> target <eop>, the target cut to max_target_length - 2; labels
         -100 up to <sop>, which is itself a label."""
@@ -113,20 +107,18 @@ class ChatGLM:
             labels.append([IGNORE_INDEX] * context + ids[context:])
         return input_ids, labels
 
-    @staticmethod
-    def encode_labels(tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]:
+    def encode_labels(self, tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]:
         """As the reference: the target tokenized with max_length and decoded without special tokens. ([gMASK] is
         not one of them for this tokenizer, so labels end with it exactly as the reference's do, and scores stay
         comparable with its figures.)"""
         t_ids = tokenizer(text_target=list(targets), max_length=max_target_length, truncation=True)["input_ids"]
         return tokenizer.batch_decode(t_ids, skip_special_tokens=True)
 
-    @staticmethod
-    def load_for_training(base: Path, dev: torch.device, dtype: torch.dtype, cfg):
+    def load_for_training(self, base: Path, dev: torch.device, dtype: torch.dtype, cfg):
         if cfg.prefix_projection:
             log.info("prefix_projection: ChatGLM-6B's prefix MLP is hidden_size wide; train.prefix_hidden_size "
                      "(%d) does not apply", cfg.prefix_hidden_size)
-        ChatGLM.check_quantization(cfg.quantization, "train", dev, dtype)  # before minutes of loading
+        self.check_quantization(cfg.quantization, "train", dev, dtype)  # before minutes of loading
         model = _load(base, cfg.pre_seq_len, cfg.prefix_projection)
         model.transformer.dropout.p = cfg.prefix_dropout
         model = _place(model, dev, dtype, BITS[cfg.quantization], "train")
@@ -140,22 +132,18 @@ class ChatGLM:
                     module.reset_parameters()
         return model, prefix
 
-    @staticmethod
-    def load_for_inference(base: Path, prefix_dir: Path, dev: torch.device, quantization: str = "none",
+    def load_for_inference(self, base: Path, prefix_dir: Path, dev: torch.device, quantization: str = "none",
                            allow_pickle: bool = False):
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-        ChatGLM.check_quantization(quantization, "evaluate", dev, dtype)
+        self.check_quantization(quantization, "evaluate", dev, dtype)
         state, pre_seq_len, projection = read_prefix(prefix_dir, allow_pickle)
         model = _load(base, pre_seq_len, projection)
         meta = prefix_dir / CONFIG_NAME
         if meta.is_file():
             recorded = json.loads(meta.read_text(encoding="utf-8"))
-            expected = config_sha256(model.config)
-            if recorded.get("base_config_sha256") not in (None, expected):
-                raise PtuneError(
-                    f"{prefix_dir}: this prefix was trained on base {recorded.get('base_model')!r} (config sha256 "
-                    f"{recorded['base_config_sha256'][:12]}), but the loaded base has config sha256 {expected[:12]}; "
-                    "load it onto the base it was trained on, or retrain it")
+            if recorded.get("base_config_sha256") is not None:
+                base_model.require_same_base(prefix_dir, recorded.get("base_model"), recorded["base_config_sha256"],
+                                             config_sha256(model.config))
         _check_shapes(state, model, prefix_dir)  # before quantizing: that takes minutes on the real model
         model = _place(model, dev, dtype, BITS[quantization], "evaluate")
         prefix = model.transformer.prefix_encoder
@@ -163,20 +151,17 @@ class ChatGLM:
         prefix.eval()
         return model, prefix
 
-    @staticmethod
-    def check_quantization(mode: str, section: str, dev: torch.device, dtype: torch.dtype | None = None) -> None:
+    def check_quantization(self, mode: str, section: str, dev: torch.device, dtype: torch.dtype | None = None) -> None:
         """Fail at once where the model's own quantize() cannot run (before minutes of loading)."""
         if BITS[mode] is not None:
             _check_quantization(dev, mode, section, dtype)
 
-    @staticmethod
-    def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         """Right-padded ids and labels; no attention mask: the model builds its own from where <sop> is."""
         ids, labels, _ = right_pad(rows, pad_id)
         return {"input_ids": ids, "labels": labels}
 
-    @staticmethod
-    def loss(model, prefix, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, model, prefix, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # The prefix is part of the model: its dropout follows the prefix's train/eval mode.
         model.transformer.dropout.train(prefix.training)
         # A quantized model runs as the reference runs it, fp16 without autocast: quantize()'s autograd function
@@ -186,8 +171,7 @@ class ChatGLM:
         with plain:
             return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float()
 
-    @staticmethod
-    def generate(model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> torch.Tensor:
+    def generate(self, model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> torch.Tensor:
         """The tokenizer's own left padding (4D mask, 2D positions), then generate; prefix None: the base alone."""
         batch = tokenizer.pad({"input_ids": [list(p) for p in prompts]}, padding=True, return_tensors="pt")
         dev = next(model.parameters()).device
@@ -199,12 +183,10 @@ class ChatGLM:
             out = model.generate(**batch, **kwargs)
         return out[:, batch["input_ids"].shape[1]:]
 
-    @staticmethod
-    def save_prefix(model, prefix, directory: Path, base: Path) -> None:
+    def save_prefix(self, model, prefix, directory: Path, base: Path) -> None:
         save_prefix(model, prefix, directory, base)
 
-    @staticmethod
-    def describe_prefix(directory: Path, base: Path, allow_pickle: bool = False) -> dict:
+    def describe_prefix(self, directory: Path, base: Path, allow_pickle: bool = False) -> dict:
         """pre_seq_len and base_config_sha256 of a saved prefix; a reference checkpoint has no prefix_config.json,
         so they come from its tensors and the base's config."""
         if (directory / CONFIG_NAME).is_file():
@@ -215,8 +197,7 @@ class ChatGLM:
         config = AutoConfig.from_pretrained(str(base), trust_remote_code=True)
         return {"pre_seq_len": pre_seq_len, "base_config_sha256": config_sha256(config)}
 
-    @staticmethod
-    def copy_prefix(source: Path, dest: Path, allow_pickle: bool = False) -> None:
+    def copy_prefix(self, source: Path, dest: Path, allow_pickle: bool = False) -> None:
         """The prefix into a deploy bundle; a reference checkpoint (pytorch_model.bin only) gets its
         model.safetensors there, so serving the bundle never unpickles."""
         shutil.copytree(source, dest)
@@ -238,9 +219,7 @@ def prefix_off(model) -> Iterator[None]:
 
 def _load(base: Path, pre_seq_len: int, prefix_projection: bool):
     AutoConfig, AutoModel, _ = _auto()
-    if not (base / "config.json").is_file():
-        raise PtuneError(f"{base}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) "
-                         "first")
+    base_model.require_config(base)
     trust.require_remote_code(base)
     config = AutoConfig.from_pretrained(str(base), trust_remote_code=True)
     _require_first_generation(config, base)
@@ -296,7 +275,7 @@ def read_prefix(directory: Path, allow_pickle: bool = False) -> tuple[dict[str, 
     """A saved prefix, ours or a reference checkpoint's: its prefix-encoder tensors (keys without
     `transformer.prefix_encoder.`), its pre_seq_len and whether it has the projection MLP, read from the tensors.
     safetensors first; the pickle (pytorch_model.bin) only when `allow_pickle` (fetch_weights.allow_pickle)."""
-    path = directory / WEIGHTS_NAME
+    path = directory / REFERENCE_PICKLE
     safetensors = directory / SAFETENSORS_NAME
     try:
         if safetensors.is_file():
@@ -331,10 +310,10 @@ def save_prefix(model, prefix, directory: Path, base: Path) -> None:
     _write_safetensors(directory, state)
     # For the reference web_demo.sh, which torch.loads this name. The legacy (non-zip) format: the zip format records
     # a random serialization id, and the same prefix must give the same bytes on a rerun.
-    with atomic.atomic_file(directory / WEIGHTS_NAME, "wb") as fh:
+    with atomic.atomic_file(directory / REFERENCE_PICKLE, "wb") as fh:
         torch.save(state, fh, _use_new_zipfile_serialization=False)
     rows = state[KEY_PREFIX + "embedding.weight"]
-    meta = {"backend": CHATGLM, "base_model": str(base), "pre_seq_len": rows.shape[0],
+    meta = {"backend": ChatGLMBackend.name, "base_model": str(base), "pre_seq_len": rows.shape[0],
             "prefix_projection": KEY_PREFIX + "trans.0.weight" in state,
             "prefix_dropout": model.transformer.dropout.p, "base_config_sha256": config_sha256(model.config)}
     atomic.write_json(directory / CONFIG_NAME, meta)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import PtuneError
 from .remote import open_repo
-from .stagelog import STATE_DIR
+from .paths import PTUNE_DIR, STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 SYNCED_STAGES = ("train", "evaluate")
 REMOTE_DIR = "ptune-state"
 MANIFEST = "manifest.json"
-STATE_ROOT = STATE_DIR / "state"
 
 
 @dataclass(frozen=True)
@@ -67,9 +66,9 @@ def _md5(path: Path) -> str:
 def local_states(stages: list[str] | None) -> dict[str, Path]:
     """stage -> its one resume directory; hidden names are files still being written (atomic temp files)."""
     found: dict[str, Path] = {}
-    if not STATE_ROOT.is_dir():
+    if not STATE_DIR.is_dir():
         return found
-    for stage_dir in sorted(p for p in STATE_ROOT.iterdir() if p.is_dir()):
+    for stage_dir in sorted(p for p in STATE_DIR.iterdir() if p.is_dir()):
         if stage_dir.name not in (stages or SYNCED_STAGES):
             continue
         keys = sorted((p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -121,7 +120,7 @@ class RemoteState:
         old_files = old.get("files", {}) if old.get("key") == key else {}
         files: dict[str, dict] = {}
         uploaded = 0
-        with tempfile.TemporaryDirectory(prefix="ptune-push-", dir=STATE_DIR) as tmp:
+        with tempfile.TemporaryDirectory(prefix="ptune-push-", dir=PTUNE_DIR) as tmp:
             for src in sorted(p for p in local.iterdir() if p.is_file() and not p.name.startswith(".")):
                 snap = Path(tmp) / src.name
                 try:
@@ -151,7 +150,7 @@ class RemoteState:
         manifest = self.manifest(stage)
         if manifest is None:
             raise PtuneError(f"the remote '{self.name}' holds no resume state for {stage}")
-        dest = STATE_ROOT / stage / manifest["key"]
+        dest = STATE_DIR / stage / manifest["key"]
         dest.mkdir(parents=True, exist_ok=True)
         fetched = []
         for name, meta in sorted(manifest["files"].items()):

@@ -12,12 +12,9 @@ from pathlib import Path
 
 from . import backends, legacy_env
 from .errors import PtuneError
+from .paths import BASE, MODEL_STAGES, STAGES
 from .serve import commands as serve_commands
 
-# The pipeline's stages in DAG order; each is the module of the same name, with `run(params)`.
-STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
-# The stages that load models/base: they run in the environment its backend needs (backends, legacy_env).
-MODEL_STAGES = ("preprocess", "train", "evaluate", "deploy")
 STAGE_HELP = {
     "fetch_weights": "put the base model and tokenizer in models/base/",
     "fetch_data": "write ADGEN-shaped data/raw/train.json and dev.json",
@@ -85,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _switch_environment(argv: list[str], base: Path | None = Path("models/base")) -> None:
+def _switch_environment(argv: list[str], base: Path | None = BASE) -> None:
     """Re-execute this command in the legacy environment when `base` needs ChatGLM-6B's remote code."""
     if base is not None and backends.needs_legacy_env(base) and not legacy_env.is_current():
         legacy_env.reexec("ptune.cli", argv)

@@ -14,12 +14,12 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import atomic, figures
+from . import atomic, figures, paths
 from .errors import PtuneError
 from .metrics import METRIC_NAMES
 
-TRAIN_LOG = "reports/train_log.csv"
-PARAM_SECTIONS = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
+TRAIN_LOG = str(paths.TRAIN_LOG)
+PARAM_SECTIONS = paths.STAGES  # one params section per stage
 SCORES = [f"ptuned.{m}" for m in METRIC_NAMES] + ["base.rouge-l"]
 
 

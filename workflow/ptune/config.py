@@ -112,6 +112,11 @@ class GenerationConfig:
     top_p: float
     temperature: float
 
+    @classmethod
+    def of(cls, cfg: "GenerationConfig") -> "GenerationConfig":
+        """The generation settings alone of a section that has more (evaluate, deploy, a request's Settings)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
 
 @dataclass(frozen=True)
 class EvaluateConfig(GenerationConfig):

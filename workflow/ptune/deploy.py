@@ -20,11 +20,9 @@ from .config import GenerationConfig, Params
 from .errors import PtuneError
 from .serve.process import ApiProcess
 
-BASE = Path("models/base")
-PREFIX = Path("models/ptuning")
-OUT = Path("models/deploy")
-METRICS = Path("reports/metrics.json")
-CHECK = Path("reports/deploy_check.json")
+from .paths import BASE, METRICS, PREFIX
+from .paths import DEPLOY as OUT
+from .paths import DEPLOY_CHECK as CHECK
 
 LAUNCH = """# ptune deploy bundle
 
@@ -52,7 +50,7 @@ def run(params: Params) -> None:
     prefix_cfg = backend.describe_prefix(PREFIX, BASE, allow_pickle)
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
     scores = ", ".join(f"{k.upper()} {v:.2f}" for k, v in sorted(metrics["ptuned"].items()))
-    generation = GenerationConfig(cfg.max_new_tokens, cfg.do_sample, cfg.top_p, cfg.temperature)
+    generation = GenerationConfig.of(cfg)
     with atomic.atomic_dir(OUT) as tmp:
         backend.copy_prefix(PREFIX, tmp / "prefix", allow_pickle)
         atomic.write_json(tmp / MANIFEST, {

@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import paths
 from .config import Params
 from .errors import PtuneError
 
@@ -126,7 +127,7 @@ def _dvc_repo():
 def _disk(params: Params, repo) -> list[Finding]:
     model = params.hardware.model_gib
     cfg = params.fetch_weights
-    base = Path("models/base")
+    base = paths.BASE
     # (where, what, GiB, when): "fetch" lives only while fetch_weights runs, "kept" stays; the peak counts.
     needs: list[tuple[Path, str, float, str]] = []
     hub_cache = None

@@ -22,11 +22,8 @@ from .determinism import seed_everything
 from .generation import generate_all, in_prompt_order, length_sorted_batches
 from .resume_state import Journal, ResumeState
 
-BASE = Path("models/base")
-PREFIX = Path("models/ptuning")
-DATA = Path("data/processed")
-METRICS = Path("reports/metrics.json")
-PREDICTIONS = Path("reports/predictions.jsonl")
+from .paths import BASE, METRICS, PREDICTIONS, PREFIX
+from .paths import PROCESSED as DATA
 MODELS = ("base", "ptuned")
 # Batches and their seeds do not depend on how many processes share them: a run killed with one `devices`
 # value resumes with another.
@@ -74,7 +71,7 @@ def run(params: Params) -> dict:
             already = set(journal.done)
             t0 = time.perf_counter()
             outputs[name] = generate_all(model, enc, tokenizer, prompt_ids, cfg, cfg.batch_size, cfg.seed, desc=name,
-                                         journal=journal, shard=(rank, n), backend=backend, stop_ids=stop_ids)
+                                         backend=backend, journal=journal, shard=(rank, n), stop_ids=stop_ids)
             generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
             speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
         where = str(model.device)

@@ -16,7 +16,7 @@ from .resume_state import ResumeState
 from .sources import lock, url
 from .sources.lfs_pointer import require_no_pointers
 
-OUT = Path("data/raw")
+from .paths import RAW as OUT
 
 
 def _source_folder(cfg: FetchDataConfig) -> tuple[Path, ResumeState | None]:

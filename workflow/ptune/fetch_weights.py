@@ -20,11 +20,11 @@ from .errors import PtuneError
 from .resume_state import ResumeState
 from .sources import git_lfs, hub, lock
 from .sources.lfs_pointer import require_no_pointers
-from .provenance import SOURCE_RECORD
+from .paths import SOURCE_RECORD
 
 log = logging.getLogger(__name__)
 
-OUT = Path("models/base")
+from .paths import BASE as OUT
 
 
 def check_model_dir(folder: Path, what: str) -> None:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from . import backends, faults
+from . import faults
+from .backends import Backend
 from .config import GenerationConfig
 from .errors import PtuneError
 from .resume_state import Journal
@@ -50,10 +51,10 @@ def in_prompt_order(batches: list[list[int]], texts_by_batch: dict[int, list[str
 
 def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
                  cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
-                 journal: Journal | None = None, shard: tuple[int, int] = (0, 1), backend=None,
+                 backend: Backend, journal: Journal | None = None, shard: tuple[int, int] = (0, 1),
                  stop_ids: Sequence[int] | None = None) -> list[str | None]:
     """Decoded completions (special tokens skipped), in the order of `prompts`; `encoder` None: the base alone;
-    `backend` (backends.py) None: transformers-native; `stop_ids`: the tokens an answer ends with.
+    `backend` generates (backends.Backend); `stop_ids`: the tokens an answer ends with.
 
     With a `journal`, each finished batch is recorded there and batches it already holds are not generated
     again: a killed run continues where it stopped, with the same results. `shard=(rank, n)` generates only
@@ -61,7 +62,6 @@ def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
     batch is the one a single process would make (same rows, same seed), so the merged result does not depend
     on n.
     """
-    backend = backend or backends.native()
     kwargs = generation_kwargs(cfg, tokenizer, stop_ids)
     rank, n = shard
     batches = length_sorted_batches(prompts, batch_size)

@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import PtuneError
-
-LOCK_DIR = Path(".ptune/locks")
+from .paths import LOCK_DIR
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .base_model import require_config
 from .errors import PtuneError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,7 @@ def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.
     only transformers-native architectures (no `trust_remote_code`) load this way.
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise PtuneError(f"{path}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
+    require_config(path)
     dev = dev or device()
     if quantization != "none":
         check_quantization(quantization, key)

@@ -8,7 +8,6 @@ honour; see `prefixed.py` for the masks and positions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,9 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .base_model import config_sha256, require_same_base
 from .errors import PtuneError
 
-WEIGHTS_NAME = "prefix.safetensors"
+PREFIX_WEIGHTS = "prefix.safetensors"
 CONFIG_NAME = "prefix_config.json"
 
 
@@ -41,12 +41,13 @@ class PrefixConfig:
         return self.num_key_value_heads * self.head_dim
 
 
+# The config keys that fix a transformers-native architecture (base_model.config_sha256).
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "intermediate_size")
+
+
 def base_config_sha256(model_config) -> str:
-    """A stable fingerprint of the base model's architecture, to refuse loading a prefix onto another base."""
-    keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "intermediate_size")
-    shape = {k: getattr(model_config, k, None) for k in keys}
-    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    return config_sha256(model_config, ARCHITECTURE_KEYS)
 
 
 def prefix_config_for(model, pre_seq_len: int, prefix_projection: bool, prefix_hidden_size: int,
@@ -108,7 +109,7 @@ class PrefixEncoder(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(directory / PREFIX_WEIGHTS), metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(
             json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -122,25 +123,21 @@ class PrefixEncoder(nn.Module):
             raise PtuneError(f"{cfg_file}: missing; is {directory} a prefix saved by `ptune train`?")
         config = PrefixConfig(**json.loads(cfg_file.read_text(encoding="utf-8")))
         if model is not None:
-            expected = base_config_sha256(model.config)
-            if expected != config.base_config_sha256:
-                raise PtuneError(
-                    f"{directory}: this prefix was trained on base {config.base_model!r} "
-                    f"(config sha256 {config.base_config_sha256[:12]}), but the loaded base has config sha256 "
-                    f"{expected[:12]}; load it onto the base it was trained on, or retrain it")
+            require_same_base(Path(directory), config.base_model, config.base_config_sha256,
+                              base_config_sha256(model.config))
         if pre_seq_len is not None and pre_seq_len != config.pre_seq_len:
             raise PtuneError(f"{directory}: this prefix has pre_seq_len {config.pre_seq_len}, but pre_seq_len "
                              f"{pre_seq_len} was asked for; use {config.pre_seq_len} or retrain the prefix")
-        state = load_file(str(directory / WEIGHTS_NAME))
+        state = load_file(str(directory / PREFIX_WEIGHTS))
         rows = state.get("embedding.weight")
         if rows is None or rows.shape[0] != config.pre_seq_len:
             found = "no embedding.weight" if rows is None else f"{rows.shape[0]} virtual tokens"
-            raise PtuneError(f"{directory / WEIGHTS_NAME} holds {found}, but {cfg_file} says pre_seq_len "
+            raise PtuneError(f"{directory / PREFIX_WEIGHTS} holds {found}, but {cfg_file} says pre_seq_len "
                              f"{config.pre_seq_len}; the two files come from different runs: retrain or restore both")
         encoder = cls(config)
         try:
             encoder.load_state_dict(state)
         except RuntimeError as exc:
-            raise PtuneError(f"{directory / WEIGHTS_NAME}: does not match {cfg_file} "
+            raise PtuneError(f"{directory / PREFIX_WEIGHTS}: does not match {cfg_file} "
                              f"(pre_seq_len {config.pre_seq_len}): {str(exc).splitlines()[0]}") from None
         return encoder

@@ -17,9 +17,8 @@ from . import adgen, atomic, backends, prompts
 from .config import Params, PreprocessConfig
 from .errors import PtuneError
 
-RAW = Path("data/raw")
-BASE = Path("models/base")
-OUT = Path("data/processed")
+from .paths import BASE, RAW
+from .paths import PROCESSED as OUT
 
 
 def _turn(ex: dict) -> prompts.Turn:

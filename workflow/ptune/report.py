@@ -21,27 +21,16 @@ from pathlib import Path
 
 import yaml
 
-from . import atomic, figures, provenance
-from .cli import STAGES
+from . import atomic, figures, paths, provenance
 from .config import Params, ReportConfig
 from .metrics import METRIC_NAMES, per_example
+from .paths import (BASE, DEPLOY_CHECK, FIGURES, METRICS, METRICS_CSV, PREDICTIONS, REPORT_HTML, REPORT_MD,
+                    STAGES, TRAIN_LOG)
+from .paths import RAW as RAW_DATA
+from .paths import TIMINGS as OUT_TIMINGS
 from .remote import check_survival
 from .report_render import render_html, render_markdown
 
-REPORTS = Path("reports")
-METRICS = REPORTS / "metrics.json"
-PREDICTIONS = REPORTS / "predictions.jsonl"
-TRAIN_LOG = REPORTS / "train_log.csv"
-DEPLOY_CHECK = REPORTS / "deploy_check.json"
-TIMINGS_DIR = REPORTS / "timings"
-BASE = Path("models/base")
-RAW_DATA = Path("data/raw")
-OUT_MD = REPORTS / "report.md"
-OUT_HTML = REPORTS / "report.html"
-OUT_TIMINGS = REPORTS / "timings.json"
-FIGURES = {"training": REPORTS / "figures/training.png", "metrics": REPORTS / "figures/metrics.png",
-           "rouge_l": REPORTS / "figures/rouge_l.png"}
-METRICS_CSV = REPORTS / "plots/metrics.csv"
 MODELS = {"base": "base model", "ptuned": "P-tuned"}
 # How to talk to the deployed model; each server reads models/deploy by default.
 SERVE_COMMANDS = (("ptune serve web", "web chat demo (Gradio) on http://127.0.0.1:7860"),
@@ -172,8 +161,7 @@ def collect(params: Params) -> dict:
     predictions = [json.loads(line) for line in PREDICTIONS.read_text(encoding="utf-8").splitlines() if line]
     with open(TRAIN_LOG, encoding="utf-8", newline="") as fh:
         log_rows = list(csv.DictReader(fh))
-    timings = {stage: _read_json(TIMINGS_DIR / f"{stage}.json") for stage in STAGES
-               if (TIMINGS_DIR / f"{stage}.json").is_file()}
+    timings = {stage: _read_json(paths.timings(stage)) for stage in STAGES if paths.timings(stage).is_file()}
     return {
         "headline": headline(metrics, params.report),
         "training": training(log_rows, timings.get("train", {})),
@@ -216,8 +204,8 @@ def run(params: Params) -> None:
         with atomic.atomic_file(FIGURES[name], "wb") as fh:
             fh.write(png)
     atomic.write_text(METRICS_CSV, metrics_csv(facts))
-    atomic.write_text(OUT_HTML, render_html(facts, images))
-    atomic.write_text(OUT_MD, render_markdown(facts, images))
+    atomic.write_text(REPORT_HTML, render_html(facts, images))
+    atomic.write_text(REPORT_MD, render_markdown(facts, images))
     timings = dict(facts["timings"])
     timings["report"] = {"stage": "report", "started": facts["generated"],
                          "wall_s": round(time.perf_counter() - t0, 3), "host": platform.node()}

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .stagelog import STATE_DIR
+from .paths import STATE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class ResumeState:
     """The resume directory of one stage for one set of inputs and params."""
 
     def __init__(self, stage: str, inputs: list[Path], params: Any):
-        self.stage_dir = STATE_DIR / "state" / stage
+        self.stage_dir = STATE_DIR / stage
         self.key = fingerprint(inputs, params)
         self.dir = self.stage_dir / self.key
         if self.stage_dir.is_dir():

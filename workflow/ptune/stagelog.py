@@ -15,14 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import atomic
-
-STATE_DIR = Path(".ptune")
-STAGE_LOG = STATE_DIR / "stage.log"
-TIMINGS_DIR = Path("reports/timings")
+from .paths import PTUNE_DIR, STAGE_LOG, timings
 
 
 def record_start(stage: str) -> None:
-    STATE_DIR.mkdir(exist_ok=True)
+    PTUNE_DIR.mkdir(exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     # O_APPEND writes of one short line are atomic, so concurrent stages (--cores 2) never interleave.
     with open(STAGE_LOG, "a", encoding="utf-8") as fh:
@@ -52,4 +49,4 @@ def timed(stage: str) -> Iterator[dict]:
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         **extra,
     }
-    atomic.write_json(TIMINGS_DIR / f"{stage}.json", record)
+    atomic.write_json(timings(stage), record)

@@ -27,15 +27,14 @@ from .determinism import seed_everything
 from .errors import PtuneError
 from .model import assert_frozen, device
 from .remote import checkpoint_push_every
+from .paths import BASE, TRAIN_LOG
+from .paths import PREFIX as OUT
+from .paths import PROCESSED as DATA
 from .resume_state import ResumeState
 
 log = logging.getLogger(__name__)
 
-BASE = Path("models/base")
-DATA = Path("data/processed")
-OUT = Path("models/ptuning")
 CKPT_SUFFIX = ".safetensors"
-TRAIN_LOG = Path("reports/train_log.csv")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Fields that change neither the data order nor the numbers: editing them keeps checkpoints usable.
 NOT_IN_RESUME_KEY = ("logging_steps", "save_steps", "save_total_limit")
@@ -51,13 +50,12 @@ def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
 
 
 def micro_batches_at(step: int, train, cfg: TrainConfig, pad_id: int, dev, rank: int = 0, world: int = 1,
-                     collate=None) -> list[dict[str, torch.Tensor]]:
+                     *, collate) -> list[dict[str, torch.Tensor]]:
     """The micro-batches of optimizer step `step` for process `rank` of `world`.
 
     Each step reads gradient_accumulation_steps global micro-batches of per_device x world rows; rank r takes
     the r-th slice of each, so the data order depends on the step alone, whatever the rank.
     """
-    collate = collate or backends.native().collate  # the backend's padding and tensors (backends.py)
     per_device = cfg.per_device_train_batch_size
     out = []
     for micro in range(cfg.gradient_accumulation_steps):
@@ -83,14 +81,13 @@ def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
 
 
 def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float,
-                   no_sync=contextlib.nullcontext, backend=None) -> float:
+                   no_sync=contextlib.nullcontext, *, backend: backends.Backend) -> float:
     """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them).
 
     `encoder` may be a DistributedDataParallel wrapper; `no_sync()` then skips the gradient all-reduce of every
     micro-batch but the last (accumulating the local gradients first gives the same sum with one exchange).
-    `backend` (backends.py) computes the loss; None: transformers-native.
+    `backend` computes the loss.
     """
-    backend = backend or backends.native()
     step_loss = 0.0
     for i, batch in enumerate(micro_batches):
         with no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
@@ -211,7 +208,7 @@ def run(params: Params) -> dict:
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
-        micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world, backend.collate)
+        micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world, collate=backend.collate)
         samples_since += sum(len(b["input_ids"]) for b in micro_batches) * world
         step_loss = optimizer_step(model, shared, micro_batches, optim, scaler, autocast, cfg.max_grad_norm,
                                    no_sync=lambda: acc.no_sync(shared), backend=backend)

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from .errors import PtuneError
-from .backends import SOURCE_RECORD
+from .paths import SOURCE_RECORD
 
 log = logging.getLogger(__name__)
 

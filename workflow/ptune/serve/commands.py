@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 from ..errors import PtuneError
+from ..paths import DEPLOY
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUNDLE = "models/deploy"
+DEFAULT_BUNDLE = str(DEPLOY)
 API_KEY_ENV = "PTUNE_API_KEY"
 WEB_AUTH_ENV = "PTUNE_WEB_AUTH"
 # ptune.bundle.MANIFEST, named here because importing that module loads torch (seconds) before a quick check.

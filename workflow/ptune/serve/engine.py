@@ -67,13 +67,9 @@ def _prefix_length(bundle: Bundle) -> int:
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Generation settings of one request."""
+class Settings(GenerationConfig):
+    """Generation settings of one request: the bundle's kind, and a seed."""
 
-    max_new_tokens: int
-    do_sample: bool
-    top_p: float
-    temperature: float
     seed: int | None = None
 
 
@@ -165,18 +161,17 @@ class Engine:
             raise PtuneError(f"{directory}: a ChatGLM-6B base (backend chatglm) is served from its deploy bundle; "
                              "use --bundle models/deploy --base-only for the base alone")
         model = load_frozen(directory, device())
-        generation = GenerationConfig(generation.max_new_tokens, generation.do_sample, generation.top_p,
-                                      generation.temperature)
+        generation = GenerationConfig.of(generation)
         tokenizer = load_tokenizer(directory)
         fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
-        bundle = Bundle(tokenizer, model, None, fmt, generation, backends.native())
+        bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
         return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending)
 
     def set_defaults(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
                      top_p: float | None = None, temperature: float | None = None, seed: int | None = None) -> None:
         """Override the bundle's generation defaults (what a request that names none gets); checked as a request."""
         s = self.settings(max_new_tokens, temperature, top_p, do_sample, seed)
-        self.defaults = GenerationConfig(s.max_new_tokens, s.do_sample, s.top_p, s.temperature)
+        self.defaults = GenerationConfig.of(s)
         self.default_seed = seed
 
     @property
@@ -263,9 +258,7 @@ class Engine:
                 if reply._cancel.is_set():
                     reply.finish_reason = "cancelled"
                     return
-                config = GenerationConfig(settings.max_new_tokens, settings.do_sample, settings.top_p,
-                                          settings.temperature)
-                kwargs = generation_kwargs(config, bundle.tokenizer, self.stop_ids)
+                kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
                 kwargs.update(streamer=reply._streamer,
                               stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)]))
                 if settings.seed is not None:
