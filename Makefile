@@ -1,5 +1,5 @@
 # The two commands of the README: `make report` (set up, then run the pipeline) and `make test`.
-# ChatGLM-6B's remote code runs in a second environment, .venv-legacy (workflow/ptune/legacy_env.py): `setup` and
+# ChatGLM-6B's remote code runs in a second environment, .venv-legacy (workflow/ptune/model/legacy_env.py): `setup` and
 # `report` create it when params.yaml selects fetch_weights.backend chatglm, `test` always (its tests use it).
 VENV ?= .venv
 STAMP := $(VENV)/.ptune-installed
@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 .PHONY: setup legacy report test test-all test-faults bench lock clean-venv
 
 setup: $(STAMP)
-	$(VENV)/bin/python -m ptune.legacy_env ensure --if-needed params.yaml
+	$(VENV)/bin/python -m ptune.model.legacy_env ensure --if-needed params.yaml
 
 $(STAMP): pyproject.toml requirements/constraints.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV)
@@ -20,7 +20,7 @@ report: setup
 	snakemake --cores 1 report
 
 legacy: $(STAMP)
-	$(VENV)/bin/python -m ptune.legacy_env ensure
+	$(VENV)/bin/python -m ptune.model.legacy_env ensure
 
 test: $(STAMP) legacy
 	pytest

@@ -18,8 +18,8 @@ from ptune import config as ptune_config
 # ptune's own loader first: a YAML syntax error is named by file, line and column and a bad key by its dotted
 # name, the same messages `ptune` and `dvc repro` give (Snakemake's configfile parser names neither).
 ptune_config.load("params.yaml")
-from ptune.remote import check_survival, push_each_stage
-from ptune import pods
+from ptune.remote.dvc_remote import check_survival, push_each_stage
+from ptune.remote import pods
 
 configfile: "params.yaml"
 report: "workflow/report/workflow.rst"
@@ -83,7 +83,7 @@ def _producers(name):
 _PUSH = " && dvc --wait-for-lock push --run-cache {params.stage}" if push_each_stage() else ""
 
 # Jobs with no shared filesystem (Kubernetes): Snakemake would move each rule's files through its default storage,
-# but a stage's data lives in DVC, and the DVC remote is the storage the jobs share (ptune/pods.py). So the rules
+# but a stage's data lives in DVC, and the DVC remote is the storage the jobs share (ptune/remote/pods.py). So the rules
 # declare only a small record per stage, keyed by dvc.yaml + params.yaml, and each job runs `ptune pod-stage`:
 # `dvc repro --pull` from the remote, `dvc push --run-cache`, and the stage's dvc.lock entry into the record.
 _NO_SHARED_FS = workflow.storage_settings.default_storage_provider is not None

@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
 from ptune.config import GenerationConfig  # noqa: E402
-from ptune.backends import native  # noqa: E402
-from ptune.generation import generate_all  # noqa: E402
-from ptune.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
+from ptune.model.backends import native  # noqa: E402
+from ptune.model.generation import generate_all  # noqa: E402
+from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
 
 
 class IdTokenizer:
@@ -64,7 +64,7 @@ def chatglm_shaped(pre_seq_len: int, seed: int, layers: int = 28):
 def embedded(model_dir: Path, data_dir: Path, prefix_dir: Path | None):
     from datasets import load_from_disk
 
-    from ptune.model import load_frozen, load_tokenizer
+    from ptune.model.loading import load_frozen, load_tokenizer
 
     model = load_frozen(model_dir)
     encoder = PrefixEncoder.load(prefix_dir, model).to(model.device) if prefix_dir else None

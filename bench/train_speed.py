@@ -29,21 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 sys.path.insert(0, str(REPO / "bench"))
 
-from ptune.determinism import configure_threads  # noqa: E402
+from ptune.state.determinism import configure_threads  # noqa: E402
 
 THREADS = configure_threads()  # before torch starts its thread pools: the thread count `ptune train` uses
 
 import torch  # noqa: E402
 
-from ptune.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
-from ptune.backends import native  # noqa: E402
-from ptune.train import batch_indices, lr_at, micro_batches_at, optimizer_step  # noqa: E402
+from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
+from ptune.model.backends import native  # noqa: E402
+from ptune.stages.train import batch_indices, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 
 
 def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
     """ptune's loop body (train.run's, minus logging and checkpoints): samples/s after `warmup`, last loss."""
-    from ptune.determinism import seed_everything
-    from ptune.model import load_frozen
+    from ptune.state.determinism import seed_everything
+    from ptune.model.loading import load_frozen
 
     seed_everything(cfg.seed)
     model = load_frozen("models/base", torch.device("cpu"))

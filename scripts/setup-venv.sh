@@ -17,7 +17,7 @@
 # on sys.path, so torch, CUDA build included, and every other package come from there) and gets only what
 # requirements/legacy.txt says must differ (transformers 4.33 for ChatGLM-6B's remote code), at the versions of
 # requirements/legacy-constraints.txt.
-# ptune itself is importable from the checkout. Run by `python -m ptune.legacy_env ensure`, which checks whether
+# ptune itself is importable from the checkout. Run by `python -m ptune.model.legacy_env ensure`, which checks whether
 # the environment is up to date first.
 set -euo pipefail
 

@@ -33,11 +33,12 @@ def build(out: Path, preset: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GlmConfig, Qwen2Config
 
-    from ptune import embedded_model, synthetic_adgen
+    from ptune.data import synthetic_adgen
+    from ptune.model import embedded
 
     spec = PRESETS[preset]
     texts = [t for ex in synthetic_adgen.generate(5, 300) for t in (ex["content"], ex["summary"])]
-    tok = embedded_model.build_tokenizer(texts + ["有红色的吗", "再写一句", "你是谁"], 600)
+    tok = embedded.build_tokenizer(texts + ["有红色的吗", "再写一句", "你是谁"], 600)
     tok.add_special_tokens({"additional_special_tokens": spec["specials"]})
     tok.eos_token, tok.pad_token = spec["eos"], spec["pad"]
     tok.chat_template = (TEMPLATES / spec["template"]).read_text(encoding="utf-8")

@@ -50,7 +50,7 @@ def build(out: Path, snapshot: Path = SNAPSHOT, seed: int = 0) -> None:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from ptune import synthetic_adgen
+    from ptune.data import synthetic_adgen
 
     out.mkdir(parents=True, exist_ok=True)
     for name in REMOTE_CODE:

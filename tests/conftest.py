@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ptune.faults import TRACE_ENV
+from ptune.state.faults import TRACE_ENV
 from ptune.paths import STAGES  # noqa: F401  (tests import the one list of stages from here)
-from ptune.stagelog import executed_stages
+from ptune.state.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
@@ -69,7 +69,7 @@ class Project:
         return self.root / ".ptune" / "stage.log"
 
     def executed(self) -> list[str]:
-        """Stages executed since the log was last cleared (the one definition: ptune.stagelog)."""
+        """Stages executed since the log was last cleared (the one definition: ptune.state.stagelog)."""
         return executed_stages(self.stage_log)
 
     def clear_log(self) -> None:
@@ -115,7 +115,7 @@ def pipeline_run(tmp_path_factory, env) -> Project:
     """The tiny pipeline, run once by `snakemake --cores 1 report`; do not modify it (use `ran_project`)."""
     root = tmp_path_factory.mktemp("pipeline")
     project = make_project(root / "project", env)
-    # Record every failpoint this run passes (ptune.faults), so the fault suite aims its kills at real progress.
+    # Record every failpoint this run passes (ptune.state.faults), so the fault suite aims its kills at real progress.
     project.failpoint_trace = root / "failpoints.tsv"
     # Credentials as a user's shell would hold them: no output, log, lock or report may ever contain them.
     # Made at run time: a literal here would be found in the copy of this file that the project holds.

@@ -10,7 +10,7 @@ import socket
 from functools import cache
 from pathlib import Path
 
-# The servers run with MKL's strict mode (ptune.determinism); so does this process's reference generation.
+# The servers run with MKL's strict mode (ptune.state.determinism); so does this process's reference generation.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # Sampling with a seed: the tiny test model's greedy answers are blank, sampled ones are not.
@@ -26,9 +26,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 def _bundle(root: str, base_only: bool):
     import torch
 
-    from ptune.bundle import Bundle
+    from ptune.model.bundle import Bundle
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the servers do (ptune.determinism)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the servers do (ptune.state.determinism)
     with contextlib.chdir(root):  # the bundle names its base model relative to the project root
         bundle = Bundle.load("models/deploy", with_prefix=not base_only)
     bundle.generation = dataclasses.replace(bundle.generation, do_sample=True, max_new_tokens=MAX_NEW_TOKENS)

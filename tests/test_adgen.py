@@ -8,7 +8,7 @@ import re
 import pytest
 
 from conftest import SHARED_ADGEN
-from ptune import adgen, synthetic_adgen
+from ptune.data import adgen, synthetic_adgen
 from ptune.errors import PtuneError
 
 

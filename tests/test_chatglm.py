@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from conftest import REPO, TINY_PARAMS, Project, make_project
-from ptune import legacy_env
+from ptune.model import legacy_env
 
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"
 PROMPT = "类型#上衣*颜色#白色*风格#简约*衣样式#衬衫"
@@ -142,7 +142,7 @@ def test_prefix_is_saved_as_the_reference_checkpoint_format_both_ways(chatglm_ru
     got = run_legacy(chatglm_run, legacy_python, REFERENCE_CHECKPOINT + """
 import json, os
 from pathlib import Path
-from ptune.chatglm import ChatGLMBackend, prefix_off
+from ptune.model.chatglm import ChatGLMBackend, prefix_off
 ChatGLM = ChatGLMBackend()
 
 # Ours into the reference web demo: it loads pytorch_model.bin, strips the key prefix, loads the prefix encoder.
@@ -224,8 +224,8 @@ MODEL_CHAT = """
 import json
 from pathlib import Path
 from transformers import AutoModel
-from ptune import prompts
-from ptune.chatglm import ChatGLMBackend
+from ptune.data import prompts
+from ptune.model.chatglm import ChatGLMBackend
 ChatGLM = ChatGLMBackend()
 
 tok = ChatGLM.load_tokenizer(Path("models/base"))

@@ -196,7 +196,7 @@ class Pods:
 
 
 def _executed(workdir: Path) -> list[str]:
-    from ptune.stagelog import executed_stages
+    from ptune.state.stagelog import executed_stages
 
     return executed_stages(workdir / ".ptune" / "stage.log")
 

@@ -1,7 +1,7 @@
 """Fault injection: a stage SIGKILLed at a point reached by progress is never taken for complete, and the rerun
 resumes (training, evaluation) and ends with exactly the outputs of an uninterrupted run.
 
-The kill comes from the stage itself ($PTUNE_FAILPOINT, see ptune.faults), so it lands at the same point of
+The kill comes from the stage itself ($PTUNE_FAILPOINT, see ptune.state.faults), so it lands at the same point of
 progress on every machine, whatever its speed. By default one (stage, point, front end) case is drawn per run
 from a seed (printed in the test id; PTUNE_FAULT_SEED=N reproduces it, and the seed changes daily); every case:
 `PTUNE_FAULT_CASES=all make test-all` (or `pytest -m faults`).
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import STAGES, make_project
-from ptune.faults import ENV, POINTS
+from ptune.state.faults import ENV, POINTS
 
 FRONTS = ("snakemake", "dvc")
 # Where in a point's range of hits the kill lands: the first, the middle or the last time it is passed.

@@ -167,7 +167,7 @@ def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and
 def test_a_model_folder_without_weights_or_missing_a_shard_its_index_names_is_refused(tmp_path):
     """What a download cut short leaves (config.json, some shards or none): named, not taken for a model."""
     from ptune.errors import PtuneError
-    from ptune.fetch_weights import check_model_dir
+    from ptune.stages.fetch_weights import check_model_dir
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(PtuneError, match=r"has a config.json but no weights \(\*.safetensors or \*.bin\)"):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from conftest import SHARED_ADGEN
-from ptune.metrics import corpus_scores, score_one
+from ptune.reporting.metrics import corpus_scores, score_one
 
 
 def test_identical_text_scores_100():

@@ -6,13 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM
 
-from ptune import embedded_model, prefixed, synthetic_adgen
+from ptune.data import synthetic_adgen
+from ptune.model import embedded, prefixed
 from ptune.config import EmbeddedModelConfig
 from ptune.errors import PtuneError
-from ptune.backends import native
-from ptune.generation import generate_all
+from ptune.model.backends import native
+from ptune.model.generation import generate_all
 from ptune.config import GenerationConfig
-from ptune.prefix_encoder import PrefixEncoder, prefix_config_for
+from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 
 TINY = EmbeddedModelConfig(seed=3, vocab_size=600, hidden_size=32, num_layers=2, num_attention_heads=2,
                            num_key_value_heads=1, head_dim=16, max_position_embeddings=128, corpus_size=200,
@@ -23,7 +24,7 @@ TINY = EmbeddedModelConfig(seed=3, vocab_size=600, hidden_size=32, num_layers=2,
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("base")
-    embedded_model.build(TINY, out)
+    embedded.build(TINY, out)
     return out
 
 
@@ -40,7 +41,7 @@ def test_saved_model_loads_through_auto_classes(base_dir):
 
 
 def test_build_is_deterministic(base_dir, tmp_path):
-    embedded_model.build(TINY, tmp_path)
+    embedded.build(TINY, tmp_path)
     for name in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / name).read_bytes() == (base_dir / name).read_bytes(), name
 

@@ -90,7 +90,7 @@ def test_param_edit_seen_by_snakemake_first(ran_project):
 def test_a_stage_that_fails_after_a_param_edit_is_retried_by_the_next_run(ran_project):
     p = ran_project
     p.set_param("evaluate.max_new_tokens", 6)
-    # The stage kills itself at its first evaluated batch (ptune/faults.py): a failed job, old outputs on disk.
+    # The stage kills itself at its first evaluated batch (ptune/state/faults.py): a failed job, old outputs on disk.
     env, p.env = p.env, {**p.env, "PTUNE_FAILPOINT": "evaluate:batch:1"}
     proc = p.run("snakemake", "--cores", "1", "report", check=False)
     p.env = env

@@ -1,4 +1,4 @@
-"""Prompt formats (ptune.prompts): the presets' chat models get the prompts their own chat templates make, and every
+"""Prompt formats (ptune.data.prompts): the presets' chat models get the prompts their own chat templates make, and every
 serving path sends the model, for a conversation, the token ids `ptune preprocess` trained the prefix on."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import yaml
 import chat_models
 from conftest import REPO, Project
 from prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
-from ptune import backends, prompts
+from ptune.data import prompts
+from ptune.model import backends
 from ptune.errors import PtuneError
 
 ANSWERS = ("白色衬衫，简约百搭。", "有，红色更显气色。")

@@ -11,7 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ptune import adgen, config
+from ptune import config
+from ptune.data import adgen
 from ptune.errors import PtuneError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from ptune import records
+from ptune.data import readers as records
 from ptune.errors import PtuneError
-from ptune.prompts import PromptFormat, Turn, render_template
+from ptune.data.prompts import PromptFormat, Turn, render_template
 
 A = {"content": "类型#裙*颜色#红色", "summary": "红色的裙子，很好看。"}
 B = {"content": "类型#上衣*风格#简约", "summary": "简约的上衣。"}

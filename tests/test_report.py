@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptune.metrics import METRIC_NAMES, score_one
+from ptune.reporting.metrics import METRIC_NAMES, score_one
 
 CHROMIUM = "/usr/bin/chromium"
 # As root in a container, offline: no sandbox, and none of Chromium's own network chatter.

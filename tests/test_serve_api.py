@@ -191,7 +191,7 @@ def test_exposed_host_and_share_are_warned_about(serving_project):
         assert "warning: --host 0.0.0.0 listens beyond this machine" in proc.stderr
         assert "nowhere: no deploy bundle here" in proc.stderr and "Traceback" not in proc.stderr
     assert "warning: --share publishes a public link" in proc.stderr
-    from ptune.bundle import MANIFEST
+    from ptune.model.bundle import MANIFEST
     from ptune.serve.commands import BUNDLE_MANIFEST
 
     assert BUNDLE_MANIFEST == MANIFEST

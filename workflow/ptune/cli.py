@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import backends, legacy_env
+from .model import backends, legacy_env
 from .errors import PtuneError
 from .paths import BASE, MODEL_STAGES, STAGES
 from .serve import commands as serve_commands
@@ -27,14 +27,15 @@ STAGE_HELP = {
 
 
 def run_stage(stage: str, params_path: str) -> None:
-    from . import config, determinism, faults, locks, stagelog
+    from . import config
+    from .state import determinism, faults, locks, stagelog
 
     params = config.load(params_path)  # bad params fail before anything is recorded or locked
     faults.arm(stage)
     with locks.stage_lock(stage):
         stagelog.record_start(stage)
         determinism.configure_threads()
-        module = importlib.import_module(f"ptune.{stage}")
+        module = importlib.import_module(f"ptune.stages.{stage}")
         if stage == "report":
             module.run(params)  # it writes reports/timings.json, its own timing included
             return
@@ -122,7 +123,7 @@ def _doctor(params_path: str) -> int:
 
 def _add_state_commands(sub) -> None:
     """Commands that keep a run alive across instances (README, "Surviving the instance")."""
-    from .checkpoint_sync import SYNCED_STAGES
+    from .remote.checkpoints import SYNCED_STAGES
 
     status = sub.add_parser("status", help="per stage: up to date here? on the DVC remote? and where that is")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -141,24 +142,24 @@ def _add_state_commands(sub) -> None:
 
 def _run_state_command(args) -> None:
     if args.command == "status":
-        from . import status
+        from .remote import status
 
         status.run(as_json=args.json, remote=args.remote)
     elif args.command in ("push", "restore"):
-        from . import sync
+        from .remote import sync
 
         getattr(sync, args.command)(remote=args.remote)
     else:
-        from . import checkpoint_sync
+        from .remote import checkpoints
 
         if args.direction == "push":
-            done = checkpoint_sync.push(args.stage, remote=args.remote)
+            done = checkpoints.push(args.stage, remote=args.remote)
             if not done:
                 print("ptune: no resume state in .ptune/state/ to push (nothing is running or was killed)")
-        elif not checkpoint_sync.pull(args.stage, remote=args.remote):
+        elif not checkpoints.pull(args.stage, remote=args.remote):
             print("ptune: the remote holds no resume state (no training was pushed while it ran)")
     if args.command != "status":  # status prints it itself, after its table
-        from .remote import check_survival
+        from .remote.dvc_remote import check_survival
 
         warning = check_survival()
         if warning:
@@ -191,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("serve", "chat"):
             return serve_commands.run(args)
         elif args.command == "pod-stage":
-            from . import pods
+            from .remote import pods
 
             pods.run(args.stage, Path(args.record))
         elif args.command == "compare":
-            from . import compare
+            from .reporting import compare
 
             print(compare.run(args.experiments, Path(args.out)))
             print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from . import prompts
+from .data import prompts
 from .errors import PtuneError
+from .paths import REPO
 
 SCHEMA_RELPATH = "workflow/schemas/params.schema.yaml"
 
@@ -179,7 +180,7 @@ class Params:
 
 def schema_path() -> Path:
     """The schema in the checkout this package is installed from (`pip install -e .`)."""
-    return Path(__file__).resolve().parents[2] / SCHEMA_RELPATH
+    return REPO / SCHEMA_RELPATH
 
 
 def load_schema() -> dict[str, Any]:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The checkout this package is installed from (`pip install -e .`): the schema, scripts and requirements live there.
+REPO = Path(__file__).resolve().parents[2]
+
 # The pipeline's stages in DAG order; each is a module of ptune.stages with `run(params)`, and a `ptune` command.
 STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
 # The stages that load models/base: they run in the environment its backend needs (model.backends, legacy_env).

@@ -80,7 +80,7 @@ def add_parsers(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import determinism
+    from ..state import determinism
 
     determinism.configure_threads()  # before torch is imported
     if args.command == "chat":

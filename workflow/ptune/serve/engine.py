@@ -22,12 +22,13 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .. import backends, prompts
-from ..bundle import Bundle
+from ..data import prompts
+from ..model import backends
+from ..model.bundle import Bundle
 from ..config import GenerationConfig
 from ..errors import PtuneError
-from ..generation import generation_kwargs
-from ..model import device, load_frozen, load_tokenizer
+from ..model.generation import generation_kwargs
+from ..model.loading import device, load_frozen, load_tokenizer
 
 log = logging.getLogger(__name__)
 # `--log-prompts` writes each request's prompt token ids here, as vLLM's request log does: to see what the model reads.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..locks import LOCK_DIR, held
+from ..state.locks import LOCK_DIR, held
 
 
 def exclusive(target: str | Path):

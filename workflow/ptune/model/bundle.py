@@ -1,0 +1,107 @@
+"""A deploy bundle: what serving needs to answer as the P-tuned model does, loaded in one call.
+
+models/deploy/
+  bundle.json    base model path (relative to the project root), its backend and config hash, how to load it
+                 (quantization), the prompt format the prefix was trained on (prompts.PromptFormat: the templates
+                 or the chat template's text), generation settings
+  prefix/        the trained prefix (prefix.safetensors + prefix_config.json), copied from models/ptuning
+  README.md      how to start it
+
+`python -m ptune.bundle DIR PROMPT` loads a bundle in a fresh process and prints one answer with its latency
+as JSON: the deploy stage's smoke test. A bundle of a chatglm base runs in the legacy environment (legacy_env);
+the command switches to it by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import backends, legacy_env
+from ..config import GenerationConfig
+from ..errors import PtuneError
+from .generation import generation_kwargs
+from .loading import device
+from ..data.prompts import PromptFormat, Prompter, Turn
+
+MANIFEST = "bundle.json"
+# 2: the prompt format (templates or chat template) replaced format 1's prompt_template, which served multi-turn
+# conversations in another format than training's.
+FORMAT_VERSION = 2
+
+
+@dataclass
+class Bundle:
+    tokenizer: object
+    model: object
+    encoder: object | None
+    prompt: PromptFormat
+    generation: GenerationConfig
+    backend: object
+
+    @classmethod
+    def load(cls, directory: str | Path, with_prefix: bool = True) -> "Bundle":
+        manifest = read_manifest(directory)
+        base = Path(manifest["base_model"])
+        backend = backends.for_base(base)
+        model, encoder = backend.load_for_inference(base, Path(directory) / manifest["prefix"], device(),
+                                                    manifest.get("quantization", "none"))
+        return cls(backend.load_tokenizer(base), model, encoder if with_prefix else None,
+                   PromptFormat.from_dict(manifest["prompt"]), GenerationConfig(**manifest["generation"]), backend)
+
+    def prompter(self) -> Prompter:
+        return Prompter(self.prompt, self.tokenizer, self.backend)
+
+    def answer(self, content: str, seed: int = 0, history: Sequence[tuple[str, str]] = ()) -> str:
+        """One answer, its prompt built as the server builds it (no engine, no thread, no truncation)."""
+        prompter = self.prompter()
+        ids = prompter.ids(Turn.of(content, list(history) or None))  # no history: none at all, as model.chat
+        torch.manual_seed(seed)
+        new = self.backend.generate(self.model, self.encoder, self.tokenizer, [ids],
+                                    generation_kwargs(self.generation, self.tokenizer,
+                                                      prompter.stop_ids(self.model.generation_config.eos_token_id)))
+        return self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+
+
+def read_manifest(directory: str | Path) -> dict:
+    manifest_path = Path(directory) / MANIFEST
+    if not manifest_path.is_file():
+        raise PtuneError(f"{manifest_path}: missing; build the bundle with `dvc repro deploy` (or `ptune deploy`)")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    found = manifest.get("format")
+    if found == 1:
+        raise PtuneError(f"{manifest_path}: bundle format 1, written before ptune recorded the prompt format a prefix "
+                         "was trained on (its multi-turn prompts differed from training's); rebuild it with "
+                         "`dvc repro deploy` (or `ptune deploy`)")
+    if found != FORMAT_VERSION:
+        raise PtuneError(f"{manifest_path}: bundle format {found!r}, this ptune reads {FORMAT_VERSION}; rebuild it "
+                         "with `dvc repro deploy` (or `ptune deploy`)")
+    return manifest
+
+
+def main(argv: list[str]) -> int:
+    directory, prompt = argv
+    try:
+        if read_manifest(directory).get("backend") == backends.CHATGLM and not legacy_env.is_current():
+            legacy_env.reexec("ptune.bundle", argv)
+    except PtuneError as exc:
+        print(f"ptune: error: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    bundle = Bundle.load(directory)
+    t1 = time.perf_counter()
+    answer = bundle.answer(prompt)
+    t2 = time.perf_counter()
+    print(json.dumps({"answer": answer, "load_s": round(t1 - t0, 3), "latency_s": round(t2 - t1, 3)},
+                     ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

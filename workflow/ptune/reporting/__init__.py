@@ -1,0 +1,1 @@
+"""The report: scores, figures, provenance, rendering, and experiment comparison."""

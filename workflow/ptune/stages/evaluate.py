@@ -1,0 +1,94 @@
+"""Stage evaluate: generate for the dev set with the base alone and with the prefix; score BLEU-4 and ROUGE.
+
+Outputs: reports/metrics.json and reports/predictions.jsonl (content, label, base, ptuned per line). Finished
+batches are journalled under .ptune/state/evaluate/, so a killed run resumes where it stopped and, with the
+same seeds, ends with the same bytes as an uninterrupted one. With `devices: N` the length-sorted batches are
+dealt out among N processes (batch b to process b mod N, each with its own model copy); each journals its
+batches, and the launching process merges them in dev-set order: the same bytes as one process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from datasets import load_from_disk
+
+from ..data import prompts
+from ..reporting import metrics
+from ..state import atomic, multiprocess
+from ..config import Params
+from ..state.determinism import seed_everything
+from ..model.generation import generate_all, in_prompt_order, length_sorted_batches
+from ..state.resume import Journal, ResumeState
+
+from ..paths import BASE, METRICS, PREDICTIONS, PREFIX
+from ..paths import PROCESSED as DATA
+MODELS = ("base", "ptuned")
+# Batches and their seeds do not depend on how many processes share them: a run killed with one `devices`
+# value resumes with another.
+NOT_IN_RESUME_KEY = ("devices",)
+
+
+def _journals(state: ResumeState, name: str) -> list[Path]:
+    """The journal files of one model, one per process that worked on it (in this or an earlier run)."""
+    return sorted(state.dir.glob(f"{name}.rank*.jsonl"))
+
+
+def run(params: Params) -> dict:
+    cfg = params.evaluate
+    seed_everything(cfg.seed)
+    dev = load_from_disk(str(DATA))["dev"]
+    # The first max_examples of the dev set, in file order: the subset is the same on every run.
+    if cfg.max_examples is not None:
+        dev = dev.select(range(min(cfg.max_examples, len(dev))))
+    prompt_ids = dev["input_ids"]
+    labels = dev["label"]
+    key = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
+    key["prompt_format"] = params.preprocess.prompt_format  # it decides the tokens generation stops on
+    state = ResumeState("evaluate", [BASE, PREFIX, DATA], key)
+
+    outputs, speed = {}, {}
+    if cfg.devices > 1 and not multiprocess.in_worker():
+        # The workers generate their shares of the batches into their journals; this process merges them.
+        per_rank = multiprocess.launch("evaluate", params, cfg.devices)
+        batches = length_sorted_batches(prompt_ids, cfg.batch_size)
+        for name in MODELS:
+            outputs[name] = in_prompt_order(batches, Journal.read_all(_journals(state, name)), len(prompt_ids))
+            # The processes generate side by side: their rates add up.
+            speed[name] = round(sum(facts["examples_per_s"][name] for facts in per_rank), 3)
+        where = f"{cfg.devices} x {per_rank[0]['device']}"
+    else:
+        rank, n = multiprocess.rank(), multiprocess.world_size()
+        # The prompts are in data/processed; generation stops where the prompt format ends an answer.
+        prompter = prompts.for_base(params.preprocess, BASE)
+        backend, tokenizer = prompter.backend, prompter.tokenizer
+        model, encoder = backend.load_for_inference(BASE, PREFIX, multiprocess.local_device(), cfg.quantization,
+                                                    allow_pickle=params.fetch_weights.allow_pickle)
+        stop_ids = prompter.stop_ids(model.generation_config.eos_token_id)
+        for name, enc in zip(MODELS, (None, encoder)):
+            journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
+            already = set(journal.done)
+            t0 = time.perf_counter()
+            outputs[name] = generate_all(model, enc, tokenizer, prompt_ids, cfg, cfg.batch_size, cfg.seed, desc=name,
+                                         backend=backend, journal=journal, shard=(rank, n), stop_ids=stop_ids)
+            generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
+            speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
+        where = str(model.device)
+        if n > 1:  # a worker: the launching process merges the journals and writes the outputs
+            return {"examples_per_s": speed, "device": where}
+
+    result: dict = {"n_examples": len(labels), "empty_predictions": {}}
+    for name, preds in outputs.items():
+        result[name], result["empty_predictions"][name] = metrics.corpus_scores(preds, labels)
+
+    with atomic.atomic_file(PREDICTIONS) as fh:
+        for content, label, base, ptuned in zip(dev["content"], labels, outputs["base"], outputs["ptuned"]):
+            fh.write(json.dumps({"content": content, "label": label, "base": base, "ptuned": ptuned},
+                                ensure_ascii=False) + "\n")
+    atomic.write_json(METRICS, result)
+    state.finish()
+    # examples/s of what this run generated (not what it read back from the journal), for reports/timings/.
+    return {"examples_per_s": speed, "device": where, "devices": cfg.devices}
