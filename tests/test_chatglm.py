@@ -1,7 +1,7 @@
 """The chatglm backend: ChatGLM-6B's own remote code in the legacy environment, through the stage commands.
 
 The model is tiny and random but real remote code: the snapshot's configuration/modeling/tokenization_chatglm.py,
-a shrunken config and a sentencepiece model trained in the test (tests/chatglm_tiny.py). The legacy environment
+a shrunken config and a sentencepiece model trained in the test (tests/support/chatglm_tiny.py). The legacy environment
 (.venv-legacy) is created on first use, as it is for a user; `make test` creates it before pytest.
 """
 
@@ -34,7 +34,7 @@ def legacy_python() -> str:
 @pytest.fixture(scope="session")
 def tiny_chatglm(tmp_path_factory, legacy_python, env):
     out = tmp_path_factory.mktemp("tiny-chatglm")
-    subprocess.run([legacy_python, str(REPO / "tests" / "chatglm_tiny.py"), str(out), str(SNAPSHOT)], check=True,
+    subprocess.run([legacy_python, str(REPO / "tests" / "support" / "chatglm_tiny.py"), str(out), str(SNAPSHOT)], check=True,
                    env=env, capture_output=True)
     return out
 
@@ -257,7 +257,7 @@ def test_every_serving_path_sends_the_prompts_of_training(chatglm_run, tmp_path)
 
     import pexpect
 
-    from prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
+    from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
     from ptune.serve.process import ApiProcess
 
     answers = ("白色衬衫，简约百搭。", "有，红色更显气色。")

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from conftest import REPO, STAGES, make_project
-from k8s_pods import run_pod
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from support.k8s_pods import run_pod
+from support.slurm_cluster import SlurmCluster, SlurmUnavailable
 
 # The outputs that are not byte-stable by design (timings, throughput, latency; see README).
 # Outputs that carry wall times (and the report, when and where it was written) and so differ between two runs.

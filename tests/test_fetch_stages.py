@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from conftest import REPO, make_project
-from lfs_stand_in import make_lfs_repo
-import modelscope_stand_in
+from support.lfs_stand_in import make_lfs_repo
+from support import modelscope_stand_in
 from ptune.sources import lfs_pointer, lock
 
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"

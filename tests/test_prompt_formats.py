@@ -10,9 +10,9 @@ import pexpect
 import pytest
 import yaml
 
-import chat_models
+from support import chat_models
 from conftest import REPO, Project
-from prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
+from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from ptune.data import prompts
 from ptune.model import backends
 from ptune.errors import PtuneError

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
+from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from ptune.serve.process import ApiProcess
-from serving import MAX_NEW_TOKENS, cases
+from support.serving import MAX_NEW_TOKENS, cases
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -8,8 +8,8 @@ import sys
 import pexpect
 import pytest
 
-from prompt_seam import logged_prompts, preprocessed_prompts
-from serving import SAMPLING_FLAGS, cases, reference_answer
+from support.prompt_seam import logged_prompts, preprocessed_prompts
+from support.serving import SAMPLING_FLAGS, cases, reference_answer
 
 
 def _spawn(project, *flags: str) -> pexpect.spawn:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from prompt_seam import logged_prompts, preprocessed_prompts
-from serving import CHROMIUM, CHROMIUM_ARGS, SAMPLING_FLAGS, cases, free_port, reference_answer
+from support.prompt_seam import logged_prompts, preprocessed_prompts
+from support.serving import CHROMIUM, CHROMIUM_ARGS, SAMPLING_FLAGS, cases, free_port, reference_answer
 
 USER, PASSWORD = "ptune", "s3cret"
 # Records each distinct text of the last answer bubble as the page updates it.

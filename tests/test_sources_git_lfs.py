@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lfs_stand_in import LfsRepo, LfsServer, make_lfs_repo
+from support.lfs_stand_in import LfsRepo, LfsServer, make_lfs_repo
 from ptune.errors import PtuneError
 from ptune.sources import git_lfs
 

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from conftest import SHARED_ADGEN, make_project
-from http_files import FileServer
+from support.http_files import FileServer
 from ptune.errors import PtuneError
 from ptune.sources import url as url_source
 

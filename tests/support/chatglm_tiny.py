@@ -1,6 +1,6 @@
 """Build a tiny, randomly initialised ChatGLM-6B model directory from the snapshot's remote code.
 
-    <legacy python> tests/chatglm_tiny.py OUT_DIR [SNAPSHOT_DIR]
+    <legacy python> tests/support/chatglm_tiny.py OUT_DIR [SNAPSHOT_DIR]
 
 Runs in the legacy environment (transformers 4.33, sentencepiece). The remote code (configuration, modeling,
 tokenization, quantization_chatglm.py) is copied from ../shared/chatglm-6b-snapshot into OUT_DIR, never into the
@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"
 REMOTE_CODE = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py", "quantization.py")
 # SPTokenizer's special pieces, then what its preprocessing maps newlines, tabs and runs of spaces to.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from http_files import LoopbackServer
+from support.http_files import LoopbackServer
 
 
 @dataclass

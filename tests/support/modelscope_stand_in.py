@@ -16,7 +16,7 @@ import hashlib
 import json
 from urllib.parse import urlencode
 
-from http_files import FileServer
+from support.http_files import FileServer
 
 
 # The hub's answer to a repository or revision it does not have (modelscope-hub reads Code and Message).

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TEMPLATES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 
 PRESETS = {
     # zai-org/glm-4-9b-chat-hf: GlmForCausalLM; generation_config.json stops on <|endoftext|>, <|user|>, <|observation|>
