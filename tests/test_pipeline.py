@@ -61,7 +61,9 @@ def test_snakemake_again_executes_nothing(ran_project):
 
 
 def test_evaluate_param_reruns_evaluate_and_downstream_only(ran_project):
-    ran_project.set_param("evaluate.max_new_tokens", 6)
+    # max_examples changes metrics.json (n_examples) for sure, so deploy, which depends on it, reruns too; an edit of
+    # max_new_tokens may leave the tiny model's scores, and so deploy, as they were.
+    ran_project.set_param("evaluate.max_examples", 5)
     ran_project.run("dvc", "repro")
     assert ran_project.executed() == ["evaluate", "deploy", "report"]
 
@@ -79,7 +81,7 @@ def test_learning_rate_never_reruns_fetch_or_preprocess(ran_project):
 
 
 def test_param_edit_seen_by_snakemake_first(ran_project):
-    ran_project.set_param("evaluate.max_new_tokens", 6)
+    ran_project.set_param("evaluate.max_examples", 5)
     ran_project.run("snakemake", "--cores", "1", "report")
     assert ran_project.executed() == ["evaluate", "deploy", "report"]
     ran_project.clear_log()
@@ -89,7 +91,7 @@ def test_param_edit_seen_by_snakemake_first(ran_project):
 
 def test_a_stage_that_fails_after_a_param_edit_is_retried_by_the_next_run(ran_project):
     p = ran_project
-    p.set_param("evaluate.max_new_tokens", 6)
+    p.set_param("evaluate.max_examples", 5)
     # The stage kills itself at its first evaluated batch (ptune/state/faults.py): a failed job, old outputs on disk.
     env, p.env = p.env, {**p.env, "PTUNE_FAILPOINT": "evaluate:batch:1"}
     proc = p.run("snakemake", "--cores", "1", "report", check=False)
