@@ -253,11 +253,8 @@ def test_prompts_are_the_ones_model_chat_builds(chatglm_run, legacy_python):
 def test_every_serving_path_sends_the_prompts_of_training(chatglm_run, tmp_path):
     """POST /, OpenAI messages and `ptune chat` (all in the legacy environment) send the model, for a three-turn
     conversation and a first message, the token ids `ptune preprocess` writes for those examples."""
-    import io
-
-    import pexpect
-
-    from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
+    from support.prompt_seam import (QUESTIONS, chat_three_turns, conversation, logged_prompts, preprocessed_prompts,
+                                     third_turn, three_turn_messages)
     from ptune.serve.process import ApiProcess
 
     answers = ("白色衬衫，简约百搭。", "有，红色更显气色。")
@@ -268,25 +265,9 @@ def test_every_serving_path_sends_the_prompts_of_training(chatglm_run, tmp_path)
         api.post("/v1/chat/completions", {"model": "ptune", "messages": three_turn_messages(answers)})
         api.post("/", {"prompt": QUESTIONS[0]})
         sent = logged_prompts(api.output())
-    chat = pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", "--log-prompts", "--max-new-tokens", "2"],
-                         cwd=str(root), env=chatglm_run.env, encoding="utf-8", timeout=300)
-    chat.logfile_read = screen = io.StringIO()
-    replies = []
-    try:
-        chat.expect_exact("You: ")
-        for question in QUESTIONS:
-            chat.sendline(question)
-            chat.expect_exact("ptune: ")
-            chat.expect_exact("\r\nYou: ")
-            replies.append(chat.before.strip())
-        chat.sendline("stop")
-    finally:
-        chat.close(force=True)
-    said = logged_prompts(screen.getvalue())
+    replies, said = chat_three_turns(root, chatglm_run.env, "--max-new-tokens", "2")
     trained = preprocessed_prompts(root, tmp_path / "preprocess", chatglm_run.env, [
-        third_turn(answers), third_turn(answers), (QUESTIONS[0], None),
-        (QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], replies[0])]),
-        (QUESTIONS[2], [(QUESTIONS[0], replies[0]), (QUESTIONS[1], replies[1])])])
+        third_turn(answers), third_turn(answers), (QUESTIONS[0], None), *conversation(replies)])
     assert sent + said == trained
 
 

@@ -1,21 +1,18 @@
-"""Prompt formats (ptune.data.prompts): the presets' chat models get the prompts their own chat templates make, and every
-serving path sends the model, for a conversation, the token ids `ptune preprocess` trained the prefix on."""
+"""Prompt formats (ptune.data.prompts): the presets' chat models get the prompts their own chat templates make, and
+every serving path sends the model, for a conversation, the token ids `ptune preprocess` trained the prefix on."""
 
 from __future__ import annotations
 
-import io
-import sys
-
-import pexpect
 import pytest
 import yaml
 
-from support import chat_models
 from conftest import REPO, Project
-from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from ptune.data import prompts
-from ptune.model import backends
 from ptune.errors import PtuneError
+from ptune.model import backends
+from support import chat_models
+from support.prompt_seam import (QUESTIONS, chat_three_turns, conversation, logged_prompts, preprocessed_prompts,
+                                 third_turn, three_turn_messages)
 
 ANSWERS = ("白色衬衫，简约百搭。", "有，红色更显气色。")
 SYSTEM = "你是一位广告文案写手。"
@@ -111,30 +108,13 @@ def test_every_serving_path_sends_the_prompts_of_training(chat_project, tmp_path
         api.post("/v1/chat/completions", {"model": "base", "messages": [{"role": "system", "content": SYSTEM},
                                                                         *three_turn_messages(ANSWERS)]})
         sent = logged_prompts(api.output())
-    chat = pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", "--model", "models/base", "--log-prompts"],
-                         cwd=str(root), env=chat_project.env, encoding="utf-8", timeout=300)
-    chat.logfile_read = screen = io.StringIO()
-    replies = []
-    try:
-        chat.expect_exact("You: ")
-        for question in QUESTIONS:
-            chat.sendline(question)
-            chat.expect_exact("ptune: ")
-            chat.expect_exact("\r\nYou: ")
-            replies.append(chat.before.strip())
-        chat.sendline("stop")
-    finally:
-        chat.close(force=True)
+    replies, said = chat_three_turns(root, chat_project.env, "--model", "models/base")
     page_answers, page = _web_page_conversation(chat_project, caplog)
-
-    def conversation(answers):
-        return [(QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], answers[0])]),
-                (QUESTIONS[2], [(QUESTIONS[0], answers[0]), (QUESTIONS[1], answers[1])])]
 
     trained = preprocessed_prompts(root, tmp_path / "preprocess", chat_project.env, [
         third_turn(ANSWERS), third_turn(ANSWERS), (*third_turn(ANSWERS), SYSTEM),
         *conversation(replies), *conversation(page_answers)])
-    assert sent + logged_prompts(screen.getvalue()) + page == trained
+    assert sent + said + page == trained
 
 
 def test_rounds_are_dropped_oldest_first_and_data_cut_only_at_the_content(chat_project):

@@ -58,6 +58,36 @@ def preprocessed_prompts(root: Path, work: Path, env: dict, conversations: list[
     return [list(x) for x in ids]
 
 
+def chat_three_turns(root: Path, env: dict, *flags: str) -> tuple[list[str], list[list[int]]]:
+    """QUESTIONS typed into `ptune chat --log-prompts FLAGS` in a pseudo-terminal: its answers, and the prompt ids it
+    logged."""
+    import io
+
+    import pexpect
+
+    chat = pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", "--log-prompts", *flags], cwd=str(root),
+                         env=env, encoding="utf-8", timeout=300)
+    chat.logfile_read = screen = io.StringIO()
+    replies = []
+    try:
+        chat.expect_exact("You: ")
+        for question in QUESTIONS:
+            chat.sendline(question)
+            chat.expect_exact("ptune: ")
+            chat.expect_exact("\r\nYou: ")
+            replies.append(chat.before.strip())
+        chat.sendline("stop")
+    finally:
+        chat.close(force=True)
+    return replies, logged_prompts(screen.getvalue())
+
+
+def conversation(answers: list[str]) -> list[Conversation]:
+    """The three turns of QUESTIONS as examples, after the rounds answered with `answers`."""
+    return [(QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], answers[0])]),
+            (QUESTIONS[2], [(QUESTIONS[0], answers[0]), (QUESTIONS[1], answers[1])])]
+
+
 def three_turn_messages(answers: tuple[str, str]) -> list[dict]:
     """The OpenAI messages of the third turn, after two rounds answered with `answers`."""
     messages = []
