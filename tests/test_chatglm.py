@@ -34,7 +34,8 @@ def legacy_python() -> str:
 @pytest.fixture(scope="session")
 def tiny_chatglm(tmp_path_factory, legacy_python, env):
     out = tmp_path_factory.mktemp("tiny-chatglm")
-    subprocess.run([legacy_python, str(REPO / "tests" / "support" / "chatglm_tiny.py"), str(out), str(SNAPSHOT)], check=True,
+    script = REPO / "tests" / "support" / "chatglm_tiny.py"
+    subprocess.run([legacy_python, str(script), str(out), str(SNAPSHOT)], check=True,
                    env=env, capture_output=True)
     return out
 

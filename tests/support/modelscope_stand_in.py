@@ -7,7 +7,7 @@ for a model repository, against the endpoint in MODELSCOPE_ENDPOINT:
 (plus GET /api/v1/repos/internalAccelerationInfo, a cloud-region probe; a 404 there means "not inside a cloud").
 The library checks each downloaded file against the listing's sha256 (a damaged one is retried, then fails
 naming it). Anything else, and any other revision, gets the hub's JSON 404. The routes are exact URLs, served
-by tests/http_files.py.
+by tests/support/http_files.py.
 """
 
 from __future__ import annotations
