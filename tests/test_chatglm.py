@@ -192,7 +192,7 @@ def test_a_reference_checkpoint_is_evaluated_and_served_in_place_of_ours(chatglm
     run_legacy(project, legacy_python, REFERENCE_CHECKPOINT + "print('{}')")
     shutil.rmtree(project.root / "models/ptuning")
     shutil.copytree(project.root / "checkpoint-3000", project.root / "models/ptuning")
-    project.run("dvc", "commit", "-f", "train")  # as README says: the checkpoint becomes train's output
+    project.run("dvc", "commit", "-f", "train")  # as docs/chatglm6b.md says: the checkpoint becomes train's output
     project.clear_log()
     project.run("dvc", "repro")
     assert project.executed() == ["evaluate", "deploy", "report"]

@@ -22,7 +22,7 @@ from conftest import REPO, STAGES, make_project
 from support.k8s_pods import run_pod
 from support.slurm_cluster import SlurmCluster, SlurmUnavailable
 
-# The outputs that are not byte-stable by design (timings, throughput, latency; see README).
+# The outputs that are not byte-stable by design (timings, throughput, latency; see docs/pipeline.md).
 # Outputs that carry wall times (and the report, when and where it was written) and so differ between two runs.
 NOT_BYTE_STABLE = ("reports/timings", "reports/train_log.csv", "reports/deploy_check.json", "reports/report.")
 

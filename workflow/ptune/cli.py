@@ -122,7 +122,7 @@ def _doctor(params_path: str) -> int:
 
 
 def _add_state_commands(sub) -> None:
-    """Commands that keep a run alive across instances (README, "Surviving the instance")."""
+    """Commands that keep a run alive across instances (docs/surviving.md)."""
     from .remote.checkpoints import SYNCED_STAGES
 
     status = sub.add_parser("status", help="per stage: up to date here? on the DVC remote? and where that is")

@@ -89,7 +89,7 @@ class RemoteState:
             try:
                 remote = repo.cloud.get_remote(remote_name, command="checkpoint push/pull")
             except NoRemoteError:
-                raise PtuneError("no DVC remote is configured: add one (README, \"Surviving the instance\"), "
+                raise PtuneError("no DVC remote is configured: add one (docs/surviving.md), "
                                  "e.g. `dvc remote add -d store s3://BUCKET/ptune`") from None
         finally:
             repo.close()

@@ -118,7 +118,7 @@ def survival_warning(info: RemoteInfo) -> str | None:
               "    dvc remote add -d -f store s3://BUCKET/ptune",
               "    dvc remote modify store endpointurl https://oss-cn-hangzhou.aliyuncs.com",
               "or a directory on a NAS mount: dvc remote add -d -f store /mnt/nas/ptune-dvc-storage",
-              "then `ptune push`. README, \"Surviving the instance\", has the details."]
+              "then `ptune push`. docs/surviving.md has the details."]
     bar = "!" * 100
     return "\n".join([bar, *(f"!! {line}" for line in lines), bar])
 

@@ -64,7 +64,7 @@ def _check_remote() -> None:
         repo.close()
     if info.name is None:
         raise PtuneError(".dvc/config: no default DVC remote. Jobs without a shared filesystem hand their results "
-                         "on through it: `dvc remote add -d store s3://BUCKET/ptune` (README, \"Cluster\")")
+                         "on through it: `dvc remote add -d store s3://BUCKET/ptune` (docs/cluster.md)")
     url = _written_url(info.name) or str(info.url)
     if info.local_path is not None and not Path(url.removeprefix("file://")).is_absolute():
         raise PtuneError(f".dvc/config: the default DVC remote '{info.name}' is the relative directory '{url}', "

@@ -237,7 +237,7 @@ def run(params: Params) -> dict:
                 save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit, rng)
                 faults.point("checkpoint")
                 saved += 1
-                if push_every and saved % push_every == 0:  # so that a fresh instance can resume (README)
+                if push_every and saved % push_every == 0:  # so that a fresh instance can resume (docs/surviving.md)
                     checkpoints.push_quietly("train")
 
     train_s = time.perf_counter() - t_start
