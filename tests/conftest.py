@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ptune.state.faults import TRACE_ENV
 from ptune.paths import STAGES  # noqa: F401  (tests import the one list of stages from here)
+from ptune.state.faults import TRACE_ENV
 from ptune.state.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from conftest import SHARED_ADGEN
 from ptune.data import adgen, synthetic_adgen
 from ptune.errors import PtuneError
+
+from conftest import SHARED_ADGEN
 
 
 def test_reads_the_real_adgen_dev_split_unchanged():

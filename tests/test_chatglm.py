@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY_PARAMS, Project, make_project
 from ptune.model import legacy_env
+
+from conftest import REPO, TINY_PARAMS, Project, make_project
 
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"
 PROMPT = "类型#上衣*颜色#白色*风格#简约*衣样式#衬衫"
@@ -254,9 +255,17 @@ def test_prompts_are_the_ones_model_chat_builds(chatglm_run, legacy_python):
 def test_every_serving_path_sends_the_prompts_of_training(chatglm_run, tmp_path):
     """POST /, OpenAI messages and `ptune chat` (all in the legacy environment) send the model, for a three-turn
     conversation and a first message, the token ids `ptune preprocess` writes for those examples."""
-    from support.prompt_seam import (QUESTIONS, chat_three_turns, conversation, logged_prompts, preprocessed_prompts,
-                                     third_turn, three_turn_messages)
     from ptune.serve.process import ApiProcess
+
+    from support.prompt_seam import (
+        QUESTIONS,
+        chat_three_turns,
+        conversation,
+        logged_prompts,
+        preprocessed_prompts,
+        third_turn,
+        three_turn_messages,
+    )
 
     answers = ("白色衬衫，简约百搭。", "有，红色更显气色。")
     root = chatglm_run.root

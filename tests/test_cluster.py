@@ -169,7 +169,8 @@ class Pods:
         self.project.run("dvc", "remote", "add", "-d", "-f", "shared", str(self.remote))
         self.project.run("git", "commit", "-qam", "the shared DVC remote")
         self.store = root / "snakemake-storage"  # Snakemake's default storage (an S3 bucket on a real cluster)
-        out = subprocess.run([sys.executable, str(Path(__file__).parent / "support" / "k8s_pods.py"), str(self.project.root),
+        script = Path(__file__).parent / "support" / "k8s_pods.py"
+        out = subprocess.run([sys.executable, str(script), str(self.project.root),
                               str(self.store), "DVC_NO_ANALYTICS"], cwd=self.project.root, env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PARAMS
 from ptune import config
 from ptune.errors import PtuneError
+
+from conftest import REPO, TINY_PARAMS
 
 
 def _raw():

@@ -18,8 +18,9 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import STAGES, make_project
 from ptune.state.faults import ENV, POINTS
+
+from conftest import make_project
 
 FRONTS = ("snakemake", "dvc")
 # Where in a point's range of hits the kill lands: the first, the middle or the last time it is passed.

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, make_project
-from support.lfs_stand_in import make_lfs_repo
-from support import modelscope_stand_in
 from ptune.sources import lfs_pointer, lock
+
+from conftest import REPO, make_project
+from support import modelscope_stand_in
+from support.lfs_stand_in import make_lfs_repo
 
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from conftest import SHARED_ADGEN
 from ptune.reporting.metrics import corpus_scores, score_one
+
+from conftest import SHARED_ADGEN
 
 
 def test_identical_text_scores_100():

@@ -6,13 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM
 
-from ptune.data import synthetic_adgen
-from ptune.model import embedded, prefixed
-from ptune.config import EmbeddedModelConfig
+from ptune.config import EmbeddedModelConfig, GenerationConfig
 from ptune.errors import PtuneError
+from ptune.model import embedded, prefixed
 from ptune.model.backends import native
 from ptune.model.generation import generate_all
-from ptune.config import GenerationConfig
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 
 TINY = EmbeddedModelConfig(seed=3, vocab_size=600, hidden_size=32, num_layers=2, num_attention_heads=2,

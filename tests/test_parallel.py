@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import psutil
-import pytest
 import torch
 from safetensors.torch import load_file
 

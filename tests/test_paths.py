@@ -6,8 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, STAGES
 from ptune import paths
+
+from conftest import REPO, STAGES
 
 
 def _paths(entries) -> set[Path]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import re
 
+import pytest
 import yaml
 
 from conftest import STAGES, make_project

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from conftest import REPO, STAGES
 from ptune import config
+
+from conftest import REPO, STAGES
 
 PRESETS = sorted((REPO / "presets").glob("*.yaml"))
 

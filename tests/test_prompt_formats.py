@@ -6,13 +6,21 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import REPO, Project
 from ptune.data import prompts
 from ptune.errors import PtuneError
 from ptune.model import backends
+
+from conftest import REPO, Project
 from support import chat_models
-from support.prompt_seam import (QUESTIONS, chat_three_turns, conversation, logged_prompts, preprocessed_prompts,
-                                 third_turn, three_turn_messages)
+from support.prompt_seam import (
+    QUESTIONS,
+    chat_three_turns,
+    conversation,
+    logged_prompts,
+    preprocessed_prompts,
+    third_turn,
+    three_turn_messages,
+)
 
 ANSWERS = ("白色衬衫，简约百搭。", "有，红色更显气色。")
 SYSTEM = "你是一位广告文案写手。"

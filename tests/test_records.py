@@ -8,8 +8,8 @@ import json
 import pytest
 
 from ptune.data import readers as records
-from ptune.errors import PtuneError
 from ptune.data.prompts import PromptFormat, Turn, render_template
+from ptune.errors import PtuneError
 
 A = {"content": "类型#裙*颜色#红色", "summary": "红色的裙子，很好看。"}
 B = {"content": "类型#上衣*风格#简约", "summary": "简约的上衣。"}

@@ -143,7 +143,8 @@ def test_html_report_in_a_browser_has_every_section_with_real_numbers(pipeline_r
     predictions, rouge_l = shown_examples(root)
     params = yaml.safe_load((root / "params.yaml").read_text())["report"]
     groups = page.page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('table.examples')].map(
-        t => [t.dataset.group, [...t.querySelectorAll('tr')].slice(1).map(r => [...r.cells].map(c => c.innerText))]))""")
+        t => [t.dataset.group,
+              [...t.querySelectorAll('tr')].slice(1).map(r => [...r.cells].map(c => c.innerText))]))""")
     n = params["n_samples"]
     assert [len(groups[g]) for g in ("best", "worst")] == [n, n]
     assert len(groups["random"]) == min(params["n_random"], len(predictions) - 2 * n)

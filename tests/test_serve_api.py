@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from ptune.serve.process import ApiProcess
+
+from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from support.serving import MAX_NEW_TOKENS, cases
 
 KEY = "test-key-123"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from support.lfs_stand_in import LfsRepo, LfsServer, make_lfs_repo
 from ptune.errors import PtuneError
 from ptune.sources import git_lfs
+
+from support.lfs_stand_in import LfsRepo, LfsServer, make_lfs_repo
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import tarfile
 
 import pytest
 
-from conftest import SHARED_ADGEN, make_project
-from support.http_files import FileServer
 from ptune.errors import PtuneError
 from ptune.sources import url as url_source
+
+from conftest import SHARED_ADGEN, make_project
+from support.http_files import FileServer
 
 ARCHIVE = "/f/b3f119a008264b1cabd1/?dl=1"  # the path of the tutorial's link, served here
 

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import Project, STAGES
+from conftest import STAGES, Project
 
 PREFIX = "models/ptuning/prefix.safetensors"
 

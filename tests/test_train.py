@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import GlmConfig, GlmForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from ptune.model import prefixed
 from ptune.errors import PtuneError
+from ptune.model import prefixed
 from ptune.model.loading import check_quantization
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 

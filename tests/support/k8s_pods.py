@@ -15,8 +15,16 @@ from pathlib import Path
 
 from snakemake.api import SnakemakeApi
 from snakemake.settings.enums import Quietness
-from snakemake.settings.types import (DAGSettings, ExecutionSettings, GroupSettings, OutputSettings,
-                                      RemoteExecutionSettings, ResourceSettings, SchedulingSettings, StorageSettings)
+from snakemake.settings.types import (
+    DAGSettings,
+    ExecutionSettings,
+    GroupSettings,
+    OutputSettings,
+    RemoteExecutionSettings,
+    ResourceSettings,
+    SchedulingSettings,
+    StorageSettings,
+)
 from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry
 
 # The step of the pod command that installs the storage plugin into the pod from PyPI: the test venv has it already

@@ -18,7 +18,6 @@ from urllib.parse import urlencode
 
 from support.http_files import FileServer
 
-
 # The hub's answer to a repository or revision it does not have (modelscope-hub reads Code and Message).
 NOT_FOUND = json.dumps({"Code": 10010205001, "Message": "not found", "Success": False}).encode()
 

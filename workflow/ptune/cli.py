@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from .model import backends, legacy_env
 from .errors import PtuneError
+from .model import backends, legacy_env
 from .paths import BASE, MODEL_STAGES, STAGES
 from .serve import commands as serve_commands
 

@@ -8,9 +8,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from . import readers
-from ..state import atomic
 from ..errors import PtuneError
+from ..state import atomic
+from . import readers
 
 RAW_COLUMNS = readers.Columns("content", "summary", "history", "system", history_per_row=True)
 

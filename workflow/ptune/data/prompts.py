@@ -31,8 +31,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
-from ..model import backends
 from ..errors import PtuneError
+from ..model import backends
 
 TEMPLATE, CHAT_TEMPLATE, CHATGLM6B = "template", "chat_template", "chatglm6b"
 FORMATS = (TEMPLATE, CHAT_TEMPLATE, CHATGLM6B)

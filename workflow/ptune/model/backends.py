@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from .checks import require_config
 from ..errors import PtuneError
 from ..paths import SOURCE_RECORD
+from .checks import require_config
 
 TRANSFORMERS = "transformers"
 CHATGLM = "chatglm"

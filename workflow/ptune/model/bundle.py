@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import backends, legacy_env
 from ..config import GenerationConfig
+from ..data.prompts import Prompter, PromptFormat, Turn
 from ..errors import PtuneError
+from . import backends, legacy_env
 from .generation import generation_kwargs
 from .loading import device
-from ..data.prompts import PromptFormat, Prompter, Turn
 
 MANIFEST = "bundle.json"
 # 2: the prompt format (templates or chat template) replaced format 1's prompt_template, which served multi-turn

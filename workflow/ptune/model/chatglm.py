@@ -8,8 +8,8 @@ How it differs from transformers-native models (native.TransformersBackend), and
   code; set from train.prefix_dropout here). The MLP of `prefix_projection` is hidden_size wide, fixed by that code.
 - `model.quantize(bits)` swaps its linear layers for INT4/INT8 ones whose kernels are CUDA cubins (sm_61 to sm_86).
 - Inputs are built as the reference P-tuning builds them: prompt ids + [gMASK] <sop> + target ids + <eop> for
-  training, labels from <sop> on; prompt ids + [gMASK] <sop> for generation (the prompt's text: prompts.py); the model derives its 2D positions
-  and attention mask from where <sop> stands, and its tokenizer pads on the left.
+  training, labels from <sop> on; prompt ids + [gMASK] <sop> for generation (the prompt's text: data/prompts.py);
+  the model derives its 2D positions and attention mask from where <sop> stands, and its tokenizer pads on the left.
 - The prefix is saved with the reference checkpoint's tensor names, `transformer.prefix_encoder.*` in fp32, twice:
   `model.safetensors` (what ptune loads: never a pickle for its own artefacts) and `pytorch_model.bin` (what the
   reference web_demo.sh loads). A reference checkpoint directory (checkpoint-3000/, pytorch_model.bin only) loads
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from . import checks, trust
-from ..state import atomic
 from ..data.batching import IGNORE_INDEX, right_pad
 from ..errors import PtuneError
+from ..state import atomic
+from . import checks, trust
 
 log = logging.getLogger(__name__)
 

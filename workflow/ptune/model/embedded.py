@@ -16,11 +16,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from tqdm import tqdm
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from ..data import synthetic_adgen
-from ..state import faults
 from ..config import EmbeddedModelConfig
-from ..state.determinism import seed_everything
+from ..data import synthetic_adgen
 from ..errors import PtuneError
+from ..state import faults
+from ..state.determinism import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from ..state import faults
-from .backends import Backend
 from ..config import GenerationConfig
 from ..errors import PtuneError
+from ..state import faults
 from ..state.resume import Journal
+from .backends import Backend
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .checks import require_config
 from ..errors import PtuneError
+from .checks import require_config
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import prefixed
 from ..data.batching import IGNORE_INDEX, left_pad, right_pad
+from . import prefixed
 from .loading import check_quantization, load_frozen, load_tokenizer
 from .prefix_encoder import CONFIG_NAME, PrefixEncoder, prefix_config_for
 

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checks import config_sha256, require_same_base
 from ..errors import PtuneError
+from .checks import config_sha256, require_same_base
 
 PREFIX_WEIGHTS = "prefix.safetensors"
 CONFIG_NAME = "prefix_config.json"

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PtuneError
-from .dvc_remote import open_repo
 from ..paths import PTUNE_DIR, STATE_DIR
+from .dvc_remote import open_repo
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from ..state import atomic
 from ..errors import PtuneError
+from ..state import atomic
 from .dvc_remote import open_repo, remote_info
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+from ..errors import PtuneError
 from . import checkpoints
 from .dvc_lock import LockedOut, locked_outs
-from ..errors import PtuneError
 from .dvc_remote import open_repo, remote_info
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import paths
-from . import figures
-from ..state import atomic
 from ..errors import PtuneError
+from ..state import atomic
+from . import figures
 from .metrics import METRIC_NAMES
 
 TRAIN_LOG = str(paths.TRAIN_LOG)

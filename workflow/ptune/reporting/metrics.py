@@ -38,7 +38,7 @@ def score_one(prediction: str, label: str) -> tuple[dict[str, float], bool]:
 
 
 def per_example(predictions: Sequence[str], labels: Sequence[str]) -> list[tuple[dict[str, float], bool]]:
-    return [score_one(p, l) for p, l in zip(predictions, labels, strict=True)]
+    return [score_one(pred, label) for pred, label in zip(predictions, labels, strict=True)]
 
 
 def corpus_scores(predictions: Sequence[str], labels: Sequence[str]) -> tuple[dict[str, float], int]:

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..paths import SOURCE_RECORD  # what fetch_weights records next to the model it puts in models/base
+
 # The packages whose versions change what a run computes or how it runs.
 PACKAGES = ("ptune", "torch", "transformers", "tokenizers", "datasets", "safetensors", "jieba", "rouge-chinese",
             "nltk", "numpy", "dvc", "snakemake")

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from ..config import GenerationConfig
 from ..data import prompts
+from ..errors import PtuneError
 from ..model import backends
 from ..model.bundle import Bundle
-from ..config import GenerationConfig
-from ..errors import PtuneError
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
 

@@ -88,8 +88,9 @@ def build(engine: Engine) -> gr.Blocks:
             do_sample = gr.Checkbox(value=d.do_sample, label="Sample (off: greedy decoding)", elem_id="sample")
             top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="top_p")
             temperature = gr.Slider(0.01, 2.0, value=d.temperature, step=0.01, label="Temperature")
-            seed = gr.Textbox(value="", label="Seed (a whole number makes sampling repeatable; empty: the server's --seed, if any)",
-                              elem_id="seed")
+            seed = gr.Textbox(value="", elem_id="seed",
+                              label="Seed (a whole number makes sampling repeatable; empty: the server's --seed, "
+                                    "if any)")
         settings = [max_new_tokens, do_sample, top_p, temperature, seed]
         for trigger in (box.submit, send.click):
             trigger(ask, [box, pairs], [box, pairs, chatbot], queue=False).then(

@@ -88,7 +88,8 @@ def _fetch(url: str, dest: Path, attempts: int, backoff_s: float, timeout_s: flo
             if exc.code == 416 and part.exists():
                 break  # nothing left to send: the partial file is already whole
             if exc.code < 500 and exc.code not in (408, 429):
-                raise PtuneError(f"fetch_data.url: {url} answered HTTP {exc.code} {exc.reason}; check the URL") from None
+                raise PtuneError(f"fetch_data.url: {url} answered HTTP {exc.code} {exc.reason}; check the URL") \
+                    from None
             error = f"HTTP {exc.code} {exc.reason}"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             error = str(getattr(exc, "reason", exc)) or type(exc).__name__

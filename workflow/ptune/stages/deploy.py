@@ -14,16 +14,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..data import prompts
-from ..state import atomic
-from ..model.bundle import FORMAT_VERSION, MANIFEST
 from ..config import GenerationConfig, Params
+from ..data import prompts
 from ..errors import PtuneError
-from ..serve.process import ApiProcess
-
+from ..model.bundle import FORMAT_VERSION, MANIFEST
 from ..paths import BASE, METRICS, PREFIX
 from ..paths import DEPLOY as OUT
 from ..paths import DEPLOY_CHECK as CHECK
+from ..serve.process import ApiProcess
+from ..state import atomic
 
 LAUNCH = """# ptune deploy bundle
 

@@ -16,16 +16,16 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
-from ..data import prompts
-from ..reporting import metrics
-from ..state import atomic, multiprocess
 from ..config import Params
-from ..state.determinism import seed_everything
+from ..data import prompts
 from ..model.generation import generate_all, in_prompt_order, length_sorted_batches
-from ..state.resume import Journal, ResumeState
-
 from ..paths import BASE, METRICS, PREDICTIONS, PREFIX
 from ..paths import PROCESSED as DATA
+from ..reporting import metrics
+from ..state import atomic, multiprocess
+from ..state.determinism import seed_everything
+from ..state.resume import Journal, ResumeState
+
 MODELS = ("base", "ptuned")
 # Batches and their seeds do not depend on how many processes share them: a run killed with one `devices`
 # value resumes with another.

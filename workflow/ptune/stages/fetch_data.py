@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import adgen, readers, synthetic_adgen
-from ..state import atomic
 from ..config import FetchDataConfig, Params
+from ..data import adgen, readers, synthetic_adgen
 from ..errors import PtuneError
-from ..state.resume import ResumeState
+from ..paths import RAW as OUT
 from ..sources import lock, url
 from ..sources.lfs_pointer import require_no_pointers
-
-from ..paths import RAW as OUT
+from ..state import atomic
+from ..state.resume import ResumeState
 
 
 def _source_folder(cfg: FetchDataConfig) -> tuple[Path, ResumeState | None]:

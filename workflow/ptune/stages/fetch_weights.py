@@ -14,18 +14,18 @@ import re
 import shutil
 from pathlib import Path
 
-from ..model import backends, embedded, trust
-from ..state import atomic
 from ..config import FetchWeightsConfig, Params
 from ..errors import PtuneError
-from ..state.resume import ResumeState
+from ..model import backends, embedded, trust
+from ..paths import BASE as OUT
+from ..paths import SOURCE_RECORD
 from ..sources import git_lfs, hub, lock
 from ..sources.lfs_pointer import require_no_pointers
-from ..paths import SOURCE_RECORD
+from ..state import atomic
+from ..state.resume import ResumeState
 
 log = logging.getLogger(__name__)
 
-from ..paths import BASE as OUT
 
 
 def check_model_dir(folder: Path, what: str) -> None:

@@ -13,14 +13,13 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from ..data import adgen, prompts
-from ..model import backends
-from ..state import atomic
 from ..config import Params, PreprocessConfig
+from ..data import adgen, prompts
 from ..errors import PtuneError
-
+from ..model import backends
 from ..paths import BASE, RAW
 from ..paths import PROCESSED as OUT
+from ..state import atomic
 
 
 def _turn(ex: dict) -> prompts.Turn:

@@ -22,16 +22,26 @@ from pathlib import Path
 import yaml
 
 from .. import paths
-from ..reporting import figures, provenance
-from ..state import atomic
 from ..config import Params, ReportConfig
-from ..reporting.metrics import METRIC_NAMES, per_example
-from ..paths import (BASE, DEPLOY_CHECK, FIGURES, METRICS, METRICS_CSV, PREDICTIONS, REPORT_HTML, REPORT_MD,
-                    STAGES, TRAIN_LOG)
+from ..paths import (
+    BASE,
+    DEPLOY_CHECK,
+    FIGURES,
+    METRICS,
+    METRICS_CSV,
+    PREDICTIONS,
+    REPORT_HTML,
+    REPORT_MD,
+    STAGES,
+    TRAIN_LOG,
+)
 from ..paths import RAW as RAW_DATA
 from ..paths import TIMINGS as OUT_TIMINGS
 from ..remote.dvc_remote import check_survival
+from ..reporting import figures, provenance
+from ..reporting.metrics import METRIC_NAMES, per_example
 from ..reporting.render import render_html, render_markdown
+from ..state import atomic
 
 MODELS = {"base": "base model", "ptuned": "P-tuned"}
 # How to talk to the deployed model; each server reads models/deploy by default.

@@ -21,17 +21,17 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from ..model import backends, device_info
-from ..remote import checkpoints
-from ..state import atomic, checkpoint, faults, multiprocess
 from ..config import Params, TrainConfig
-from ..state.determinism import seed_everything
 from ..errors import PtuneError
+from ..model import backends, device_info
 from ..model.loading import assert_frozen, device
-from ..remote.dvc_remote import checkpoint_push_every
 from ..paths import BASE, TRAIN_LOG
 from ..paths import PREFIX as OUT
 from ..paths import PROCESSED as DATA
+from ..remote import checkpoints
+from ..remote.dvc_remote import checkpoint_push_every
+from ..state import atomic, checkpoint, faults, multiprocess
+from ..state.determinism import seed_everything
 from ..state.resume import ResumeState
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ def run(params: Params) -> dict:
     backend.check_quantization(cfg.quantization, "train", device())
     if cfg.devices > 1 and backend.name != backends.TRANSFORMERS:
         raise PtuneError(f"train.devices: {cfg.devices} is implemented for transformers-native models; ChatGLM-6B's "
-                         "prefix lives inside its remote-code model, which ptune trains on one GPU: set train.devices: 1")
+                         "prefix lives inside its remote-code model, which ptune trains on one GPU: set "
+                         "train.devices: 1")
     if cfg.devices > 1 and not multiprocess.in_worker():
         return {**multiprocess.launch("train", params, cfg.devices)[0], "devices": cfg.devices}
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import faults
 from ..errors import PtuneError
+from . import faults
 
 
 def _umask() -> int:

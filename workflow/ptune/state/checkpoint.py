@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load, save
 
-from . import atomic
 from ..errors import PtuneError
+from . import atomic
 
 META_KEY = "ptune"
 

@@ -7,7 +7,6 @@ import random
 
 from ..errors import PtuneError
 
-
 THREADS_ENV = "PTUNE_NUM_THREADS"
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import atomic
 from ..paths import PTUNE_DIR, STAGE_LOG, timings
+from . import atomic
 
 
 def record_start(stage: str) -> None:
