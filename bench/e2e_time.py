@@ -28,15 +28,29 @@ BUDGET_S = 300
 
 
 def copy_project(dest: Path, params: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                           check=True, capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
     shutil.copy2(params, dest / "params.yaml")
-    env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "b@x",
-           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "b@x"}
+    env = {
+        **os.environ,
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_AUTHOR_NAME": "bench",
+        "GIT_AUTHOR_EMAIL": "b@x",
+        "GIT_COMMITTER_NAME": "bench",
+        "GIT_COMMITTER_EMAIL": "b@x",
+    }
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
 
@@ -56,8 +70,12 @@ def main() -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="ptune-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
     copy_project(work, args.params.resolve())
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "TQDM_DISABLE": "1",
+    }
     baseline = import_baseline()
     t0 = time.perf_counter()
     proc = subprocess.run(["snakemake", "--cores", "1", "report"], cwd=work, env=env, capture_output=True, text=True)
@@ -75,8 +93,10 @@ def main() -> int:
         stage_sum += rec["wall_s"]
         print(f"  {stage:<14} {rec['wall_s']:7.1f} s")
     print(f"  {'(overhead)':<14} {wall - stage_sum:7.1f} s  (process start-up, imports, dvc, snakemake)")
-    print(f"ROUGE-L base {metrics['base']['rouge-l']:.2f} -> P-tuned {metrics['ptuned']['rouge-l']:.2f} "
-          f"({metrics['ptuned']['rouge-l'] - metrics['base']['rouge-l']:+.2f}) on {metrics['n_examples']} dev examples")
+    print(
+        f"ROUGE-L base {metrics['base']['rouge-l']:.2f} -> P-tuned {metrics['ptuned']['rouge-l']:.2f} "
+        f"({metrics['ptuned']['rouge-l'] - metrics['base']['rouge-l']:+.2f}) on {metrics['n_examples']} dev examples"
+    )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -41,9 +41,19 @@ def chatglm_shaped(pre_seq_len: int, seed: int, layers: int = 28):
     from transformers import GlmConfig, GlmForCausalLM
 
     # ChatGLM-6B's shape: 28 layers, hidden 4096, 32 heads (no GQA), FFN 16384, vocab 130,528.
-    config = GlmConfig(vocab_size=130528, hidden_size=4096, intermediate_size=16384, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                       max_position_embeddings=2048, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    config = GlmConfig(
+        vocab_size=130528,
+        hidden_size=4096,
+        intermediate_size=16384,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     torch.manual_seed(seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_default_dtype(torch.bfloat16)
@@ -56,8 +66,10 @@ def chatglm_shaped(pre_seq_len: int, seed: int, layers: int = 28):
         encoder = PrefixEncoder(prefix_config_for(model, pre_seq_len, False, 0, "random")).to(dev)
     gen = torch.Generator().manual_seed(seed)
     # ADGEN prompts are 30-70 tokens long with ChatGLM's tokenizer.
-    prompts = [torch.randint(5, 130000, (int(n),), generator=gen).tolist()
-               for n in torch.randint(30, 70, (4096,), generator=gen)]
+    prompts = [
+        torch.randint(5, 130000, (int(n),), generator=gen).tolist()
+        for n in torch.randint(30, 70, (4096,), generator=gen)
+    ]
     return model, encoder, IdTokenizer(), prompts
 
 
@@ -76,8 +88,9 @@ def rate(model, encoder, tok, prompts, cfg, batch_size) -> tuple[float, float]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    generate_all(model, encoder, tok, prompts, cfg, batch_size=batch_size, seed=0, desc=f"batch {batch_size}",
-                 backend=native())
+    generate_all(
+        model, encoder, tok, prompts, cfg, batch_size=batch_size, seed=0, desc=f"batch {batch_size}", backend=native()
+    )
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -104,22 +117,25 @@ def main() -> int:
         model, encoder, tok, prompts = chatglm_shaped(args.pre_seq_len, seed=0, layers=args.layers)
     else:
         model, encoder, tok, prompts = embedded(args.model, args.data, args.prefix)
-    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_p=0.7,
-                           temperature=0.95)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, top_p=0.7, temperature=0.95)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {device}; model: {'ChatGLM-6B shape, random, bf16' if args.chatglm_shape else args.model}; "
-          f"prefix: {encoder.config.pre_seq_len if encoder else 0}; max_new_tokens {args.max_new_tokens}; "
-          f"{'greedy' if args.greedy else 'sampling top_p 0.7 temperature 0.95'}")
+    print(
+        f"device: {device}; model: {'ChatGLM-6B shape, random, bf16' if args.chatglm_shape else args.model}; "
+        f"prefix: {encoder.config.pre_seq_len if encoder else 0}; max_new_tokens {args.max_new_tokens}; "
+        f"{'greedy' if args.greedy else 'sampling top_p 0.7 temperature 0.95'}"
+    )
     rate(model, encoder, tok, prompts[:2], cfg, 2)  # warm-up: kernels, allocator, caches
-    seq, seq_wall = rate(model, encoder, tok, prompts[:args.n_sequential], cfg, 1)
+    seq, seq_wall = rate(model, encoder, tok, prompts[: args.n_sequential], cfg, 1)
     print(f"reference loop (1 prompt per generate): {seq:8.3f} examples/s  ({args.n_sequential} in {seq_wall:.1f} s)")
     results = {"device": device, "sequential_examples_per_s": seq, "batched": {}}
     for bs in args.batch_size:
         n = max(args.n_batched, bs)
         bat, bat_wall = rate(model, encoder, tok, prompts[:n], cfg, bs)
         results["batched"][bs] = {"examples_per_s": bat, "ratio": bat / seq}
-        print(f"batched, batch {bs:4d}:                  {bat:8.3f} examples/s  ({n} in {bat_wall:.1f} s)"
-              f"  -> {bat / seq:.1f}x")
+        print(
+            f"batched, batch {bs:4d}:                  {bat:8.3f} examples/s  ({n} in {bat_wall:.1f} s)"
+            f"  -> {bat / seq:.1f}x"
+        )
         if torch.cuda.is_available():
             print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     if args.json:

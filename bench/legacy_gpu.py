@@ -45,9 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 SNAPSHOTS = (REPO.parent / "shared" / "chatglm-6b-snapshot", REPO / "shared" / "chatglm-6b-snapshot")
 PACKAGE = "chatglm6b_remote"
 # A 2-layer model for --dry-run; token ids moved into its small vocabulary.
-DRY_SHAPE = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "inner_hidden_size": 256,
-             "vocab_size": 1000, "mask_token_id": 1, "gmask_token_id": 2, "pad_token_id": 3, "bos_token_id": 4,
-             "eos_token_id": 5}
+DRY_SHAPE = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "inner_hidden_size": 256,
+    "vocab_size": 1000,
+    "mask_token_id": 1,
+    "gmask_token_id": 2,
+    "pad_token_id": 3,
+    "bos_token_id": 4,
+    "eos_token_id": 5,
+}
 
 
 def import_remote_code(snapshot: Path):
@@ -55,8 +64,10 @@ def import_remote_code(snapshot: Path):
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(snapshot)]
     sys.modules[PACKAGE] = package
-    return (importlib.import_module(f"{PACKAGE}.configuration_chatglm"),
-            importlib.import_module(f"{PACKAGE}.modeling_chatglm"))
+    return (
+        importlib.import_module(f"{PACKAGE}.configuration_chatglm"),
+        importlib.import_module(f"{PACKAGE}.modeling_chatglm"),
+    )
 
 
 def cuda_runtime_for_cpm_kernels() -> str | None:
@@ -77,6 +88,7 @@ def cuda_runtime_for_cpm_kernels() -> str | None:
 
 def torch_int4_stand_in(quantization) -> None:
     """Replace the two CUDA kernels of quantization.py by torch code with the same storage: two int4 per int8."""
+
     def compress_int4_weight(weight: torch.Tensor) -> torch.Tensor:
         nibbles = weight.to(torch.int16) & 0xF
         return ((nibbles[:, 0::2] << 4) | nibbles[:, 1::2]).to(torch.uint8).view(torch.int8)
@@ -84,8 +96,8 @@ def torch_int4_stand_in(quantization) -> None:
     def extract_weight_to_half(weight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
         if bits == 8:
             return weight.half() * scale[:, None]
-        high = weight >> 4                      # arithmetic shift: the sign comes with it
-        low = (weight << 4) >> 4                # int8 wraps, then sign-extends the low nibble
+        high = weight >> 4  # arithmetic shift: the sign comes with it
+        low = (weight << 4) >> 4  # int8 wraps, then sign-extends the low nibble
         return torch.stack((high, low), dim=-1).view(weight.shape[0], -1).half() * scale[:, None]
 
     quantization.compress_int4_weight = compress_int4_weight
@@ -164,8 +176,11 @@ def measure(model, config, dev: torch.device, args, checkpointing: bool) -> dict
     scaler = torch.amp.GradScaler("cuda") if cuda else None
     # INT4: as the reference (model.half(), prefix in fp32, no autocast): quantize()'s autograd function
     # computes a weight gradient in the input's dtype, which autocast would leave mixed.
-    autocast = (torch.autocast("cuda", dtype=torch.float16) if cuda and not getattr(args, "no_autocast", False)
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16)
+        if cuda and not getattr(args, "no_autocast", False)
+        else contextlib.nullcontext()
+    )
     gen = torch.Generator().manual_seed(args.seed)
 
     def step() -> float:
@@ -192,9 +207,12 @@ def measure(model, config, dev: torch.device, args, checkpointing: bool) -> dict
     if cuda:
         torch.cuda.synchronize()
     per_step = (time.perf_counter() - t0) / args.steps
-    return {"s_per_step": round(per_step, 3), "hours_for_3000_steps": round(per_step * 3000 / 3600, 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "last_loss": round(losses[-1], 4)}
+    return {
+        "s_per_step": round(per_step, 3),
+        "hours_for_3000_steps": round(per_step * 3000 / 3600, 2),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "last_loss": round(losses[-1], 4),
+    }
 
 
 def enable_input_grads(model) -> None:
@@ -216,9 +234,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, help="timed steps, default 3 (dry run: 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    defaults = ({"pre_seq_len": 8, "source_length": 8, "target_length": 8, "accumulation": 2, "steps": 1}
-                if args.dry_run else
-                {"pre_seq_len": 128, "source_length": 64, "target_length": 64, "accumulation": 16, "steps": 3})
+    defaults = (
+        {"pre_seq_len": 8, "source_length": 8, "target_length": 8, "accumulation": 2, "steps": 1}
+        if args.dry_run
+        else {"pre_seq_len": 128, "source_length": 64, "target_length": 64, "accumulation": 16, "steps": 3}
+    )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -243,11 +263,15 @@ def main() -> int:
     model.transformer.prefix_encoder.float()
     enable_input_grads(model)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (dry run)"
-    print(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; built in "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"recipe: pre_seq_len {args.pre_seq_len}, batch 1 x accumulation {args.accumulation}, "
-          f"{args.source_length} + {args.target_length} tokens, {args.steps} timed steps after one warm-up")
+    print(
+        f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}; "
+        f"{config.num_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; built in "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    print(
+        f"recipe: pre_seq_len {args.pre_seq_len}, batch 1 x accumulation {args.accumulation}, "
+        f"{args.source_length} + {args.target_length} tokens, {args.steps} timed steps after one warm-up"
+    )
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.checkpointing]
     results = []
     for precision in args.precisions.split(","):
@@ -265,12 +289,18 @@ def main() -> int:
             print(f"unknown precision {precision!r}: fp16 or int4", file=sys.stderr)
             return 2
         for checkpointing in modes:
-            r = {"precision": label, "gradient_checkpointing": checkpointing,
-                 **measure(model, config, dev, args, checkpointing)}
+            r = {
+                "precision": label,
+                "gradient_checkpointing": checkpointing,
+                **measure(model, config, dev, args, checkpointing),
+            }
             results.append(r)
             memory = f", peak {r['peak_gib']} GiB" if r["peak_gib"] is not None else ""
-            print(f"{label}, checkpointing {'on' if checkpointing else 'off'}: {r['s_per_step']} s/step "
-                  f"({r['hours_for_3000_steps']} h for 3,000 steps){memory}; loss {r['last_loss']}", flush=True)
+            print(
+                f"{label}, checkpointing {'on' if checkpointing else 'off'}: {r['s_per_step']} s/step "
+                f"({r['hours_for_3000_steps']} h for 3,000 steps){memory}; loss {r['last_loss']}",
+                flush=True,
+            )
     print(json.dumps({"device": device_name, "results": results}))
     return 0
 

@@ -38,23 +38,32 @@ def prompts(path: Path) -> list[str]:
     return FALLBACK_PROMPTS
 
 
-def one_request(url: str, endpoint: str, prompt: str, model: str, headers: dict,
-                max_new: int | None) -> tuple[float, float | None, int | None]:
+def one_request(
+    url: str, endpoint: str, prompt: str, model: str, headers: dict, max_new: int | None
+) -> tuple[float, float | None, int | None]:
     """Returns (latency s, time to first text s or None, completion tokens or None); raises on any failure."""
     if endpoint == "seed":
         body, path = {"prompt": prompt}, "/"
         if max_new:
             body["max_new_tokens"] = max_new
     else:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
-                "stream": endpoint == "stream", "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": endpoint == "stream",
+            "stream_options": {"include_usage": True},
+        }
         if endpoint != "stream":
             del body["stream_options"]
         if max_new:
             body["max_tokens"] = max_new
         path = "/v1/chat/completions"
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
+    req = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **headers},
+    )
     t0 = time.perf_counter()
     first = tokens = None
     with urllib.request.urlopen(req, timeout=600) as resp:
@@ -70,7 +79,7 @@ def one_request(url: str, endpoint: str, prompt: str, model: str, headers: dict,
                 line = raw.decode().strip()
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 if data == "[DONE]":
                     done = True
                     break
@@ -86,8 +95,16 @@ def one_request(url: str, endpoint: str, prompt: str, model: str, headers: dict,
     return time.perf_counter() - t0, first, tokens
 
 
-def load(url: str, endpoint: str, clients: int, seconds: float, model: str, headers: dict,
-         texts: list[str], max_new: int | None) -> dict:
+def load(
+    url: str,
+    endpoint: str,
+    clients: int,
+    seconds: float,
+    model: str,
+    headers: dict,
+    texts: list[str],
+    max_new: int | None,
+) -> dict:
     results, errors, lock = [], [], threading.Lock()
     counter = itertools.count()
     deadline = time.perf_counter() + seconds
@@ -118,11 +135,20 @@ def load(url: str, endpoint: str, clients: int, seconds: float, model: str, head
     def pct(values: list[float], q: float) -> float:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
-    return {"clients": clients, "endpoint": endpoint, "requests": len(results), "errors": len(errors),
-            "wall_s": wall, "requests_per_s": len(results) / wall, "p50_s": statistics.median(lat) if lat else None,
-            "p95_s": pct(lat, 0.95), "max_s": lat[-1] if lat else None,
-            "ttft_p50_s": statistics.median(firsts) if firsts else None,
-            "tokens_per_s": sum(tokens) / wall if tokens else None, "first_errors": errors[:3]}
+    return {
+        "clients": clients,
+        "endpoint": endpoint,
+        "requests": len(results),
+        "errors": len(errors),
+        "wall_s": wall,
+        "requests_per_s": len(results) / wall,
+        "p50_s": statistics.median(lat) if lat else None,
+        "p95_s": pct(lat, 0.95),
+        "max_s": lat[-1] if lat else None,
+        "ttft_p50_s": statistics.median(firsts) if firsts else None,
+        "tokens_per_s": sum(tokens) / wall if tokens else None,
+        "first_errors": errors[:3],
+    }
 
 
 def main() -> int:
@@ -156,8 +182,10 @@ def main() -> int:
         with urllib.request.urlopen(req, timeout=30) as resp:
             model = json.loads(resp.read())["data"][0]["id"]
         one_request(url, args.endpoint, texts[0], model, headers, args.max_new_tokens)  # warm-up
-        print("| clients | endpoint | requests | errors | requests/s | p50 s | p95 s | max s | first text p50 s "
-              "| tokens/s |")
+        print(
+            "| clients | endpoint | requests | errors | requests/s | p50 s | p95 s | max s | first text p50 s "
+            "| tokens/s |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for clients in levels:
             r = load(url, args.endpoint, clients, args.seconds, model, headers, texts, args.max_new_tokens)
@@ -167,9 +195,11 @@ def main() -> int:
                 return "–" if v is None else f"{v:.3f}"
 
             tps = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
-            print(f"| {clients} | {args.endpoint} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
-                  f"| {f(r['p50_s'])} | {f(r['p95_s'])} | {f(r['max_s'])} | {f(r['ttft_p50_s'])} | {tps} |",
-                  flush=True)
+            print(
+                f"| {clients} | {args.endpoint} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
+                f"| {f(r['p50_s'])} | {f(r['p95_s'])} | {f(r['max_s'])} | {f(r['ttft_p50_s'])} | {tps} |",
+                flush=True,
+            )
             for e in r["first_errors"]:
                 print(f"  error: {e}")
     finally:

@@ -47,8 +47,16 @@ def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
 
     seed_everything(cfg.seed)
     model = load_frozen("models/base", torch.device("cpu"))
-    encoder = PrefixEncoder(prefix_config_for(model, cfg.pre_seq_len, cfg.prefix_projection, cfg.prefix_hidden_size,
-                                              "models/base", prefix_dropout=cfg.prefix_dropout))
+    encoder = PrefixEncoder(
+        prefix_config_for(
+            model,
+            cfg.pre_seq_len,
+            cfg.prefix_projection,
+            cfg.prefix_hidden_size,
+            "models/base",
+            prefix_dropout=cfg.prefix_dropout,
+        )
+    )
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     encoder.train()
@@ -58,8 +66,9 @@ def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
         for group in optim.param_groups:
             group["lr"] = lr_at(step, cfg)
         batches = micro_batches_at(step, train, cfg, pad_id, torch.device("cpu"), collate=native().collate)
-        loss = optimizer_step(model, encoder, batches, optim, None, contextlib.nullcontext(), cfg.max_grad_norm,
-                              backend=native())
+        loss = optimizer_step(
+            model, encoder, batches, optim, None, contextlib.nullcontext(), cfg.max_grad_norm, backend=native()
+        )
     wall = time.perf_counter() - t0
     return (steps - warmup) * cfg.per_device_train_batch_size / wall, loss
 
@@ -90,20 +99,44 @@ def trainer_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
     torch.manual_seed(cfg.seed)
     base = AutoModelForCausalLM.from_pretrained("models/base", dtype=torch.float32)
     pad_id = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-    model = get_peft_model(base, PrefixTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.pre_seq_len, prefix_projection=cfg.prefix_projection,
-        encoder_hidden_size=cfg.prefix_hidden_size))
+    model = get_peft_model(
+        base,
+        PrefixTuningConfig(
+            task_type=TaskType.CAUSAL_LM,
+            num_virtual_tokens=cfg.pre_seq_len,
+            prefix_projection=cfg.prefix_projection,
+            encoder_hidden_size=cfg.prefix_hidden_size,
+        ),
+    )
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_steps, lr_scheduler_type="linear", weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, save_strategy="no", report_to="none",
-            disable_tqdm=True, use_cpu=True, seed=cfg.seed, dataloader_num_workers=0, remove_unused_columns=False,
-            train_sampling_strategy="sequential")
-        trainer = Trainer(model=model, args=args, train_dataset=same_batches,
-                          data_collator=lambda rows: native().collate(rows, pad_id), callbacks=[clock])
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            learning_rate=cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps,
+            lr_scheduler_type="linear",
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            logging_steps=cfg.logging_steps,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=True,
+            seed=cfg.seed,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            train_sampling_strategy="sequential",
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=same_batches,
+            data_collator=lambda rows: native().collate(rows, pad_id),
+            callbacks=[clock],
+        )
         trainer.train()
     wall = clock.at[steps] - clock.at[warmup]
     return (steps - warmup) * batch / wall, clock.loss
@@ -133,17 +166,23 @@ def compare(args) -> int:
     for r in range(args.rounds):  # alternate, so that a busy moment of the machine does not favour one side
         ours.append(ptune_round(train, cfg, steps, args.warmup))
         theirs.append(trainer_round(train, cfg, steps, args.warmup))
-        print(f"round {r + 1}: ptune {ours[-1][0]:.1f} samples/s, Trainer + PEFT {theirs[-1][0]:.1f} samples/s",
-              flush=True)
+        print(
+            f"round {r + 1}: ptune {ours[-1][0]:.1f} samples/s, Trainer + PEFT {theirs[-1][0]:.1f} samples/s",
+            flush=True,
+        )
     best_ours, best_theirs = max(s for s, _ in ours), max(s for s, _ in theirs)
-    print(f"CPU, {THREADS} threads; embedded base ({sum(p.numel() for p in _base_params())} params), "
-          f"pre_seq_len {cfg.pre_seq_len}, projection {cfg.prefix_projection}, batch "
-          f"{cfg.per_device_train_batch_size}; {args.steps} timed steps after {args.warmup}, best of {args.rounds}")
+    print(
+        f"CPU, {THREADS} threads; embedded base ({sum(p.numel() for p in _base_params())} params), "
+        f"pre_seq_len {cfg.pre_seq_len}, projection {cfg.prefix_projection}, batch "
+        f"{cfg.per_device_train_batch_size}; {args.steps} timed steps after {args.warmup}, best of {args.rounds}"
+    )
     print(f"ptune loop:                 {best_ours:8.1f} samples/s (last loss {ours[-1][1]:.3f})")
     print(f"transformers.Trainer + PEFT: {best_theirs:7.1f} samples/s (last logged loss {theirs[-1][1]:.3f})")
-    print(f"ratio ptune / Trainer + PEFT: {best_ours / best_theirs:.2f}x (best of each); per round "
-          + ", ".join(f"{o / t:.2f}x" for (o, _), (t, _) in zip(ours, theirs))
-          + f", median {statistics.median(o / t for (o, _), (t, _) in zip(ours, theirs)):.2f}x")
+    print(
+        f"ratio ptune / Trainer + PEFT: {best_ours / best_theirs:.2f}x (best of each); per round "
+        + ", ".join(f"{o / t:.2f}x" for (o, _), (t, _) in zip(ours, theirs))
+        + f", median {statistics.median(o / t for (o, _), (t, _) in zip(ours, theirs)):.2f}x"
+    )
     return 0
 
 
@@ -170,8 +209,9 @@ def chatglm_shape(args) -> int:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     def step():
-        return optimizer_step(model, encoder, [micro() for _ in range(args.accumulation)], optim, None, autocast, 1.0,
-                              backend=native())
+        return optimizer_step(
+            model, encoder, [micro() for _ in range(args.accumulation)], optim, None, autocast, 1.0, backend=native()
+        )
 
     step()  # warm-up
     if dev.type == "cuda":
@@ -185,8 +225,10 @@ def chatglm_shape(args) -> int:
     wall = time.perf_counter() - t0
     samples = args.steps * args.batch_size * args.accumulation
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU"
-    print(f"device: {name}; ChatGLM-6B shape ({args.layers} layers), bf16 base, fp32 prefix {args.pre_seq_len}; "
-          f"batch {args.batch_size} x accumulation {args.accumulation}, {args.seq_len} tokens")
+    print(
+        f"device: {name}; ChatGLM-6B shape ({args.layers} layers), bf16 base, fp32 prefix {args.pre_seq_len}; "
+        f"batch {args.batch_size} x accumulation {args.accumulation}, {args.seq_len} tokens"
+    )
     print(f"{wall / args.steps:.3f} s/step, {samples / wall:.1f} samples/s, last loss {loss:.3f}")
     if dev.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -25,8 +25,12 @@ SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"
 
 def project_files() -> list[str]:
     """What a fresh clone holds: tracked files plus new ones git does not ignore."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                         cwd=REPO, check=True, capture_output=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
     return [p for p in out.split("\0") if p and (REPO / p).is_file()]
 
 
@@ -35,8 +39,10 @@ def env(tmp_path_factory) -> dict[str, str]:
     """The environment of every command a test runs: the venv first on PATH, a private HOME and git config."""
     home = tmp_path_factory.mktemp("home")
     gitconfig = home / ".gitconfig"
-    gitconfig.write_text("[user]\n\tname = ptune tests\n\temail = tests@ptune.invalid\n"
-                         "[init]\n\tdefaultBranch = main\n", encoding="utf-8")
+    gitconfig.write_text(
+        "[user]\n\tname = ptune tests\n\temail = tests@ptune.invalid\n[init]\n\tdefaultBranch = main\n",
+        encoding="utf-8",
+    )
     return {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -57,11 +63,12 @@ class Project:
         self.env = env
 
     def run(self, *cmd: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run(list(cmd), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
-                                 f"\n--- stderr\n{proc.stderr[-6000:]}")
+            raise AssertionError(
+                f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                f"\n--- stderr\n{proc.stderr[-6000:]}"
+            )
         return proc
 
     @property
@@ -120,8 +127,10 @@ def pipeline_run(tmp_path_factory, env) -> Project:
     # Credentials as a user's shell would hold them: no output, log, lock or report may ever contain them.
     # Made at run time: a literal here would be found in the copy of this file that the project holds.
     project.planted_secret = "ptune-planted-" + os.urandom(8).hex()
-    secrets = {name: project.planted_secret for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OSS_ACCESS_KEY_SECRET",
-                                                         "OPENAI_API_KEY")}
+    secrets = {
+        name: project.planted_secret
+        for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OSS_ACCESS_KEY_SECRET", "OPENAI_API_KEY")
+    }
     project.env = {**env, **secrets, TRACE_ENV: str(project.failpoint_trace)}
     project.run("snakemake", "--cores", "1", "report")
     project.env = env

@@ -43,12 +43,15 @@ def test_round_trip_is_byte_identical(tmp_path):
     assert out.read_bytes() == dev.read_bytes()
 
 
-@pytest.mark.parametrize("line, problem", [
-    ('{"content": "类型#上衣"', "not a JSON object"),
-    ('["a", "b"]', "expected a JSON object"),
-    ('{"content": "类型#上衣"}', "'summary' is missing"),
-    ('{"content": 3, "summary": "x"}', "'content' is a int"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ('{"content": "类型#上衣"', "not a JSON object"),
+        ('["a", "b"]', "expected a JSON object"),
+        ('{"content": "类型#上衣"}', "'summary' is missing"),
+        ('{"content": 3, "summary": "x"}', "'content' is a int"),
+    ],
+)
 def test_bad_line_is_named(tmp_path, line, problem):
     path = tmp_path / "train.json"
     path.write_text('{"content": "类型#裙", "summary": "好看"}\n' + line + "\n", encoding="utf-8")

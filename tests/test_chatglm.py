@@ -23,8 +23,9 @@ from conftest import REPO, TINY_PARAMS, Project, make_project
 SNAPSHOT = REPO.parent / "shared" / "chatglm-6b-snapshot"
 PROMPT = "类型#上衣*颜色#白色*风格#简约*衣样式#衬衫"
 
-pytestmark = pytest.mark.skipif(not (SNAPSHOT / "modeling_chatglm.py").is_file(),
-                                reason=f"the ChatGLM-6B snapshot is not at {SNAPSHOT}")
+pytestmark = pytest.mark.skipif(
+    not (SNAPSHOT / "modeling_chatglm.py").is_file(), reason=f"the ChatGLM-6B snapshot is not at {SNAPSHOT}"
+)
 
 
 @pytest.fixture(scope="session")
@@ -36,8 +37,7 @@ def legacy_python() -> str:
 def tiny_chatglm(tmp_path_factory, legacy_python, env):
     out = tmp_path_factory.mktemp("tiny-chatglm")
     script = REPO / "tests" / "support" / "chatglm_tiny.py"
-    subprocess.run([legacy_python, str(script), str(out), str(SNAPSHOT)], check=True,
-                   env=env, capture_output=True)
+    subprocess.run([legacy_python, str(script), str(out), str(SNAPSHOT)], check=True, env=env, capture_output=True)
     return out
 
 
@@ -46,8 +46,9 @@ def chatglm_params(model_dir) -> dict:
     random model answers greedy decoding with special tokens only, which decode to nothing)."""
     raw = yaml.safe_load(TINY_PARAMS.read_text(encoding="utf-8"))
     # ChatGLM-6B runs its own code and ships pickles only (as the tiny model does): both opt-ins are needed.
-    raw["fetch_weights"].update(source="path", backend="chatglm", path=str(model_dir), trust_remote_code=True,
-                                allow_pickle=True)
+    raw["fetch_weights"].update(
+        source="path", backend="chatglm", path=str(model_dir), trust_remote_code=True, allow_pickle=True
+    )
     # ChatGLM-6B's own prompt format, as the preset has it (the raw content for single-turn data).
     raw["preprocess"]["prompt_format"] = "chatglm6b"
     for key in ("prompt_template", "history_template", "system"):
@@ -89,16 +90,18 @@ trained.save_pretrained("checkpoint-3000", state_dict=trainable)
 
 def run_legacy(project, python: str, code: str) -> dict:
     """Run `code` in the legacy environment in the project; it prints one JSON line, returned."""
-    proc = subprocess.run([python, "-c", code], cwd=project.root, env=project.env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [python, "-c", code], cwd=project.root, env=project.env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_every_stage_runs_and_the_model_stages_run_in_the_legacy_environment(chatglm_run):
     executed = chatglm_run.executed()
-    assert sorted(executed) == sorted(("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy",
-                                       "report"))
+    assert sorted(executed) == sorted(
+        ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
+    )
     train = json.loads((chatglm_run.root / "reports/timings/train.json").read_text())
     assert train["backend"] == "chatglm" and train["transformers"].startswith("4.33")
     assert train["trainable_parameters"] == 4 * 2 * 2 * 32  # pre_seq_len x k/v x layers x hidden
@@ -110,7 +113,10 @@ def test_every_stage_runs_and_the_model_stages_run_in_the_legacy_environment(cha
 
 
 def test_inputs_are_built_as_the_reference_builds_them(chatglm_run, legacy_python):
-    got = run_legacy(chatglm_run, legacy_python, """
+    got = run_legacy(
+        chatglm_run,
+        legacy_python,
+        """
 import json
 from datasets import load_from_disk
 from transformers import AutoTokenizer
@@ -119,12 +125,13 @@ d = load_from_disk("data/processed")
 train, dev = d["train"][0], d["dev"][0]
 print(json.dumps({"train": train, "dev": dev, "gmask": tok.gmask_token_id, "bos": tok.bos_token_id,
                   "eos": tok.eos_token_id}))
-""")
+""",
+    )
     ids, labels = got["train"]["input_ids"], got["train"]["labels"]
     sop = ids.index(got["bos"])
     assert ids[sop - 1] == got["gmask"] and ids[-1] == got["eos"]  # prompt [gMASK] <sop> target <eop>
     assert labels[:sop] == [-100] * sop and labels[sop:] == ids[sop:]  # <sop> on is learned
-    assert len(ids[:sop - 1]) <= 48 - 1 and len(ids[sop + 1:-1]) <= 24 - 2  # the reference's cuts
+    assert len(ids[: sop - 1]) <= 48 - 1 and len(ids[sop + 1 : -1]) <= 24 - 2  # the reference's cuts
     assert got["dev"]["input_ids"][-2:] == [got["gmask"], got["bos"]] and len(got["dev"]["input_ids"]) <= 48
     # The reference decodes labels without special tokens, and [gMASK] is not one for this tokenizer.
     assert got["dev"]["label"].endswith("[gMASK]")
@@ -141,7 +148,11 @@ def test_prefix_is_saved_as_the_reference_checkpoint_format_both_ways(chatglm_ru
     from safetensors.torch import load_file
 
     assert set(load_file(root / "models/ptuning/model.safetensors")) == set(saved)
-    got = run_legacy(chatglm_run, legacy_python, REFERENCE_CHECKPOINT + """
+    got = run_legacy(
+        chatglm_run,
+        legacy_python,
+        REFERENCE_CHECKPOINT
+        + """
 import json, os
 from pathlib import Path
 from ptune.model.chatglm import ChatGLMBackend, prefix_off
@@ -179,7 +190,8 @@ print(json.dumps({
     "checkpoint_pre_seq_len": loaded.transformer.pre_seq_len,
     "checkpoint_projection": loaded.config.prefix_projection,
 }))
-""")
+""",
+    )
     assert got["web_demo_equal"] and got["prefix_reaches_the_model"] > 0
     assert "pytorch_model.bin" in got["checkpoint_files"]
     assert "fetch_weights.allow_pickle: true" in got["pickle_refused"]
@@ -269,15 +281,23 @@ def test_every_serving_path_sends_the_prompts_of_training(chatglm_run, tmp_path)
 
     answers = ("白色衬衫，简约百搭。", "有，红色更显气色。")
     root = chatglm_run.root
-    with ApiProcess(["--bundle", "models/deploy", "--log-prompts", "--max-new-tokens", "2"], cwd=root,
-                    env=chatglm_run.env, start_timeout=300) as api:
+    with ApiProcess(
+        ["--bundle", "models/deploy", "--log-prompts", "--max-new-tokens", "2"],
+        cwd=root,
+        env=chatglm_run.env,
+        start_timeout=300,
+    ) as api:
         api.post("/", {"prompt": QUESTIONS[2], "history": [list(p) for p in third_turn(answers)[1]]})
         api.post("/v1/chat/completions", {"model": "ptune", "messages": three_turn_messages(answers)})
         api.post("/", {"prompt": QUESTIONS[0]})
         sent = logged_prompts(api.output())
     replies, said = chat_three_turns(root, chatglm_run.env, "--max-new-tokens", "2")
-    trained = preprocessed_prompts(root, tmp_path / "preprocess", chatglm_run.env, [
-        third_turn(answers), third_turn(answers), (QUESTIONS[0], None), *conversation(replies)])
+    trained = preprocessed_prompts(
+        root,
+        tmp_path / "preprocess",
+        chatglm_run.env,
+        [third_turn(answers), third_turn(answers), (QUESTIONS[0], None), *conversation(replies)],
+    )
     assert sent + said == trained
 
 
@@ -337,9 +357,17 @@ def test_backend_must_fit_the_model(tmp_path, env, tiny_chatglm):
 # Slow: a check of bench/legacy_gpu.py, not of the pipeline.
 @pytest.mark.slow
 def test_the_gpu_benchmark_runs_its_dry_run_on_transformers_5():
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "legacy_gpu.py"), "--dry-run"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "legacy_gpu.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [(r["precision"].split()[0], r["gradient_checkpointing"]) for r in result["results"]] == [
-        ("fp16", False), ("fp16", True), ("int4", False), ("int4", True)]
+        ("fp16", False),
+        ("fp16", True),
+        ("int4", False),
+        ("int4", True),
+    ]

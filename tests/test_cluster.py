@@ -61,8 +61,15 @@ def test_slurm_profile_carries_dvc_yaml_resources_and_cli_overrides_them(dry_pro
     for name in STAGES:
         for key, value in declared[name].items():
             assert rules[name][key] == str(value), (name, key, rules[name])
-    overridden = _dry_run_resources(dry_project, "--profile", "profiles/slurm",
-                                    "--set-resources", "train:gpu=0", "train:runtime=5", "evaluate:mem_mb=1000")
+    overridden = _dry_run_resources(
+        dry_project,
+        "--profile",
+        "profiles/slurm",
+        "--set-resources",
+        "train:gpu=0",
+        "train:runtime=5",
+        "evaluate:mem_mb=1000",
+    )
     assert overridden["train"]["gpu"] == "0" and overridden["train"]["runtime"] == "5"
     assert overridden["evaluate"]["mem_mb"] == "1000" and overridden["evaluate"]["gpu"] == "1"
 
@@ -84,8 +91,9 @@ def test_kubernetes_profile_parses_and_asks_for_nvidia_gpus(dry_project):
     no_storage = {k: v for k, v in profile.items() if k not in storage}
     # The profile's envvars (credentials the pods get) must be set where Snakemake starts.
     dry_project.env = {**dry_project.env, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-    proc = dry_project.run("snakemake", "--profile", _derived_profile(dry_project, "k8s", no_storage), "-n",
-                           "report", check=False)
+    proc = dry_project.run(
+        "snakemake", "--profile", _derived_profile(dry_project, "k8s", no_storage), "-n", "report", check=False
+    )
     assert proc.returncode == 1 and "default storage provider" in proc.stdout + proc.stderr, proc
     # The resources the pods would request: dvc.yaml's, plus the profile's GPU vendor.
     local = {k: v for k, v in no_storage.items() if k != "executor"}
@@ -96,11 +104,13 @@ def test_kubernetes_profile_parses_and_asks_for_nvidia_gpus(dry_project):
     # With a default storage (a directory here, S3 in the profile), each rule's one output is the stage's record.
     if importlib.util.find_spec("snakemake_storage_plugin_fs"):
         fs = {**local, "default-storage-provider": "fs", "default-storage-prefix": str(dry_project.root / ".s")}
-        out = dry_project.run("snakemake", "--profile", _derived_profile(dry_project, "k8s-fs", fs), "-n",
-                              "report").stdout
+        out = dry_project.run(
+            "snakemake", "--profile", _derived_profile(dry_project, "k8s-fs", fs), "-n", "report"
+        ).stdout
         outputs = re.findall(r"^\s+output: (.*)$", out, re.M)
-        assert len(outputs) == len(STAGES) and all(re.search(r"\.ptune/pods/\w+/\w+\.lock\.yaml", o)
-                                                   for o in outputs), out
+        assert len(outputs) == len(STAGES) and all(
+            re.search(r"\.ptune/pods/\w+/\w+\.lock\.yaml", o) for o in outputs
+        ), out
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +136,26 @@ def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, 
     project = make_project(tmp_path / "project", {**slurm.client_env(env), "PTUNE_PUSH_EACH_STAGE": "1"})
     # No accounting storage here: job states come from squeue (sacct would never see a job end, see DESIGN).
     # No GPU on this node: the profile's gpu is overridden, as a user does for a CPU partition.
-    proc = project.run("timeout", "-k", "10", "600", "snakemake", "report", "--profile", "profiles/slurm",
-                       "--verbose", "--slurm-status-command", "squeue",
-                       "--slurm-init-seconds-before-status-checks", "2", "--slurm-no-account",
-                       "--set-resources", "train:gpu=0", "evaluate:gpu=0", timeout=660)
+    proc = project.run(
+        "timeout",
+        "-k",
+        "10",
+        "600",
+        "snakemake",
+        "report",
+        "--profile",
+        "profiles/slurm",
+        "--verbose",
+        "--slurm-status-command",
+        "squeue",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--slurm-no-account",
+        "--set-resources",
+        "train:gpu=0",
+        "evaluate:gpu=0",
+        timeout=660,
+    )
     log = proc.stdout + proc.stderr
     assert sorted(project.executed()) == sorted(STAGES)
 
@@ -156,7 +182,6 @@ def test_slurm_runs_every_stage_as_a_job_with_the_outputs_of_a_local_run(slurm, 
     assert "in sync" in cloud, cloud
 
 
-
 class Pods:
     """A project as a user submits it to Kubernetes, the commands its pods get, and where their files go."""
 
@@ -170,9 +195,14 @@ class Pods:
         self.project.run("git", "commit", "-qam", "the shared DVC remote")
         self.store = root / "snakemake-storage"  # Snakemake's default storage (an S3 bucket on a real cluster)
         script = Path(__file__).parent / "support" / "k8s_pods.py"
-        out = subprocess.run([sys.executable, str(script), str(self.project.root),
-                              str(self.store), "DVC_NO_ANALYTICS"], cwd=self.project.root, env=env,
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, str(script), str(self.project.root), str(self.store), "DVC_NO_ANALYTICS"],
+            cwd=self.project.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         found = json.loads(out.stdout.strip().splitlines()[-1])
         self.commands, self.pod_env = found["commands"], found["env"]

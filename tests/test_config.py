@@ -25,15 +25,18 @@ def test_shipped_params_are_valid(path):
     assert "{content}" in params.preprocess.prompt_template
 
 
-@pytest.mark.parametrize("edit, named", [
-    (lambda r: r["train"].__setitem__("pre_seq_len", 0), "train.pre_seq_len"),
-    (lambda r: r["train"].__setitem__("learning_rate", -1), "train.learning_rate"),
-    (lambda r: r["train"].__setitem__("learning_rate", "2e-2"), "train.learning_rate"),
-    (lambda r: r["evaluate"].__setitem__("max_new_tokns", 5), "max_new_tokns"),
-    (lambda r: r["fetch_data"].__setitem__("source", "ftp"), "fetch_data.source"),
-    (lambda r: r["preprocess"].__setitem__("prompt_template", "no placeholder"), "preprocess.prompt_template"),
-    (lambda r: r.pop("report"), "report"),
-])
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda r: r["train"].__setitem__("pre_seq_len", 0), "train.pre_seq_len"),
+        (lambda r: r["train"].__setitem__("learning_rate", -1), "train.learning_rate"),
+        (lambda r: r["train"].__setitem__("learning_rate", "2e-2"), "train.learning_rate"),
+        (lambda r: r["evaluate"].__setitem__("max_new_tokns", 5), "max_new_tokns"),
+        (lambda r: r["fetch_data"].__setitem__("source", "ftp"), "fetch_data.source"),
+        (lambda r: r["preprocess"].__setitem__("prompt_template", "no placeholder"), "preprocess.prompt_template"),
+        (lambda r: r.pop("report"), "report"),
+    ],
+)
 def test_invalid_params_name_the_key(edit, named):
     raw = copy.deepcopy(_raw())
     edit(raw)
@@ -66,14 +69,21 @@ def test_dataclasses_and_schema_name_the_same_keys(path):
             sub = getattr(obj, name)
             if dataclasses.is_dataclass(sub):
                 assert {f.name for f in dataclasses.fields(sub)} == _schema_keys(
-                    schema["properties"][section]["properties"][name]), f"{section}.{name}"
+                    schema["properties"][section]["properties"][name]
+                ), f"{section}.{name}"
 
 
 def test_report_reference_is_typed_and_checked():
     params = config.load(TINY_PARAMS)
     assert params.report.reference.score("rouge-l") == 24.97
     raw = copy.deepcopy(_raw())
-    raw["report"]["reference"] = {"name": "x", "bleu-4": 8.1, "rouge-1": 31.12, "rouge-2": 7.11, "rouge-l": 124,
-                                  "tolerance": 0.5}
+    raw["report"]["reference"] = {
+        "name": "x",
+        "bleu-4": 8.1,
+        "rouge-1": 31.12,
+        "rouge-2": 7.11,
+        "rouge-l": 124,
+        "tolerance": 0.5,
+    }
     with pytest.raises(PtuneError, match=r"report\.reference\.rouge-l"):
         config.from_dict(raw)

@@ -14,8 +14,9 @@ OUTPUTS = ("reports/predictions.jsonl", "reports/metrics.json")
 
 def _kill_after_batches(project, n_batches: int) -> int:
     """Start `ptune evaluate`, SIGKILL it once its journal holds `n_batches` finished batches."""
-    proc = subprocess.Popen(["ptune", "evaluate"], cwd=project.root, env=project.env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["ptune", "evaluate"], cwd=project.root, env=project.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     state = project.root / ".ptune" / "state" / "evaluate"
     while proc.poll() is None and time.monotonic() < deadline:
@@ -30,8 +31,9 @@ def _kill_after_batches(project, n_batches: int) -> int:
 
 
 # Sampling too (seeded per batch), in the slow suite: the default suite's 2-process evaluation resumes as well.
-@pytest.mark.parametrize("do_sample", ["false", pytest.param("true", marks=pytest.mark.slow)],
-                         ids=["greedy", "sampling"])
+@pytest.mark.parametrize(
+    "do_sample", ["false", pytest.param("true", marks=pytest.mark.slow)], ids=["greedy", "sampling"]
+)
 def test_killed_evaluation_resumes_to_identical_outputs(ran_project, do_sample):
     p = ran_project
     p.set_param("evaluate.do_sample", do_sample)

@@ -21,8 +21,10 @@ def _experiments(project) -> dict[str, dict]:
         for exp in baseline.get("experiments") or []:
             for rev in exp["revs"]:
                 data = rev["data"]
-                found[rev["name"]] = {"params": data["params"]["params.yaml"]["data"],
-                                      "metrics": data["metrics"]["reports/metrics.json"]["data"]}
+                found[rev["name"]] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": data["metrics"]["reports/metrics.json"]["data"],
+                }
     return found
 
 
@@ -77,7 +79,9 @@ def test_two_training_experiments_compared(ran_project):
     assert set(lines) >= {"prefix-8", "lr-0.05"}
     header = out.splitlines()[0].split()
     assert header[:2] == ["train.pre_seq_len", "train.learning_rate"] or set(header[:2]) == {
-        "train.pre_seq_len", "train.learning_rate"}
+        "train.pre_seq_len",
+        "train.learning_rate",
+    }
     # Their training curves differ, so their final losses do.
     assert lines["prefix-8"][-1] != lines["lr-0.05"][-1]
     assert "final loss" in out

@@ -28,8 +28,13 @@ WHERE = ("first", "middle", "last")
 
 
 def all_cases() -> list[tuple[str, str, str, str]]:
-    return [(stage, point, where, front) for stage, points in POINTS.items() for point in points
-            for where in WHERE for front in FRONTS]
+    return [
+        (stage, point, where, front)
+        for stage, points in POINTS.items()
+        for point in points
+        for where in WHERE
+        for front in FRONTS
+    ]
 
 
 def chosen_cases() -> list:
@@ -53,15 +58,24 @@ def pipeline(front: str) -> tuple[str, ...]:
 
 
 # Outputs that carry wall-clock figures by design (DESIGN.md, "Determinism"); compared without them below.
-TIMED = ("reports/timings", "reports/train_log.csv", "reports/deploy_check.json", "reports/report.md",
-         "reports/report.html")
+TIMED = (
+    "reports/timings",
+    "reports/train_log.csv",
+    "reports/deploy_check.json",
+    "reports/report.md",
+    "reports/report.html",
+)
 
 
 def outs_of(lock_path) -> dict[str, str]:
     """Every declared output's content hash, from dvc.lock (what 'the same outputs' means to DVC)."""
     lock = yaml.safe_load(lock_path.read_text())
-    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-            if not o["path"].startswith(TIMED)}
+    return {
+        o["path"]: o["md5"]
+        for st in lock["stages"].values()
+        for o in st.get("outs", [])
+        if not o["path"].startswith(TIMED)
+    }
 
 
 def loss_rows(root) -> list[list[str]]:
@@ -70,12 +84,19 @@ def loss_rows(root) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("stage,point,where,front", chosen_cases())
-def test_killed_stage_is_rerun_and_ends_like_an_uninterrupted_run(stage, point, where, front, tmp_path, env,
-                                                                    pipeline_run):
+def test_killed_stage_is_rerun_and_ends_like_an_uninterrupted_run(
+    stage, point, where, front, tmp_path, env, pipeline_run
+):
     n = hit_number(pipeline_run.failpoint_trace, stage, point, where)
     project = make_project(tmp_path / "project", env)
-    killed = subprocess.run(pipeline(front), cwd=project.root, env={**env, ENV: f"{stage}:{point}:{n}"},
-                            capture_output=True, text=True, timeout=900)
+    killed = subprocess.run(
+        pipeline(front),
+        cwd=project.root,
+        env={**env, ENV: f"{stage}:{point}:{n}"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert killed.returncode != 0, f"the pipeline finished: {stage}:{point}:{n} was never reached"
     assert project.executed()[-1] == stage, "the kill landed in another stage"
     assert not (project.root / "reports/timings" / f"{stage}.json").exists() or stage == "report"
@@ -90,8 +111,11 @@ def test_killed_stage_is_rerun_and_ends_like_an_uninterrupted_run(stage, point, 
     state = project.root / ".ptune" / "state" / stage
     # A temp file is not progress: a kill at the first "output" of train lands while its first checkpoint is
     # being written, and the rerun rightly starts over.
-    saved_progress = any(f.stat().st_size for f in state.rglob("*")
-                         if f.is_file() and ".tmp-" not in f.name) if state.is_dir() else False
+    saved_progress = (
+        any(f.stat().st_size for f in state.rglob("*") if f.is_file() and ".tmp-" not in f.name)
+        if state.is_dir()
+        else False
+    )
 
     project.clear_log()
     rerun = project.run(*pipeline(front), timeout=900)
@@ -104,6 +128,5 @@ def test_killed_stage_is_rerun_and_ends_like_an_uninterrupted_run(stage, point, 
     assert outs_of(project.root / "dvc.lock") == outs_of(pipeline_run.root / "dvc.lock")
     assert loss_rows(project.root) == loss_rows(pipeline_run.root)
     assert "up to date" in project.run("dvc", "status").stdout
-    leftovers = [p.relative_to(project.root) for p in project.root.glob("**/.*.tmp-*")
-                 if ".dvc" not in p.parts]
+    leftovers = [p.relative_to(project.root) for p in project.root.glob("**/.*.tmp-*") if ".dvc" not in p.parts]
     assert not leftovers, f"temp files left behind: {leftovers}"

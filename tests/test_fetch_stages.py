@@ -36,7 +36,8 @@ def test_the_chatglm6b_pointer_snapshot_is_recognised_file_by_file():
     found = lfs_pointer.pointer_files(SNAPSHOT)
     assert sorted(map(str, found)) == ["ice_text.model"] + [f"pytorch_model-0000{i}-of-00008.bin" for i in range(1, 9)]
     assert found[Path("ice_text.model")] == lfs_pointer.Pointer(
-        "5e974d9a69c242ce014c88c2b26089270f6198f3c0b700a887666cd3e816f17e", 2706249)
+        "5e974d9a69c242ce014c88c2b26089270f6198f3c0b700a887666cd3e816f17e", 2706249
+    )
 
 
 def test_a_model_folder_of_lfs_pointers_fails_naming_them_and_git_lfs_pull(project):
@@ -62,8 +63,14 @@ def test_git_lfs_source_fills_models_base_and_cleans_its_state(project, tmp_path
     project.run("ptune", "fetch_weights")
     base = project.root / "models" / "base"
     record = json.loads((base / "ptune_source.json").read_text())
-    assert record == {"source": "git_lfs", "backend": "transformers", "trust_remote_code": False,
-                      "allow_pickle": False, "repo": repo.url, "revision": repo.commit}
+    assert record == {
+        "source": "git_lfs",
+        "backend": "transformers",
+        "trust_remote_code": False,
+        "allow_pickle": False,
+        "repo": repo.url,
+        "revision": repo.commit,
+    }
     assert {k: v for k, v in _files(base).items() if k in repo.files} == repo.files
     assert not (base / ".git").exists()
     assert not list((project.root / ".ptune" / "state" / "fetch_weights").iterdir())
@@ -119,10 +126,14 @@ for revision in sys.argv[2:]:
 
 
 def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and_falls_back_to_its_cache(
-        pipeline_run, project, tmp_path):
+    pipeline_run, project, tmp_path
+):
     """The real modelscope.snapshot_download against a stand-in of the hub on 127.0.0.1 (MODELSCOPE_ENDPOINT)."""
-    pytest.importorskip("modelscope", reason="the modelscope extra is not installed (`pip install -e '.[modelscope]'`, "
-                                             "which the test extra includes)")
+    pytest.importorskip(
+        "modelscope",
+        reason="the modelscope extra is not installed (`pip install -e '.[modelscope]'`, "
+        "which the test extra includes)",
+    )
     model = _files(pipeline_run.root / "models" / "base")
     model.pop("ptune_source.json")
     repo, absent = "ptune/tiny-glm", "c" * 40
@@ -134,8 +145,13 @@ def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and
     env = {**project.env, "MODELSCOPE_CACHE": str(tmp_path / "ms-cache"), "MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS": "1"}
 
     def outcomes(*revisions: str) -> list[str]:
-        proc = subprocess.run([sys.executable, "-c", _MODELSCOPE_OUTCOMES, repo, *revisions], env=project.env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", _MODELSCOPE_OUTCOMES, repo, *revisions],
+            env=project.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         return [line for line in proc.stdout.splitlines() if line.startswith(("FOLDER", "ERROR"))]
 
@@ -145,8 +161,13 @@ def test_modelscope_source_downloads_a_pinned_revision_from_the_endpoint_set_and
         project.run("ptune", "fetch_weights")
         assert {k: v for k, v in _files(base).items() if k != "ptune_source.json"} == model
         assert json.loads((base / "ptune_source.json").read_text()) == {
-            "source": "modelscope", "backend": "transformers", "trust_remote_code": False, "allow_pickle": False,
-            "repo": repo, "revision": COMMIT}
+            "source": "modelscope",
+            "backend": "transformers",
+            "trust_remote_code": False,
+            "allow_pickle": False,
+            "repo": repo,
+            "revision": COMMIT,
+        }
         # Every request went to the endpoint set, for the pinned revision only: the listing, then each file once.
         asked = [path for path, _ in hub.requests if path.startswith(f"/api/v1/models/{repo}/")]
         assert len(asked) == 1 + len(model) and all(f"Revision={COMMIT}&" in path for path in asked)
@@ -174,12 +195,16 @@ def test_a_model_folder_without_weights_or_missing_a_shard_its_index_names_is_re
     with pytest.raises(PtuneError, match=r"has a config.json but no weights \(\*.safetensors or \*.bin\)"):
         check_model_dir(tmp_path, "fetch_weights.repo x")
     shards = {f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {f"layer.{i}": name for i, name in enumerate(sorted(shards))}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {f"layer.{i}": name for i, name in enumerate(sorted(shards))}})
+    )
     for name in sorted(shards)[:2]:
         (tmp_path / name).write_bytes(b"x")
-    with pytest.raises(PtuneError, match=r"model.safetensors.index.json names 1 weight file\(s\) missing .*"
-                                         r"model-00003-of-00003.safetensors; the download did not finish"):
+    with pytest.raises(
+        PtuneError,
+        match=r"model.safetensors.index.json names 1 weight file\(s\) missing .*"
+        r"model-00003-of-00003.safetensors; the download did not finish",
+    ):
         check_model_dir(tmp_path, "fetch_weights.repo x")
     (tmp_path / "model-00003-of-00003.safetensors").write_bytes(b"x")
     check_model_dir(tmp_path, "fetch_weights.repo x")
@@ -224,14 +249,24 @@ def test_own_multi_turn_csv_reaches_preprocess_as_a_multi_turn_prompt(ran_projec
     for split in ("train", "dev"):
         (data / f"{split}.csv").write_text(
             "question,answer,turns\n"
-            '推荐一件上衣,白色衬衫,\n'
-            '有红色的吗,有红色衬衫,"[[""推荐一件上衣"", ""白色衬衫""]]"\n', encoding="utf-8")
+            "推荐一件上衣,白色衬衫,\n"
+            '有红色的吗,有红色衬衫,"[[""推荐一件上衣"", ""白色衬衫""]]"\n',
+            encoding="utf-8",
+        )
     p = ran_project
     params = yaml.safe_load((p.root / "params.yaml").read_text(encoding="utf-8"))
-    params["fetch_data"].update(source="path", path=str(data), train_file="train.csv", dev_file="dev.csv",
-                                prompt_column="question", response_column="answer", history_column="turns")
-    params["preprocess"].update(max_source_length=200,
-                                prompt_template="{history}[Round {round}]\n\n问：{content}\n\n答：")
+    params["fetch_data"].update(
+        source="path",
+        path=str(data),
+        train_file="train.csv",
+        dev_file="dev.csv",
+        prompt_column="question",
+        response_column="answer",
+        history_column="turns",
+    )
+    params["preprocess"].update(
+        max_source_length=200, prompt_template="{history}[Round {round}]\n\n问：{content}\n\n答："
+    )
     (p.root / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     p.run("dvc", "repro", "preprocess")
     assert p.executed() == ["fetch_data", "preprocess"]
@@ -242,5 +277,6 @@ def test_own_multi_turn_csv_reaches_preprocess_as_a_multi_turn_prompt(ran_projec
 
     tok = AutoTokenizer.from_pretrained(str(p.root / "models" / "base"))
     dev = load_from_disk(str(p.root / "data" / "processed"))["dev"]
-    assert tok.decode(dev[1]["input_ids"]) == ("[Round 1]\n\n问：推荐一件上衣\n\n答：白色衬衫\n\n"
-                                               "[Round 2]\n\n问：有红色的吗\n\n答：")
+    assert tok.decode(dev[1]["input_ids"]) == (
+        "[Round 1]\n\n问：推荐一件上衣\n\n答：白色衬衫\n\n[Round 2]\n\n问：有红色的吗\n\n答："
+    )

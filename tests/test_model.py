@@ -13,10 +13,21 @@ from ptune.model.backends import native
 from ptune.model.generation import generate_all
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 
-TINY = EmbeddedModelConfig(seed=3, vocab_size=600, hidden_size=32, num_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1, head_dim=16, max_position_embeddings=128, corpus_size=200,
-                           pretrain_steps=3, pretrain_batch_size=2, pretrain_seq_len=32,
-                           pretrain_learning_rate=0.003)
+TINY = EmbeddedModelConfig(
+    seed=3,
+    vocab_size=600,
+    hidden_size=32,
+    num_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    max_position_embeddings=128,
+    corpus_size=200,
+    pretrain_steps=3,
+    pretrain_batch_size=2,
+    pretrain_seq_len=32,
+    pretrain_learning_rate=0.003,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +57,19 @@ def test_build_is_deterministic(base_dir, tmp_path):
 
 def _tiny_model(layers=2):
     torch.manual_seed(0)
-    cfg = GlmConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                    num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                    pad_token_id=0, eos_token_id=3, bos_token_id=2)
+    cfg = GlmConfig(
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=2,
+    )
     return GlmForCausalLM(cfg).eval()
 
 

@@ -18,8 +18,9 @@ EVAL_OUTPUTS = ("reports/predictions.jsonl", "reports/metrics.json")
 
 def _kill_when(project, cmd: list[str], ready) -> None:
     """Start `cmd`, SIGKILL it once `ready()` holds, and check that its worker processes die with it."""
-    proc = subprocess.Popen(cmd, cwd=project.root, env=project.env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=project.root, env=project.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     workers: list[psutil.Process] = []
     while proc.poll() is None and time.monotonic() < deadline:
@@ -49,8 +50,7 @@ def test_two_processes_train_one_prefix_and_resume_after_sigkill(ran_project):
 
     # One prefix, written once: no second copy, no leftover temp directory, no checkpoints left behind.
     assert sorted(f.name for f in (p.root / "models").iterdir()) == [".gitignore", "base", "deploy", "ptuning"]
-    assert sorted(f.name for f in (p.root / "models/ptuning").iterdir()) == ["prefix.safetensors",
-                                                                               "prefix_config.json"]
+    assert sorted(f.name for f in (p.root / "models/ptuning").iterdir()) == ["prefix.safetensors", "prefix_config.json"]
     assert not list((p.root / ".ptune/state/train").glob("*/checkpoint-*.safetensors"))
     with open(p.root / "reports/train_log.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))

@@ -114,8 +114,14 @@ def test_dvc_repro_from_scratch_reproduces_snakemake_bytes_and_agrees(tmp_path, 
     project.run("dvc", "repro")
     assert sorted(project.executed()) == sorted(STAGES)
     # Same seeds, same threads: the same models, data and predictions, byte for byte.
-    for rel in ("models/base", "models/ptuning", "data/raw", "data/processed", "reports/predictions.jsonl",
-                "reports/metrics.json"):
+    for rel in (
+        "models/base",
+        "models/ptuning",
+        "data/raw",
+        "data/processed",
+        "reports/predictions.jsonl",
+        "reports/metrics.json",
+    ):
         assert _tree_bytes(project.root, rel) == _tree_bytes(pipeline_run.root, rel), rel
     project.clear_log()
     project.run("snakemake", "--cores", "1", "report")

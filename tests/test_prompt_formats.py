@@ -45,26 +45,33 @@ def _prompter(project: Project) -> prompts.Prompter:
     tok = AutoTokenizer.from_pretrained(str(project.root / "models/base"))
     cfg = yaml.safe_load((project.root / "params.yaml").read_text(encoding="utf-8"))["preprocess"]
     assert cfg["prompt_format"] == "chat_template" and "prompt_template" not in cfg  # no hand-copied template
-    return prompts.Prompter(prompts.PromptFormat("chat_template", chat_template=tok.chat_template), tok,
-                            backends.native())
+    return prompts.Prompter(
+        prompts.PromptFormat("chat_template", chat_template=tok.chat_template), tok, backends.native()
+    )
 
 
 def test_prompts_are_the_chat_templates_own(chat_project):
     """Golden: the ids tokenizer.apply_chat_template(..., tokenize=True) gives for the real template."""
     prompter = _prompter(chat_project)
     tok = prompter.tokenizer
-    turns = [prompts.Turn.of(QUESTIONS[0]), prompts.Turn.of(*third_turn(ANSWERS)),
-             prompts.Turn.of(*third_turn(ANSWERS), system=SYSTEM)]
+    turns = [
+        prompts.Turn.of(QUESTIONS[0]),
+        prompts.Turn.of(*third_turn(ANSWERS)),
+        prompts.Turn.of(*third_turn(ANSWERS), system=SYSTEM),
+    ]
     for turn in turns:
-        truth = tok.apply_chat_template(prompter.messages(turn), add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
+        truth = tok.apply_chat_template(
+            prompter.messages(turn), add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert prompter.ids(turn) == truth
     text = prompter.text(turns[1])
     if chat_project.preset == "glm4-9b-chat":
         # One [gMASK]<sop> at the start, each round as <|user|> / <|assistant|> (the old hand-copied template
         # repeated [gMASK]<sop> in every round when serving).
-        assert text == ("[gMASK]<sop><|user|>\n类型#上衣*颜色#白色*风格#简约<|assistant|>\n白色衬衫，简约百搭。"
-                        "<|user|>\n有红色的吗<|assistant|>\n有，红色更显气色。<|user|>\n再写一句<|assistant|>")
+        assert text == (
+            "[gMASK]<sop><|user|>\n类型#上衣*颜色#白色*风格#简约<|assistant|>\n白色衬衫，简约百搭。"
+            "<|user|>\n有红色的吗<|assistant|>\n有，红色更显气色。<|user|>\n再写一句<|assistant|>"
+        )
         assert prompter.answer_text("好") == "\n好"  # the template's newline after <|assistant|> is trained on
         assert tok.convert_ids_to_tokens(prompter.end_of_turn) == "<|endoftext|>"
     else:
@@ -95,8 +102,9 @@ def _web_page_conversation(project: Project, caplog) -> tuple[list[str], list[li
     pairs: list = []
     with caplog.at_level(logging.INFO, logger="ptune.prompts"):
         for question in QUESTIONS:
-            for pairs, _ in web.answer(engine, pairs + [[question, None]], d.max_new_tokens, d.do_sample, d.top_p,
-                                       d.temperature, ""):
+            for pairs, _ in web.answer(
+                engine, pairs + [[question, None]], d.max_new_tokens, d.do_sample, d.top_p, d.temperature, ""
+            ):
                 pass
     logged = "\n".join(f"ptune.prompts INFO {r.getMessage()}" for r in caplog.records if r.name == "ptune.prompts")
     return [a for _, a in pairs], logged_prompts(logged)
@@ -109,19 +117,31 @@ def test_every_serving_path_sends_the_prompts_of_training(chat_project, tmp_path
     from ptune.serve.process import ApiProcess
 
     root = chat_project.root
-    with ApiProcess(["--model", "models/base", "--log-prompts"], cwd=root, env=chat_project.env,
-                    start_timeout=300) as api:
+    with ApiProcess(
+        ["--model", "models/base", "--log-prompts"], cwd=root, env=chat_project.env, start_timeout=300
+    ) as api:
         api.post("/", {"prompt": QUESTIONS[2], "history": [list(p) for p in third_turn(ANSWERS)[1]]})
         api.post("/v1/chat/completions", {"model": "base", "messages": three_turn_messages(ANSWERS)})
-        api.post("/v1/chat/completions", {"model": "base", "messages": [{"role": "system", "content": SYSTEM},
-                                                                        *three_turn_messages(ANSWERS)]})
+        api.post(
+            "/v1/chat/completions",
+            {"model": "base", "messages": [{"role": "system", "content": SYSTEM}, *three_turn_messages(ANSWERS)]},
+        )
         sent = logged_prompts(api.output())
     replies, said = chat_three_turns(root, chat_project.env, "--model", "models/base")
     page_answers, page = _web_page_conversation(chat_project, caplog)
 
-    trained = preprocessed_prompts(root, tmp_path / "preprocess", chat_project.env, [
-        third_turn(ANSWERS), third_turn(ANSWERS), (*third_turn(ANSWERS), SYSTEM),
-        *conversation(replies), *conversation(page_answers)])
+    trained = preprocessed_prompts(
+        root,
+        tmp_path / "preprocess",
+        chat_project.env,
+        [
+            third_turn(ANSWERS),
+            third_turn(ANSWERS),
+            (*third_turn(ANSWERS), SYSTEM),
+            *conversation(replies),
+            *conversation(page_answers),
+        ],
+    )
     assert sent + said + page == trained
 
 
@@ -153,5 +173,7 @@ def test_format_and_params_that_cannot_work_are_named():
 def test_chatglm6b_text_follows_model_chat_and_the_reference_script():
     assert prompts.render_chatglm6b(prompts.Turn.of("q")) == "q"  # no history column: the query alone
     assert prompts.render_chatglm6b(prompts.Turn.of("q", [])) == "[Round 0]\n问：q\n答："  # ptuning/main.py
-    assert prompts.render_chatglm6b(prompts.Turn.of("q", [("a", "b")])) == \
-        "[Round 0]\n问：a\n答：b\n[Round 1]\n问：q\n答："
+    assert (
+        prompts.render_chatglm6b(prompts.Turn.of("q", [("a", "b")]))
+        == "[Round 0]\n问：a\n答：b\n[Round 1]\n问：q\n答："
+    )

@@ -19,9 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=True) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def _paths(node, prefix=()):
@@ -85,8 +86,11 @@ json_lines = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(json_lines, max_size=6), st.sampled_from(("utf-8", "utf-8-sig", "gbk", "latin-1")),
-       st.sampled_from(("\n", "\r\n")))
+@given(
+    st.lists(json_lines, max_size=6),
+    st.sampled_from(("utf-8", "utf-8-sig", "gbk", "latin-1")),
+    st.sampled_from(("\n", "\r\n")),
+)
 def test_any_data_file_is_read_or_refused_naming_the_file(tmp_path, lines, encoding, newline):
     path = tmp_path / "train.json"
     path.write_bytes(newline.join(lines).encode(encoding, errors="replace"))

@@ -69,8 +69,11 @@ def test_own_json_lines_with_history(tmp_path):
     # the rounds of every example of such a data set).
     assert records.read(path, COLUMNS) == [
         {"content": "推荐一件上衣", "summary": "白色衬衫，简约百搭。", "history": []},
-        {"content": "有红色的吗", "summary": "有，红色衬衫更显气色。",
-         "history": [["推荐一件上衣", "白色衬衫，简约百搭。"]]},
+        {
+            "content": "有红色的吗",
+            "summary": "有，红色衬衫更显气色。",
+            "history": [["推荐一件上衣", "白色衬衫，简约百搭。"]],
+        },
     ]
 
 
@@ -100,11 +103,14 @@ def test_csv_without_the_named_column_says_which(tmp_path):
         records.read(path, records.Columns("q", "a"))
 
 
-@pytest.mark.parametrize("turns, problem", [
-    ('"not a list"', "must be a list of [question, answer] string pairs"),
-    ('[["q", 3]]', "must be a list of [question, answer] string pairs"),
-    ('[["only a question"]]', "must be a list of [question, answer] string pairs"),
-])
+@pytest.mark.parametrize(
+    "turns, problem",
+    [
+        ('"not a list"', "must be a list of [question, answer] string pairs"),
+        ('[["q", 3]]', "must be a list of [question, answer] string pairs"),
+        ('[["only a question"]]', "must be a list of [question, answer] string pairs"),
+    ],
+)
 def test_bad_history_is_named_with_file_line_and_column(tmp_path, turns, problem):
     path = tmp_path / "chat.jsonl"
     path.write_text(_line(MULTI_TURN[0]) + "\n" + f'{{"q": "x", "a": "y", "turns": {turns}}}\n', encoding="utf-8")
@@ -123,14 +129,18 @@ def format_prompt(template: str, content: str, history=None, history_template: s
 
 def test_history_renders_in_the_reference_chatglm_format():
     prompt = format_prompt(CHATGLM2, "第三问", [["第一问", "第一答"], ["第二问", "第二答"]], TURN)
-    assert prompt == ("[Round 1]\n\n问：第一问\n\n答：第一答\n\n"
-                      "[Round 2]\n\n问：第二问\n\n答：第二答\n\n"
-                      "[Round 3]\n\n问：第三问\n\n答：")
+    assert prompt == (
+        "[Round 1]\n\n问：第一问\n\n答：第一答\n\n"
+        "[Round 2]\n\n问：第二问\n\n答：第二答\n\n"
+        "[Round 3]\n\n问：第三问\n\n答："
+    )
 
 
 def test_single_turn_prompts_are_as_before_and_values_are_not_reparsed():
     assert format_prompt("[Round 1]\n\n问：{content}\n\n答：", "类型#裙") == "[Round 1]\n\n问：类型#裙\n\n答："
     assert format_prompt("Q: {content} A:", "a {content} {round} {x}") == "Q: a {content} {round} {x} A:"
     # Without {history} in the template, earlier turns go first.
-    assert format_prompt("Q{round}: {content}\n", "b", [["a", "1"]], "Q{round}: {question}\n{answer}\n") == \
-        "Q1: a\n1\nQ2: b\n"
+    assert (
+        format_prompt("Q{round}: {content}\n", "b", [["a", "1"]], "Q{round}: {question}\n{answer}\n")
+        == "Q1: a\n1\nQ2: b\n"
+    )

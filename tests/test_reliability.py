@@ -41,8 +41,7 @@ def test_bad_params_are_named_by_ptune_snakemake_and_dvc_and_lose_nothing(ran_pr
     p = ran_project
     before = _digest(p.root / PREFIX)
     _edit_params(p, *edit)
-    for cmd in (("ptune", "validate"), ("ptune", "train"), ("snakemake", "--cores", "1", "report"),
-                ("dvc", "repro")):
+    for cmd in (("ptune", "validate"), ("ptune", "train"), ("snakemake", "--cores", "1", "report"), ("dvc", "repro")):
         proc = p.run(*cmd, check=False)
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0, f"{' '.join(cmd)} accepted {what}"
@@ -123,11 +122,14 @@ def small_disk(ran_project):
     target = ran_project.root / "models"
     shutil.rmtree(target)
     target.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(target)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or 'mount failed'}); the disk-full "
-                    "test needs root or CAP_SYS_ADMIN")
+        pytest.skip(
+            f"cannot mount a small tmpfs here ({proc.stderr.strip() or 'mount failed'}); the disk-full "
+            "test needs root or CAP_SYS_ADMIN"
+        )
     try:
         yield target
     finally:
@@ -153,8 +155,14 @@ def _wait_for(predicate, timeout: float = 300) -> None:
 def test_two_runs_at_once_refuse_each_other_and_corrupt_nothing(ran_project):
     p = ran_project
     _edit_params(p, "max_steps: 6", "max_steps: 300")  # a training run long enough to overlap with
-    first = subprocess.Popen(["snakemake", "--cores", "1", "report"], cwd=p.root, env=p.env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        ["snakemake", "--cores", "1", "report"],
+        cwd=p.root,
+        env=p.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for(lambda: "train" in p.executed() or first.poll() is not None)
         assert first.poll() is None, "the first run ended before the second could start"
@@ -194,6 +202,9 @@ def test_no_secret_from_the_environment_reaches_any_file(pipeline_run):
     """The session run had tokens in its environment (conftest); none may appear in params, dvc.lock, logs,
     outputs, caches or reports."""
     token = pipeline_run.planted_secret.encode()
-    leaks = [str(f.relative_to(pipeline_run.root)) for f in pipeline_run.root.rglob("*")
-             if f.is_file() and token in f.read_bytes()]
+    leaks = [
+        str(f.relative_to(pipeline_run.root))
+        for f in pipeline_run.root.rglob("*")
+        if f.is_file() and token in f.read_bytes()
+    ]
     assert not leaks, f"a planted secret was written to {leaks}"

@@ -17,8 +17,15 @@ from ptune.reporting.metrics import METRIC_NAMES, score_one
 
 CHROMIUM = "/usr/bin/chromium"
 # As root in a container, offline: no sandbox, and none of Chromium's own network chatter.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SECTIONS = ("Headline", "Training", "Evaluation", "Examples", "Cost", "Deploy", "Provenance")
 # Each h2 with the text of everything after it up to the next h2: works for the report's <section>s and for
 # the flat HTML that rendered Markdown is.
@@ -89,32 +96,62 @@ def expected_facts(root: Path) -> dict[str, list[str]]:
     for k in METRIC_NAMES:
         gap = m["ptuned"][k] - ref[k]
         verdict = "match" if abs(gap) <= ref["tolerance"] else ("above" if gap > 0 else "below")
-        headline += [f"{m['base'][k]:.2f}", f"{m['ptuned'][k]:.2f}", f"{m['ptuned'][k] - m['base'][k]:+.2f}",
-                     f"{ref[k]:.2f}", f"{gap:+.2f} {verdict}"]
-    training = [f"optimizer steps\t{train['steps']}", f"samples seen\t{train['samples_seen']:,}",
-                f"samples/s\t{train['samples_per_s']:.2f}", f"wall time (stage)\t{train['wall_s']:,.1f} s",
-                f"peak memory (process)\t{train['peak_rss_bytes'] / 2**20:,.1f} MiB",
-                f"trainable parameters (prefix)\t{train['trainable_parameters']:,}",
-                f"total parameters\t{train['total_parameters']:,}",
-                f"{float(log[0]['loss']):.3f} at step {log[0]['step']} → {float(log[-1]['loss']):.3f} at step "
-                f"{log[-1]['step']}"]
-    evaluation = [f"examples evaluated\t{m['n_examples']}\t{m['n_examples']}",
-                  f"empty predictions\t{m['empty_predictions']['base']}\t{m['empty_predictions']['ptuned']}",
-                  f"examples/s\t{evaluate['examples_per_s']['base']:.2f}\t{evaluate['examples_per_s']['ptuned']:.2f}"]
+        headline += [
+            f"{m['base'][k]:.2f}",
+            f"{m['ptuned'][k]:.2f}",
+            f"{m['ptuned'][k] - m['base'][k]:+.2f}",
+            f"{ref[k]:.2f}",
+            f"{gap:+.2f} {verdict}",
+        ]
+    training = [
+        f"optimizer steps\t{train['steps']}",
+        f"samples seen\t{train['samples_seen']:,}",
+        f"samples/s\t{train['samples_per_s']:.2f}",
+        f"wall time (stage)\t{train['wall_s']:,.1f} s",
+        f"peak memory (process)\t{train['peak_rss_bytes'] / 2**20:,.1f} MiB",
+        f"trainable parameters (prefix)\t{train['trainable_parameters']:,}",
+        f"total parameters\t{train['total_parameters']:,}",
+        f"{float(log[0]['loss']):.3f} at step {log[0]['step']} → {float(log[-1]['loss']):.3f} at step "
+        f"{log[-1]['step']}",
+    ]
+    evaluation = [
+        f"examples evaluated\t{m['n_examples']}\t{m['n_examples']}",
+        f"empty predictions\t{m['empty_predictions']['base']}\t{m['empty_predictions']['ptuned']}",
+        f"examples/s\t{evaluate['examples_per_s']['base']:.2f}\t{evaluate['examples_per_s']['ptuned']:.2f}",
+    ]
     stages = [s for s in ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy")]
     walls = {s: _json(root / f"reports/timings/{s}.json")["wall_s"] for s in stages}
     spent = sum(walls.values()) / 3600 * params["report"]["cu_per_hour"]
     cost = [f"{s}\t{w:,.1f} s\tCPU" for s, w in walls.items()]
     cost += [f"{spent:.2f} CU", f"{params['report']['cu_quota'] - spent:.2f} CU"]
-    deploy = [check["bundle"], check["prompt"], f"{check['latency_s']:.3f} s", check["answer"] or "(empty)",
-              "ptune serve web", "ptune serve api", "ptune chat"]
+    deploy = [
+        check["bundle"],
+        check["prompt"],
+        f"{check['latency_s']:.3f} s",
+        check["answer"] or "(empty)",
+        "ptune serve web",
+        "ptune serve api",
+        "ptune chat",
+    ]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    provenance = [commit, hashlib.sha256((root / "data/raw/train.json").read_bytes()).hexdigest(),
-                  hashlib.sha256((root / "data/raw/dev.json").read_bytes()).hexdigest(),
-                  f"torch\t{metadata.version('torch')}", f"transformers\t{metadata.version('transformers')}",
-                  "model_type\tglm", "learning_rate: 0.02", "pre_seq_len: 4"]
-    return {"Headline": headline, "Training": training, "Evaluation": evaluation, "Cost": cost,
-            "Deploy": deploy, "Provenance": provenance}
+    provenance = [
+        commit,
+        hashlib.sha256((root / "data/raw/train.json").read_bytes()).hexdigest(),
+        hashlib.sha256((root / "data/raw/dev.json").read_bytes()).hexdigest(),
+        f"torch\t{metadata.version('torch')}",
+        f"transformers\t{metadata.version('transformers')}",
+        "model_type\tglm",
+        "learning_rate: 0.02",
+        "pre_seq_len: 4",
+    ]
+    return {
+        "Headline": headline,
+        "Training": training,
+        "Evaluation": evaluation,
+        "Cost": cost,
+        "Deploy": deploy,
+        "Provenance": provenance,
+    }
 
 
 def shown_examples(root: Path) -> tuple[list[dict], dict[int, float]]:
@@ -124,7 +161,7 @@ def shown_examples(root: Path) -> tuple[list[dict], dict[int, float]]:
 
 
 def assert_sections_say(sections: dict[str, str], facts: dict[str, list[str]], what: str) -> None:
-    assert list(sections)[:len(SECTIONS)] == list(SECTIONS), f"{what}: sections {list(sections)}"
+    assert list(sections)[: len(SECTIONS)] == list(SECTIONS), f"{what}: sections {list(sections)}"
     for section, needles in facts.items():
         missing = [n for n in needles if n not in sections[section]]
         assert not missing, f"{what}, section {section}: missing {missing}\n--- it says:\n{sections[section]}"
@@ -171,8 +208,9 @@ def test_markdown_report_renders_the_same_facts(pipeline_run, browser, tmp_path)
     md = (root / "reports/report.md").read_text(encoding="utf-8")
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
     rendered = tmp_path / "report-md.html"
-    rendered.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{body}</body></html>",
-                        encoding="utf-8")
+    rendered.write_text(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>{body}</body></html>", encoding="utf-8"
+    )
     page = Page(browser, rendered)
     assert_sections_say(page.sections(), expected_facts(root), "report.md")
     assert page.requests == []
@@ -181,8 +219,9 @@ def test_markdown_report_renders_the_same_facts(pipeline_run, browser, tmp_path)
     predictions, _ = shown_examples(root)
     examples = page.sections()["Examples"]
     html_page = Page(browser, root / "reports/report.html")
-    shown = html_page.page.evaluate("[...document.querySelectorAll('table.examples tr td:first-child')]"
-                                    ".map(td => Number(td.innerText))")
+    shown = html_page.page.evaluate(
+        "[...document.querySelectorAll('table.examples tr td:first-child')].map(td => Number(td.innerText))"
+    )
     for i in shown:
         assert predictions[i]["content"] in examples and predictions[i]["label"] in examples
 
@@ -219,7 +258,8 @@ def test_dvc_metrics_and_plots_show(ran_project):
     plots = json.loads(ran_project.run("dvc", "plots", "show", "--json").stdout)["data"]
     loss = plots["reports/train_log.csv"][0]["content"]["data"]["values"]
     assert [float(r["loss"]) for r in loss] == [
-        float(r["loss"]) for r in csv.DictReader(open(ran_project.root / "reports/train_log.csv"))]
+        float(r["loss"]) for r in csv.DictReader(open(ran_project.root / "reports/train_log.csv"))
+    ]
     assert {r["learning_rate"] for r in plots["learning rate"][0]["content"]["data"]["values"]}
     scores = {r["label"]: float(r["score"]) for r in plots["scores"][0]["content"]["data"]["values"]}
     assert scores["ROUGE-L P-tuned"] == pytest.approx(metrics["ptuned"]["rouge-l"], abs=1e-4)

@@ -25,15 +25,22 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def api(serving_project):
     env = {**serving_project.env, "PTUNE_API_KEY": KEY}
-    with ApiProcess(["--bundle", "models/deploy", "--log-prompts"], cwd=serving_project.root, env=env,
-                    start_timeout=300) as server:
+    with ApiProcess(
+        ["--bundle", "models/deploy", "--log-prompts"], cwd=serving_project.root, env=env, start_timeout=300
+    ) as server:
         yield server
         assert server._proc.poll() is None, "the server died during the tests:\n" + server.output()
 
 
 def _seed_body(prompt: str, seed: int, **extra) -> dict:
-    return {"prompt": prompt, "seed": seed, "temperature": 0.95, "top_p": 0.7, "max_new_tokens": MAX_NEW_TOKENS,
-            **extra}
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "temperature": 0.95,
+        "top_p": 0.7,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        **extra,
+    }
 
 
 def _client(api) -> openai.OpenAI:
@@ -51,7 +58,7 @@ def test_health_and_models(api):
 
 
 def test_seed_request_and_response_shape(api, serving_project):
-    (prompt, seed, expected), = cases(serving_project.root, 1)
+    ((prompt, seed, expected),) = cases(serving_project.root, 1)
     status, body = api.post("/", _seed_body(prompt, seed), headers=AUTH)
     assert status == 200
     assert set(body) == {"response", "history", "status", "time"}
@@ -74,17 +81,27 @@ def test_both_apis_send_the_model_the_prompts_it_was_trained_on(api, serving_pro
     _client(api).chat.completions.create(model="ptune", messages=three_turn_messages(answers), max_tokens=2)
     assert api.post("/", {"prompt": QUESTIONS[0], "max_new_tokens": 2}, headers=AUTH)[0] == 200
     sent = logged_prompts(api.output())[-3:]
-    trained = preprocessed_prompts(serving_project.root, tmp_path / "preprocess", serving_project.env,
-                                   [third_turn(answers), third_turn(answers), (QUESTIONS[0], None)])
+    trained = preprocessed_prompts(
+        serving_project.root,
+        tmp_path / "preprocess",
+        serving_project.env,
+        [third_turn(answers), third_turn(answers), (QUESTIONS[0], None)],
+    )
     assert sent == trained
     assert len(sent[0]) > len(sent[2])  # the history is in it
 
 
 def test_openai_client_with_and_without_streaming(api, serving_project):
-    (prompt, seed, expected), = cases(serving_project.root, 1)
+    ((prompt, seed, expected),) = cases(serving_project.root, 1)
     client = _client(api)
-    kwargs = dict(model="ptune", messages=[{"role": "user", "content": prompt}], seed=seed, temperature=0.95,
-                  top_p=0.7, max_tokens=MAX_NEW_TOKENS)
+    kwargs = dict(
+        model="ptune",
+        messages=[{"role": "user", "content": prompt}],
+        seed=seed,
+        temperature=0.95,
+        top_p=0.7,
+        max_tokens=MAX_NEW_TOKENS,
+    )
     completion = client.chat.completions.create(**kwargs)
     assert completion.choices[0].message.content == expected
     assert completion.choices[0].finish_reason in ("stop", "length")
@@ -104,8 +121,14 @@ def test_eight_concurrent_requests_each_get_their_own_answer(api, serving_projec
         prompt, seed, _ = todo[i]
         if i % 2:  # half through the OpenAI client, streaming, half through the seed's POST /
             stream = _client(api).chat.completions.create(
-                model="ptune", messages=[{"role": "user", "content": prompt}], seed=seed, temperature=0.95,
-                top_p=0.7, max_tokens=MAX_NEW_TOKENS, stream=True)
+                model="ptune",
+                messages=[{"role": "user", "content": prompt}],
+                seed=seed,
+                temperature=0.95,
+                top_p=0.7,
+                max_tokens=MAX_NEW_TOKENS,
+                stream=True,
+            )
             return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         return api.post("/", _seed_body(prompt, seed), headers=AUTH)[1]["response"]
 
@@ -124,8 +147,8 @@ def _raw(api, path: str, data: bytes, headers: dict | None = None) -> tuple[int,
 
 
 BAD_SEED_REQUESTS = [
-    ({}, 400, "prompt"),                                         # missing prompt
-    ({"prompt": 5}, 400, "prompt"),                              # wrong type
+    ({}, 400, "prompt"),  # missing prompt
+    ({"prompt": 5}, 400, "prompt"),  # wrong type
     ({"prompt": ["a"]}, 400, "prompt"),
     ({"prompt": "x", "history": "no"}, 400, "history"),
     ({"prompt": "x", "history": [["only one"]]}, 400, "history.0"),
@@ -134,9 +157,9 @@ BAD_SEED_REQUESTS = [
     ({"prompt": "x", "max_new_tokens": 0}, 400, "max_new_tokens"),
     ({"prompt": "x", "max_new_tokens": 100000}, 400, "max_new_tokens"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p"),
-    ({"prompt": "   "}, 400, "prompt"),                         # nothing to answer
-    ({"prompt": "类型#裤*" * 400}, 400, "prompt"),                # past the model's 512-token context
-    ({"prompt": "x", "max_length": 3}, 400, "max_length"),       # no room left for an answer
+    ({"prompt": "   "}, 400, "prompt"),  # nothing to answer
+    ({"prompt": "类型#裤*" * 400}, 400, "prompt"),  # past the model's 512-token context
+    ({"prompt": "x", "max_length": 3}, 400, "max_length"),  # no room left for an answer
 ]
 
 
@@ -161,8 +184,9 @@ def test_bad_openai_requests_and_bodies_get_4xx_json(api, serving_project):
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(model="ptune", messages=[{"role": "user", "content": "类型#裤*" * 400}])
     with pytest.raises(openai.BadRequestError, match="context"):  # streaming: refused before the stream starts
-        client.chat.completions.create(model="ptune", stream=True,
-                                       messages=[{"role": "user", "content": "类型#裤*" * 400}])
+        client.chat.completions.create(
+            model="ptune", stream=True, messages=[{"role": "user", "content": "类型#裤*" * 400}]
+        )
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{api.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert _raw(api, "/", b"{not json")[0] == 400
@@ -172,7 +196,7 @@ def test_bad_openai_requests_and_bodies_get_4xx_json(api, serving_project):
     assert status == 413 and error["error"]["code"] == "body_too_large"
     assert _raw(api, "/v1/nowhere", b"{}")[0] == 404
     # The server is still up and still answers correctly.
-    (prompt, seed, expected), = cases(serving_project.root, 1)
+    ((prompt, seed, expected),) = cases(serving_project.root, 1)
     assert api.post("/", _seed_body(prompt, seed), headers=AUTH)[1]["response"] == expected
 
 

@@ -13,8 +13,14 @@ from support.serving import SAMPLING_FLAGS, cases, reference_answer
 
 
 def _spawn(project, *flags: str) -> pexpect.spawn:
-    return pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", *flags], cwd=str(project.root),
-                         env=project.env, encoding="utf-8", timeout=120)
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "ptune.cli", "chat", *flags],
+        cwd=str(project.root),
+        env=project.env,
+        encoding="utf-8",
+        timeout=120,
+    )
 
 
 def _ask(chat: pexpect.spawn, text: str) -> str:
@@ -36,9 +42,12 @@ def test_chat_asks_clears_and_stops(serving_project, tmp_path):
         assert second == reference_answer(serving_project.root, prompt, seed, history=((prompt, expected),))
         _ask(chat, prompt)  # a third turn, after two rounds
         # The model read each turn as `ptune preprocess` writes a training example with that history.
-        trained = preprocessed_prompts(serving_project.root, tmp_path / "preprocess", serving_project.env,
-                                       [(prompt, None), (prompt, [(prompt, expected)]),
-                                        (prompt, [(prompt, expected), (prompt, second)])])
+        trained = preprocessed_prompts(
+            serving_project.root,
+            tmp_path / "preprocess",
+            serving_project.env,
+            [(prompt, None), (prompt, [(prompt, expected)]), (prompt, [(prompt, expected), (prompt, second)])],
+        )
         assert logged_prompts(screen.getvalue()) == trained
         chat.sendline("clear")
         chat.expect_exact("(history cleared)")
@@ -51,8 +60,10 @@ def test_chat_asks_clears_and_stops(serving_project, tmp_path):
     assert chat.exitstatus == 0
 
 
-@pytest.mark.parametrize("source,shown", [(["--base-only"], "base model alone"),
-                                          (["--model", "models/base"], "model `models/base` (no prefix)")])
+@pytest.mark.parametrize(
+    "source,shown",
+    [(["--base-only"], "base model alone"), (["--model", "models/base"], "model `models/base` (no prefix)")],
+)
 def test_chat_on_the_base_model_alone_and_ctrl_c_quits(serving_project, source, shown):
     # The bundle's base without its prefix, or the base model directory with params.yaml's template.
     prompt, seed, expected = cases(serving_project.root, 1, base_only=True)[0]

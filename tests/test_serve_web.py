@@ -56,8 +56,13 @@ def web(serving_project, tmp_path_factory):
     log = tmp_path_factory.mktemp("web") / "server.log"
     with open(log, "w", encoding="utf-8") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), "--log-prompts",
-             *SAMPLING_FLAGS], cwd=serving_project.root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, "-m", "ptune.cli", "serve", "web", "--port", str(port), "--log-prompts", *SAMPLING_FLAGS],
+            cwd=serving_project.root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     url = Web(f"http://127.0.0.1:{port}/")
     url.log = log
     try:
@@ -117,9 +122,12 @@ def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_
             box.fill(prompt)
             box.press("Enter")
             expect(bots).to_have_count(3, timeout=60_000)
-            trained = preprocessed_prompts(serving_project.root, tmp_path / "preprocess", serving_project.env,
-                                           [(prompt, None), (prompt, [(prompt, expected)]),
-                                            (prompt, [(prompt, expected), (prompt, second)])])
+            trained = preprocessed_prompts(
+                serving_project.root,
+                tmp_path / "preprocess",
+                serving_project.env,
+                [(prompt, None), (prompt, [(prompt, expected)]), (prompt, [(prompt, expected), (prompt, second)])],
+            )
             assert logged_prompts(web.log.read_text(encoding="utf-8"))[-3:] == trained
 
             page.locator("#clear").click()

@@ -107,7 +107,8 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(tmp_path, git_env, mon
         _assert_fetched(clone, repo)
         assert "git lfs pull failed (attempt 1 of 5)" in caplog.text  # the retry carried the fetch through
         assert any(r and r != "bytes=0-" for r in server.ranges), (
-            f"no download resumed with a Range request: {server.ranges}")
+            f"no download resumed with a Range request: {server.ranges}"
+        )
 
 
 def test_an_unknown_revision_is_named(lfs_repo, tmp_path):

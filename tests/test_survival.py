@@ -109,7 +109,7 @@ def test_status_per_stage_and_a_loud_warning_while_the_remote_shares_the_disk(ra
     a = ran_project
     a.set_param("evaluate.max_new_tokens", 6)
     proc = a.run("ptune", "status")
-    table = {line.split()[0]: line for line in proc.stdout.splitlines()[3:3 + len(STAGES)]}
+    table = {line.split()[0]: line for line in proc.stdout.splitlines()[3 : 3 + len(STAGES)]}
     assert set(table) == set(STAGES)
     assert "up to date" in table["train"] and "not on remote" in table["train"]
     assert "changed (will recompute)" in table["evaluate"]
@@ -122,17 +122,25 @@ def test_push_each_stage_is_off_by_default_and_pushes_as_each_stage_ends(ran_pro
     remote = a.root.parent / "ptune-dvc-storage"
     assert not remote.exists()  # the session's pipeline ran without the switch: nothing was pushed
     # Forced, so that the rules run (DVC restores each stage) without the cost of recomputing.
-    proc = subprocess.run(["snakemake", "--cores", "1", "--forceall", "preprocess"], cwd=a.root, text=True,
-                          env={**a.env, "PTUNE_PUSH_EACH_STAGE": "1"}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=600)
+    proc = subprocess.run(
+        ["snakemake", "--cores", "1", "--forceall", "preprocess"],
+        cwd=a.root,
+        text=True,
+        env={**a.env, "PTUNE_PUSH_EACH_STAGE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert a.executed() == []
     # Each rule pushed inside its own job, before Snakemake marked it finished: a stop later in the run keeps it.
     jobs = proc.stdout.split("Finished jobid")[:-1]
     assert len(jobs) == 3 and all("files pushed" in job for job in jobs), proc.stdout[-4000:]
     remote_state = {name: row["remote"] for name, row in _status(a)["stages"].items()}
-    assert remote_state == {**{s: "not on remote" for s in STAGES},
-                            **{s: "on remote" for s in ("fetch_weights", "fetch_data", "preprocess")}}
+    assert remote_state == {
+        **{s: "not on remote" for s in STAGES},
+        **{s: "on remote" for s in ("fetch_weights", "fetch_data", "preprocess")},
+    }
     # The end of the run says the remote would not survive the instance.
     assert "is on the same disk as this workspace" in proc.stdout.split("Finished jobid")[-1]
 
@@ -149,8 +157,10 @@ def test_checkpoint_push_keeps_the_latest_and_pull_refuses_a_damaged_file(ran_pr
     (state / ".checkpoint-00000016.pt.tmp-x").write_bytes(b"being written")
     a.run("ptune", "checkpoint", "push")
     remote = a.root.parent / "ptune-dvc-storage" / "ptune-state" / "train"
-    assert sorted(p.name for p in (remote / state.name).iterdir()) == ["checkpoint-00000008.pt",
-                                                                       "checkpoint-00000012.pt"]
+    assert sorted(p.name for p in (remote / state.name).iterdir()) == [
+        "checkpoint-00000008.pt",
+        "checkpoint-00000012.pt",
+    ]
     shutil.rmtree(a.root / ".ptune/state")
     a.run("ptune", "checkpoint", "pull")
     assert sorted(p.name for p in state.iterdir()) == ["checkpoint-00000008.pt", "checkpoint-00000012.pt"]
@@ -179,8 +189,13 @@ def test_fresh_instance_resumes_training_from_pushed_checkpoints(ran_project):
 
     # A run that pushes every checkpoint as it is written, stopped without warning once the remote has step 8.
     manifest = a.root.parent / "ptune-dvc-storage" / "ptune-state" / "train" / "manifest.json"
-    proc = subprocess.Popen(["ptune", "train"], cwd=a.root, env={**a.env, "PTUNE_CHECKPOINT_PUSH_EVERY": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["ptune", "train"],
+        cwd=a.root,
+        env={**a.env, "PTUNE_CHECKPOINT_PUSH_EVERY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
 
     def pushed_step() -> int:
@@ -218,8 +233,12 @@ def _free_port() -> int:
 def s3_server(env):
     """moto's S3 server on loopback, and the environment that points DVC and boto at it."""
     port = _free_port()
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -231,8 +250,13 @@ def s3_server(env):
                 proc.kill()
                 raise RuntimeError(f"moto_server did not start on {url}")
             time.sleep(0.2)
-    s3_env = {**env, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-              "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    s3_env = {
+        **env,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     try:
         yield url, s3_env
     finally:
@@ -244,8 +268,9 @@ def test_s3_remote_round_trip_on_loopback(ran_project, s3_server):
     import boto3
 
     url, s3_env = s3_server
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="ptune-bucket")
+    boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket="ptune-bucket")
     a = Project(ran_project.root, s3_env)
     a.run("dvc", "remote", "add", "-d", "-f", "store", "s3://ptune-bucket/ptune")
     a.run("dvc", "remote", "modify", "store", "endpointurl", url)

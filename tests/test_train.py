@@ -34,8 +34,9 @@ def test_killed_training_resumes_from_its_checkpoint(ran_project):
     uninterrupted = load_file(str(p.root / PREFIX))
 
     ckpts = p.root / ".ptune" / "state" / "train"
-    proc = subprocess.Popen(["ptune", "train"], cwd=p.root, env=p.env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["ptune", "train"], cwd=p.root, env=p.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         found = list(ckpts.glob("*/checkpoint-*.safetensors")) if ckpts.is_dir() else []
@@ -79,9 +80,18 @@ def test_quantization_without_a_gpu_fails_at_once_with_a_clear_error(ran_project
 
 def _tiny(arch: str, layers: int = 2):
     torch.manual_seed(0)
-    common = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-                  eos_token_id=3, bos_token_id=2)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=2,
+    )
     if arch == "glm":
         return GlmForCausalLM(GlmConfig(head_dim=8, **common))
     if arch == "llama":
@@ -110,8 +120,13 @@ def test_prefix_trains_and_generates_on_other_architectures(arch):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     encoder.eval()
-    new = prefixed.generate(model, encoder, ids[:2, :6], mask[:2, :6],
-                            {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "eos_token_id": None})
+    new = prefixed.generate(
+        model,
+        encoder,
+        ids[:2, :6],
+        mask[:2, :6],
+        {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "eos_token_id": None},
+    )
     assert new.shape == (2, 4)
 
 

@@ -14,16 +14,32 @@ TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 PRESETS = {
     # zai-org/glm-4-9b-chat-hf: GlmForCausalLM; generation_config.json stops on <|endoftext|>, <|user|>, <|observation|>
     "glm4-9b-chat": {
-        "template": "glm-4-9b-chat-hf.jinja", "architecture": "glm",
-        "specials": ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                     "<|assistant|>", "<|observation|>"],
-        "eos": "<|endoftext|>", "pad": "<|endoftext|>", "stop": ["<|endoftext|>", "<|user|>", "<|observation|>"],
+        "template": "glm-4-9b-chat-hf.jinja",
+        "architecture": "glm",
+        "specials": [
+            "<|endoftext|>",
+            "[MASK]",
+            "[gMASK]",
+            "[sMASK]",
+            "<sop>",
+            "<eop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+        ],
+        "eos": "<|endoftext|>",
+        "pad": "<|endoftext|>",
+        "stop": ["<|endoftext|>", "<|user|>", "<|observation|>"],
     },
     # Qwen/Qwen2.5-0.5B-Instruct: Qwen2ForCausalLM; generation_config.json stops on <|im_end|>, <|endoftext|>
     "qwen2.5-0.5b-t4": {
-        "template": "qwen2.5-0.5b-instruct.jinja", "architecture": "qwen2",
+        "template": "qwen2.5-0.5b-instruct.jinja",
+        "architecture": "qwen2",
         "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "eos": "<|im_end|>", "pad": "<|endoftext|>", "stop": ["<|im_end|>", "<|endoftext|>"],
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "stop": ["<|im_end|>", "<|endoftext|>"],
     },
 }
 
@@ -43,9 +59,17 @@ def build(out: Path, preset: str) -> None:
     tok.eos_token, tok.pad_token = spec["eos"], spec["pad"]
     tok.chat_template = (TEMPLATES / spec["template"]).read_text(encoding="utf-8")
     stop = tok.convert_tokens_to_ids(spec["stop"])
-    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                 eos_token_id=stop, pad_token_id=tok.pad_token_id)
+    shape = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        eos_token_id=stop,
+        pad_token_id=tok.pad_token_id,
+    )
     config = GlmConfig(head_dim=16, **shape) if spec["architecture"] == "glm" else Qwen2Config(**shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)

@@ -48,10 +48,12 @@ def pod_commands(project_root: Path, store: Path, envvars: list[str]) -> tuple[d
     os.chdir(project_root)
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-            storage = StorageSettings(default_storage_provider="fs", default_storage_prefix=str(store),
-                                      shared_fs_usage=frozenset())
-            workflow_api = api.workflow(resource_settings=ResourceSettings(cores=1), storage_settings=storage,
-                                        snakefile=Path("Snakefile"))
+            storage = StorageSettings(
+                default_storage_provider="fs", default_storage_prefix=str(store), shared_fs_usage=frozenset()
+            )
+            workflow_api = api.workflow(
+                resource_settings=ResourceSettings(cores=1), storage_settings=storage, snakefile=Path("Snakefile")
+            )
             workflow_api.dag(DAGSettings(targets={"report"}))
             workflow = workflow_api._workflow
             # What `execute_workflow` would set, with Snakemake's defaults.
@@ -65,8 +67,7 @@ def pod_commands(project_root: Path, store: Path, envvars: list[str]) -> tuple[d
             workflow.upload_sources()
             executor = NoApiExecutor(workflow, _logger())
             try:
-                return ({job.rule.name: executor.format_job_exec(job) for job in workflow.dag.jobs},
-                        executor.envvars())
+                return ({job.rule.name: executor.format_job_exec(job) for job in workflow.dag.jobs}, executor.envvars())
             finally:
                 executor.wait = False
     finally:
@@ -82,8 +83,14 @@ def _logger():
 def run_pod(command: str, workdir: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a pod's command as the pod does (`/bin/sh -c`, in an empty work dir), less the PyPI step."""
     workdir.mkdir(parents=True)
-    return subprocess.run(["/bin/sh", "-c", PIP_STEP.sub("", command)], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        ["/bin/sh", "-c", PIP_STEP.sub("", command)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 if __name__ == "__main__":

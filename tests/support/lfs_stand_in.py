@@ -36,8 +36,11 @@ def _run(cwd: Path, env: dict, *cmd: str) -> str:
 def make_lfs_repo(root: Path, env: dict, lfs_url: str | None = None) -> LfsRepo:
     """A model repository like a hub's: config.json in git, weights and tokenizer model in Git LFS."""
     rng = random.Random(0)
-    files = {"config.json": b'{"model_type": "glm"}\n', "model.safetensors": rng.randbytes(400_000),
-             "tokenizer.model": rng.randbytes(5_000)}
+    files = {
+        "config.json": b'{"model_type": "glm"}\n',
+        "model.safetensors": rng.randbytes(400_000),
+        "tokenizer.model": rng.randbytes(5_000),
+    }
     src = root / "src"
     src.mkdir(parents=True)
     _run(src, env, "git", "init", "-q")

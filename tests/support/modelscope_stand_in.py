@@ -28,11 +28,22 @@ def _api(repo_id: str, what: str, **query: str) -> str:
 
 def routes(repo_id: str, revision: str, files: dict[str, bytes]) -> dict[str, bytes]:
     """URL path -> body for one repository (relative path -> bytes) at one revision."""
-    listing = [{"Name": path.rsplit("/", 1)[-1], "Path": path, "Type": "blob", "Size": len(data),
-                "Sha256": hashlib.sha256(data).hexdigest(), "Revision": revision}
-               for path, data in sorted(files.items())]
-    served = {_api(repo_id, "repo/files", Revision=revision, Recursive="True"):
-              json.dumps({"Code": 200, "Success": True, "Data": {"Files": listing}}).encode()}
+    listing = [
+        {
+            "Name": path.rsplit("/", 1)[-1],
+            "Path": path,
+            "Type": "blob",
+            "Size": len(data),
+            "Sha256": hashlib.sha256(data).hexdigest(),
+            "Revision": revision,
+        }
+        for path, data in sorted(files.items())
+    ]
+    served = {
+        _api(repo_id, "repo/files", Revision=revision, Recursive="True"): json.dumps(
+            {"Code": 200, "Success": True, "Data": {"Files": listing}}
+        ).encode()
+    }
     for path, data in files.items():
         served[_api(repo_id, "repo", Revision=revision, FilePath=path)] = data
     return served

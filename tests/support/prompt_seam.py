@@ -48,8 +48,14 @@ def preprocessed_prompts(root: Path, work: Path, env: dict, conversations: list[
         rows.append(json.dumps(row, ensure_ascii=False))
     for split in ("train", "dev"):
         (raw / f"{split}.json").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "ptune.cli", "preprocess"], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptune.cli", "preprocess"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     from datasets import load_from_disk
 
@@ -65,8 +71,14 @@ def chat_three_turns(root: Path, env: dict, *flags: str) -> tuple[list[str], lis
 
     import pexpect
 
-    chat = pexpect.spawn(sys.executable, ["-m", "ptune.cli", "chat", "--log-prompts", *flags], cwd=str(root),
-                         env=env, encoding="utf-8", timeout=300)
+    chat = pexpect.spawn(
+        sys.executable,
+        ["-m", "ptune.cli", "chat", "--log-prompts", *flags],
+        cwd=str(root),
+        env=env,
+        encoding="utf-8",
+        timeout=300,
+    )
     chat.logfile_read = screen = io.StringIO()
     replies = []
     try:
@@ -84,8 +96,11 @@ def chat_three_turns(root: Path, env: dict, *flags: str) -> tuple[list[str], lis
 
 def conversation(answers: list[str]) -> list[Conversation]:
     """The three turns of QUESTIONS as examples, after the rounds answered with `answers`."""
-    return [(QUESTIONS[0], None), (QUESTIONS[1], [(QUESTIONS[0], answers[0])]),
-            (QUESTIONS[2], [(QUESTIONS[0], answers[0]), (QUESTIONS[1], answers[1])])]
+    return [
+        (QUESTIONS[0], None),
+        (QUESTIONS[1], [(QUESTIONS[0], answers[0])]),
+        (QUESTIONS[2], [(QUESTIONS[0], answers[0]), (QUESTIONS[1], answers[1])]),
+    ]
 
 
 def three_turn_messages(answers: tuple[str, str]) -> list[dict]:

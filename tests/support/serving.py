@@ -18,8 +18,16 @@ MAX_NEW_TOKENS = 16
 SAMPLING_FLAGS = ["--sample", "--max-new-tokens", str(MAX_NEW_TOKENS)]
 # Debian's chromium as root on a machine without a network (see /work/.library/env/machines/python.md).
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @cache
@@ -36,8 +44,9 @@ def _bundle(root: str, base_only: bool):
 
 
 @cache
-def reference_answer(root: Path, prompt: str, seed: int, base_only: bool = False,
-                     history: tuple[tuple[str, str], ...] = ()) -> str:
+def reference_answer(
+    root: Path, prompt: str, seed: int, base_only: bool = False, history: tuple[tuple[str, str], ...] = ()
+) -> str:
     """The answer the bundle gives in this process (Bundle.answer: no engine, no streamer, no server), with
     `history` as earlier rounds of the conversation."""
     return _bundle(str(root), base_only).answer(prompt, seed=seed, history=history)

@@ -104,15 +104,18 @@ PartitionName=main Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         srun.chmod(0o755)
 
     def _run(self, *cmd: str) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), env=self.client_env(dict(os.environ)), capture_output=True, text=True,
-                              timeout=60)
+        return subprocess.run(
+            list(cmd), env=self.client_env(dict(os.environ)), capture_output=True, text=True, timeout=60
+        )
 
     def start(self, wait_s: float = 60) -> None:
         needed = (*DAEMONS, "sbatch", "srun", "squeue", "sinfo")
         missing = [d for d in needed if not shutil.which(d, path=f"{os.environ['PATH']}:/usr/sbin:/sbin")]
         if missing:
-            raise SlurmUnavailable(f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge; "
-                                   ".ci/run does it when the Slurm test runs)")
+            raise SlurmUnavailable(
+                f"{', '.join(missing)} not installed (apt-get install slurm-wlm munge; "
+                ".ci/run does it when the Slurm test runs)"
+            )
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # munged wants the socket's directories searchable by everyone
@@ -123,9 +126,15 @@ PartitionName=main Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         self._write_srun_wrapper()
         steps = [
             # --force: munged refuses to run as root without it.
-            ["munged", "--force", f"--socket={self.root}/munge.socket", f"--key-file={key}",
-             f"--pid-file={self.root}/munged.pid", f"--seed-file={self.root}/munge.seed",
-             f"--log-file={self.log}/munged.log"],
+            [
+                "munged",
+                "--force",
+                f"--socket={self.root}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={self.root}/munged.pid",
+                f"--seed-file={self.root}/munge.seed",
+                f"--log-file={self.log}/munged.log",
+            ],
             ["slurmctld", "-c", "-f", str(self.conf)],  # -c: a clean state, no jobs from an earlier run
             ["slurmd", "-f", str(self.conf)],
         ]
@@ -134,8 +143,10 @@ PartitionName=main Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             proc = self._run(*cmd)
             if proc.returncode != 0:
                 self.stop()
-                raise SlurmUnavailable(f"{Path(cmd[0]).name} did not start (exit {proc.returncode}): "
-                                       f"{proc.stderr.strip()[-800:]}{self._log_tails()}")
+                raise SlurmUnavailable(
+                    f"{Path(cmd[0]).name} did not start (exit {proc.returncode}): "
+                    f"{proc.stderr.strip()[-800:]}{self._log_tails()}"
+                )
         deadline = time.monotonic() + wait_s
         state = ""
         while time.monotonic() < deadline:

@@ -47,15 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptune",
         description="P-tune a GLM-family chat model: one stage per command. The whole pipeline: "
-                    "`snakemake --cores 1 report` or `dvc repro`.")
+        "`snakemake --cores 1 report` or `dvc repro`.",
+    )
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
         sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
     sub.add_parser("validate", help="check params.yaml against its schema and exit")
-    preset = sub.add_parser("preset", help="list presets, or copy one over params.yaml (`ptune preset use NAME`)",
-                            description="Presets are complete params files for real runs, in presets/.")
+    preset = sub.add_parser(
+        "preset",
+        help="list presets, or copy one over params.yaml (`ptune preset use NAME`)",
+        description="Presets are complete params files for real runs, in presets/.",
+    )
     preset_sub = preset.add_subparsers(dest="preset_command", metavar="ACTION", required=True)
     preset_sub.add_parser("list", help="the presets and what each is for")
     use = preset_sub.add_parser("use", help="copy presets/NAME.yaml over params.yaml")
@@ -63,23 +67,37 @@ def build_parser() -> argparse.ArgumentParser:
     use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
     sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
     _add_state_commands(sub)
-    pod = sub.add_parser("pod-stage", help="run one stage as a job with no shared filesystem (the Kubernetes "
-                                           "profile's rules): pull, repro, push to the DVC remote",
-                         description="What each job of `snakemake --profile profiles/kubernetes` runs: `dvc repro "
-                                     "--pull STAGE` from the shared DVC remote, `dvc push --run-cache STAGE`, and "
-                                     "the stage's dvc.lock entry written to RECORD.")
+    pod = sub.add_parser(
+        "pod-stage",
+        help="run one stage as a job with no shared filesystem (the Kubernetes "
+        "profile's rules): pull, repro, push to the DVC remote",
+        description="What each job of `snakemake --profile profiles/kubernetes` runs: `dvc repro "
+        "--pull STAGE` from the shared DVC remote, `dvc push --run-cache STAGE`, and "
+        "the stage's dvc.lock entry written to RECORD.",
+    )
     pod.add_argument("stage", choices=STAGES)
     pod.add_argument("record", help="where to write the stage's dvc.lock entry (the rule's output)")
     serve_commands.add_parsers(sub)
-    compare = sub.add_parser("compare", help="compare DVC experiments: params, scores, training curves",
-                             description="Compare DVC experiments (`dvc exp run -S train.pre_seq_len=8`): a table "
-                                         "here, and an HTML page with the table and a plot of training loss and "
-                                         "scores.")
-    compare.add_argument("experiments", nargs="*", metavar="EXP",
-                         help="experiment names or git revisions (`workspace` for the work tree); default: the "
-                              "current commit and all its experiments")
-    compare.add_argument("-o", "--out", default="reports/compare.html",
-                         help="HTML page to write; the plot goes beside it as .png (default: %(default)s)")
+    compare = sub.add_parser(
+        "compare",
+        help="compare DVC experiments: params, scores, training curves",
+        description="Compare DVC experiments (`dvc exp run -S train.pre_seq_len=8`): a table "
+        "here, and an HTML page with the table and a plot of training loss and "
+        "scores.",
+    )
+    compare.add_argument(
+        "experiments",
+        nargs="*",
+        metavar="EXP",
+        help="experiment names or git revisions (`workspace` for the work tree); default: the "
+        "current commit and all its experiments",
+    )
+    compare.add_argument(
+        "-o",
+        "--out",
+        default="reports/compare.html",
+        help="HTML page to write; the plot goes beside it as .png (default: %(default)s)",
+    )
     return parser
 
 
@@ -109,8 +127,10 @@ def _preset(args) -> None:
             print(f"{name:28} {presets.summary(path)}")
         return
     source = presets.use(args.name, force=args.force)
-    print(f"params.yaml is now {source}; `dvc status` shows the stages that will rerun, "
-          "`ptune doctor` checks this machine against it")
+    print(
+        f"params.yaml is now {source}; `dvc status` shows the stages that will rerun, "
+        "`ptune doctor` checks this machine against it"
+    )
 
 
 def _doctor(params_path: str) -> int:
@@ -131,11 +151,17 @@ def _add_state_commands(sub) -> None:
     restore = sub.add_parser("restore", help="bring back everything from the DVC remote (on a fresh instance)")
     checkpoint = sub.add_parser("checkpoint", help="resume state (training checkpoints) to/from the DVC remote")
     direction = checkpoint.add_subparsers(dest="direction", metavar="push|pull", required=True)
-    for name, helptext in (("push", "upload .ptune/state/ (a running training's checkpoints)"),
-                           ("pull", "download it, so that the next run resumes instead of starting over")):
+    for name, helptext in (
+        ("push", "upload .ptune/state/ (a running training's checkpoints)"),
+        ("pull", "download it, so that the next run resumes instead of starting over"),
+    ):
         d = direction.add_parser(name, help=helptext, description=helptext)
-        d.add_argument("--stage", action="append", choices=SYNCED_STAGES,
-                       help="only this stage's state (repeatable; default: " + " and ".join(SYNCED_STAGES) + ")")
+        d.add_argument(
+            "--stage",
+            action="append",
+            choices=SYNCED_STAGES,
+            help="only this stage's state (repeatable; default: " + " and ".join(SYNCED_STAGES) + ")",
+        )
     for p in (status, push, restore, *direction.choices.values()):
         p.add_argument("-r", "--remote", help="a DVC remote other than the default one")
 
@@ -169,8 +195,11 @@ def _run_state_command(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     # transformers' advisory warnings (e.g. about generation flags) are noise in stage logs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -213,9 +213,7 @@ def validate(raw: Any, source: str = "params.yaml") -> None:
         else:
             lines.append(f"{where}: {err.message}")
     more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
-    raise PtuneError(
-        f"{source} is invalid (described in {SCHEMA_RELPATH}):\n  " + "\n  ".join(lines) + more
-    )
+    raise PtuneError(f"{source} is invalid (described in {SCHEMA_RELPATH}):\n  " + "\n  ".join(lines) + more)
 
 
 def _section_types() -> dict[str, type]:

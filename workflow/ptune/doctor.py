@@ -21,8 +21,10 @@ GIB = 1 << 30
 # What `make setup` pins and a run's bytes depend on; torch is chosen per machine and not pinned.
 PINNED = ("transformers", "tokenizers", "datasets", "huggingface_hub", "safetensors", "dvc", "snakemake")
 CONSTRAINTS = Path("requirements/constraints.txt")
-OSS_HINT = ("`dvc remote add -d -f oss s3://BUCKET/ptune` and `dvc remote modify oss endpointurl "
-            "https://oss-cn-REGION.aliyuncs.com` (credentials: `dvc remote modify --local oss access_key_id ...`)")
+OSS_HINT = (
+    "`dvc remote add -d -f oss s3://BUCKET/ptune` and `dvc remote modify oss endpointurl "
+    "https://oss-cn-REGION.aliyuncs.com` (credentials: `dvc remote modify --local oss access_key_id ...`)"
+)
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,15 @@ def _gpu(params: Params) -> list[Finding]:
         return [Finding("gpu", False, "torch is not installed", "run `make setup`")]
     if not torch.cuda.is_available():
         if need > 0:
-            return [Finding("gpu", False, f"no CUDA GPU visible, and this run needs {need:g} GiB of GPU memory "
-                                          "(hardware.gpu_memory_gib)",
-                            "run on a GPU instance (check `nvidia-smi`); a CPU build of torch cannot use one: "
-                            "`make clean-venv setup` keeps or installs a CUDA build")]
+            return [
+                Finding(
+                    "gpu",
+                    False,
+                    f"no CUDA GPU visible, and this run needs {need:g} GiB of GPU memory (hardware.gpu_memory_gib)",
+                    "run on a GPU instance (check `nvidia-smi`); a CPU build of torch cannot use one: "
+                    "`make clean-venv setup` keeps or installs a CUDA build",
+                )
+            ]
         return [Finding("gpu", True, "none; this run needs none")]
     props = torch.cuda.get_device_properties(0)
     have = props.total_memory / GIB
@@ -108,8 +115,14 @@ def _gpu(params: Params) -> list[Finding]:
     else:
         out.append(Finding("gpu", True, text))
     if params.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        out.append(Finding("gpu", False, f"{props.name} has no bf16, and train.precision is bf16",
-                           "set train.precision: fp16 (loss scaling) or fp32"))
+        out.append(
+            Finding(
+                "gpu",
+                False,
+                f"{props.name} has no bf16, and train.precision is bf16",
+                "set train.precision: fp16 (loss scaling) or fp32",
+            )
+        )
     return out
 
 
@@ -120,8 +133,10 @@ def _dvc_repo():
     try:
         return Repo(".")
     except NotDvcRepoError:
-        raise PtuneError(f"{Path.cwd()} is not the project root (no .dvc/ here); run `ptune doctor` where "
-                         "params.yaml and dvc.yaml are") from None
+        raise PtuneError(
+            f"{Path.cwd()} is not the project root (no .dvc/ here); run `ptune doctor` where "
+            "params.yaml and dvc.yaml are"
+        ) from None
 
 
 def _disk(params: Params, repo) -> list[Finding]:
@@ -150,8 +165,7 @@ def _disk(params: Params, repo) -> list[Finding]:
     cache_type = str(repo.config["cache"].get("type") or "reflink,copy")
     if not any(t in cache_type for t in ("hardlink", "symlink")):
         # DVC copies an output into its cache after the stage, when the fetch's own store is gone.
-        needs.append((Path(repo.cache.local.path), f"the DVC cache (cache.type {cache_type}: a copy)", model,
-                      "after"))
+        needs.append((Path(repo.cache.local.path), f"the DVC cache (cache.type {cache_type}: a copy)", model, "after"))
     needs.append((Path("."), "data, checkpoints and reports", 2.0, "kept"))
     by_fs: dict[int, list[tuple[Path, str, float, str]]] = {}
     for entry in needs:
@@ -165,10 +179,16 @@ def _disk(params: Params, repo) -> list[Finding]:
         parts = ", ".join(f"{w} {g:g}" for _, w, g, _ in entries)
         text = f"{where}: {free:.1f} GiB free, the run needs about {need:g} GiB at its peak there ({parts})"
         if free < need:
-            out.append(Finding("disk", False, text,
-                               "free space, or move the big stores to a larger disk: `dvc cache dir PATH` for the "
-                               "DVC cache, HF_HOME for the Hugging Face cache; `dvc config cache.type "
-                               "hardlink,symlink` keeps one copy instead of two"))
+            out.append(
+                Finding(
+                    "disk",
+                    False,
+                    text,
+                    "free space, or move the big stores to a larger disk: `dvc cache dir PATH` for the "
+                    "DVC cache, HF_HOME for the Hugging Face cache; `dvc config cache.type "
+                    "hardlink,symlink` keeps one copy instead of two",
+                )
+            )
         else:
             out.append(Finding("disk", True, text))
     return out
@@ -178,26 +198,49 @@ def _remote(repo) -> list[Finding]:
     try:
         remote = repo.cloud.get_remote()
     except Exception as exc:  # dvc raises NoRemoteError and config errors alike
-        return [Finding("dvc remote", False, f"none usable ({exc})".replace("\n", " "),
-                        f"`dvc push` has nowhere to go: {OSS_HINT}")]
+        return [
+            Finding(
+                "dvc remote",
+                False,
+                f"none usable ({exc})".replace("\n", " "),
+                f"`dvc push` has nowhere to go: {OSS_HINT}",
+            )
+        ]
     url = f"{remote.fs.protocol}://{remote.path}" if remote.fs.protocol != "local" else remote.path
     try:
         reachable = remote.fs.exists(remote.path)
     except Exception as exc:  # network, credentials: whatever the filesystem raises
-        return [Finding("dvc remote", False, f"{remote.name} ({url}) cannot be reached: {exc}",
-                        "check its URL, endpoint and credentials: `dvc remote list`, `dvc remote modify`")]
+        return [
+            Finding(
+                "dvc remote",
+                False,
+                f"{remote.name} ({url}) cannot be reached: {exc}",
+                "check its URL, endpoint and credentials: `dvc remote list`, `dvc remote modify`",
+            )
+        ]
     if remote.fs.protocol != "local":
         return [Finding("dvc remote", True, f"{remote.name} ({url}) reachable")]
     path = Path(remote.path)
     if not reachable and not os.access(_existing(path), os.W_OK):
-        return [Finding("dvc remote", False, f"{remote.name} ({path}) does not exist and cannot be created",
-                        f"point the remote at storage you can write and that survives the instance: {OSS_HINT}")]
+        return [
+            Finding(
+                "dvc remote",
+                False,
+                f"{remote.name} ({path}) does not exist and cannot be created",
+                f"point the remote at storage you can write and that survives the instance: {OSS_HINT}",
+            )
+        ]
     if _device_of(path) in (_device_of(Path("/")), _device_of(Path("."))):
-        return [Finding("dvc remote", False,
-                        f"{remote.name} ({path}) is on the same disk as the workspace: it disappears with the "
-                        "instance, and `dvc push` saves nothing that survives it",
-                        f"use storage outside the instance: {OSS_HINT}; or a mounted NAS/OSS path "
-                        "(`dvc remote add -d -f nas /mnt/data/ptune-dvc-storage`)")]
+        return [
+            Finding(
+                "dvc remote",
+                False,
+                f"{remote.name} ({path}) is on the same disk as the workspace: it disappears with the "
+                "instance, and `dvc push` saves nothing that survives it",
+                f"use storage outside the instance: {OSS_HINT}; or a mounted NAS/OSS path "
+                "(`dvc remote add -d -f nas /mnt/data/ptune-dvc-storage`)",
+            )
+        ]
     return [Finding("dvc remote", True, f"{remote.name} ({path}) on its own filesystem")]
 
 

@@ -31,8 +31,11 @@ TIMINGS_DIR = REPORTS / "timings"  # one file per stage (stagelog.timed)
 TIMINGS = REPORTS / "timings.json"  # all of them, merged by the report
 REPORT_MD = REPORTS / "report.md"
 REPORT_HTML = REPORTS / "report.html"
-FIGURES = {"training": REPORTS / "figures/training.png", "metrics": REPORTS / "figures/metrics.png",
-           "rouge_l": REPORTS / "figures/rouge_l.png"}
+FIGURES = {
+    "training": REPORTS / "figures/training.png",
+    "metrics": REPORTS / "figures/metrics.png",
+    "rouge_l": REPORTS / "figures/rouge_l.png",
+}
 METRICS_CSV = REPORTS / "plots/metrics.csv"
 
 # Git-ignored working files: the stage log, locks, and the resume state of each stage.

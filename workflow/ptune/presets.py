@@ -41,7 +41,9 @@ def use(name: str, force: bool = False) -> Path:
     source = presets[name]
     config.load(source)  # a broken preset must not replace a working params.yaml
     if PARAMS.exists() and not force and (why := _uncommitted(PARAMS)):
-        raise PtuneError(f"{PARAMS}: not replaced, {why}; commit them (`git commit params.yaml`), or discard "
-                         f"them (`git checkout params.yaml`), or pass --force to overwrite")
+        raise PtuneError(
+            f"{PARAMS}: not replaced, {why}; commit them (`git commit params.yaml`), or discard "
+            f"them (`git checkout params.yaml`), or pass --force to overwrite"
+        )
     shutil.copyfile(source, PARAMS)
     return source

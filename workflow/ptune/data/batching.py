@@ -29,6 +29,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, dev) -> tuple[torch.
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         if p:
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
     return ids.to(dev), mask.to(dev)

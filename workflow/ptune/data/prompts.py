@@ -99,15 +99,22 @@ def check_params(cfg) -> None:
     """Keys of the preprocess section that contradict its prompt_format (PreprocessConfig; called by config)."""
     if cfg.prompt_format == TEMPLATE:
         if "{content}" not in cfg.prompt_template:
-            raise PtuneError("preprocess.prompt_template: must contain {content} (prompt_format: template); e.g. "
-                             "\"[Round {round}]\\n\\n问：{content}\\n\\n答：\"")
+            raise PtuneError(
+                "preprocess.prompt_template: must contain {content} (prompt_format: template); e.g. "
+                '"[Round {round}]\\n\\n问：{content}\\n\\n答："'
+            )
         return
     for key in ("prompt_template", "history_template"):
         if getattr(cfg, key):
-            what = ("the tokenizer's chat template builds the prompt" if cfg.prompt_format == CHAT_TEMPLATE
-                    else "ChatGLM-6B's own format builds the prompt")
-            raise PtuneError(f"preprocess.{key}: not used with prompt_format: {cfg.prompt_format} ({what}); "
-                             "remove it, or set prompt_format: template to use your own templates")
+            what = (
+                "the tokenizer's chat template builds the prompt"
+                if cfg.prompt_format == CHAT_TEMPLATE
+                else "ChatGLM-6B's own format builds the prompt"
+            )
+            raise PtuneError(
+                f"preprocess.{key}: not used with prompt_format: {cfg.prompt_format} ({what}); "
+                "remove it, or set prompt_format: template to use your own templates"
+            )
     if cfg.prompt_format == CHATGLM6B and cfg.system:
         raise PtuneError("preprocess.system: ChatGLM-6B's format has no system message; remove it")
 
@@ -117,15 +124,19 @@ def format_for(cfg, tokenizer, backend_name: str) -> PromptFormat:
     fails naming the key."""
     if cfg.prompt_format == CHAT_TEMPLATE:
         if backend_name == backends.CHATGLM:
-            raise PtuneError("preprocess.prompt_format: chat_template: ChatGLM-6B's tokenizer has no chat template; "
-                             "use prompt_format: chatglm6b (its own format)")
+            raise PtuneError(
+                "preprocess.prompt_format: chat_template: ChatGLM-6B's tokenizer has no chat template; "
+                "use prompt_format: chatglm6b (its own format)"
+            )
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: the default one is the chat template
             template = template.get("default")
         if not template:
-            raise PtuneError("preprocess.prompt_format: chat_template, but the tokenizer in models/base carries no "
-                             "chat template (tokenizer_config.json or chat_template.jinja); use prompt_format: "
-                             "template with a prompt_template of your own")
+            raise PtuneError(
+                "preprocess.prompt_format: chat_template, but the tokenizer in models/base carries no "
+                "chat template (tokenizer_config.json or chat_template.jinja); use prompt_format: "
+                "template with a prompt_template of your own"
+            )
         return PromptFormat(CHAT_TEMPLATE, system=cfg.system, chat_template=template)
     if cfg.prompt_format == CHATGLM6B:
         return PromptFormat(CHATGLM6B)
@@ -150,21 +161,24 @@ def render_template(fmt: PromptFormat, turn: Turn) -> str:
     """The text of a turn in the `template` format."""
     system = fmt.system if turn.system is None else turn.system
     if system and "{system}" not in fmt.template:
-        raise PromptError("a system message was given, but preprocess.prompt_template has no {system} place; "
-                          "add {system} to the template, or send no system message", "system")
+        raise PromptError(
+            "a system message was given, but preprocess.prompt_template has no {system} place; "
+            "add {system} to the template, or send no system message",
+            "system",
+        )
     history = turn.history or ()
-    past = "".join(_fill(fmt.history_template, {"round": str(i), "question": q, "answer": a, "system": system})
-                   for i, (q, a) in enumerate(history, start=1))
+    past = "".join(
+        _fill(fmt.history_template, {"round": str(i), "question": q, "answer": a, "system": system})
+        for i, (q, a) in enumerate(history, start=1)
+    )
     template = fmt.template if "{history}" in fmt.template else "{history}" + fmt.template
-    return _fill(template, {"history": past, "round": str(len(history) + 1), "content": turn.content,
-                            "system": system})
+    return _fill(template, {"history": past, "round": str(len(history) + 1), "content": turn.content, "system": system})
 
 
 def render_chatglm6b(turn: Turn) -> str:
     """ChatGLM-6B's text of a turn (model.chat, ptuning/main.py): see the module's docstring."""
     if turn.system:
-        raise PromptError("ChatGLM-6B's format has no system message; send user and assistant messages only",
-                          "system")
+        raise PromptError("ChatGLM-6B's format has no system message; send user and assistant messages only", "system")
     if turn.history is None:
         return turn.content
     rounds = "".join(f"[Round {i}]\n问：{q}\n答：{a}\n" for i, (q, a) in enumerate(turn.history))
@@ -202,8 +216,9 @@ class Prompter:
         """The prompt's text: everything the model reads before it answers, but the backend's special tokens."""
         kind = self.format.kind
         if kind == CHAT_TEMPLATE:
-            return self.tokenizer.apply_chat_template(self.messages(turn), chat_template=self.format.chat_template,
-                                                      add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.apply_chat_template(
+                self.messages(turn), chat_template=self.format.chat_template, add_generation_prompt=True, tokenize=False
+            )
         if kind == CHATGLM6B:
             return render_chatglm6b(turn)
         return render_template(self.format, turn)
@@ -239,13 +254,17 @@ class Prompter:
         framed = self.text(replace(turn, content=_SLOT))
         head, sep, tail = framed.partition(_SLOT)
         if not sep or _SLOT in tail:  # the format does not show the content as given: cut the prompt's end
-            return (self.backend.encode_text(self.tokenizer, self.text(turn))
-                    [:budget - len(self._specials)] + self._specials)
+            return (
+                self.backend.encode_text(self.tokenizer, self.text(turn))[: budget - len(self._specials)]
+                + self._specials
+            )
         tail_ids = self.backend.encode_text(self.tokenizer, tail) if tail else []
         room = budget - len(self._specials) - len(tail_ids)
         if room < 1:
-            raise PtuneError(f"the prompt format alone takes {len(tail_ids) + len(self._specials)} of the "
-                             f"{budget} tokens a prompt may have; raise preprocess.max_source_length")
+            raise PtuneError(
+                f"the prompt format alone takes {len(tail_ids) + len(self._specials)} of the "
+                f"{budget} tokens a prompt may have; raise preprocess.max_source_length"
+            )
         return self.backend.encode_text(self.tokenizer, head + turn.content)[:room] + tail_ids + self._specials
 
     # -- the answer ------------------------------------------------------------------------------------------
@@ -257,12 +276,14 @@ class Prompter:
         if self.format.kind != CHAT_TEMPLATE:
             return "", eos
         user = [{"role": "user", "content": "?"}]
-        prompt = self.tokenizer.apply_chat_template(user, chat_template=self.format.chat_template,
-                                                    add_generation_prompt=True, tokenize=False)
-        whole = self.tokenizer.apply_chat_template(user + [{"role": "assistant", "content": _SLOT}],
-                                                   chat_template=self.format.chat_template, tokenize=False)
+        prompt = self.tokenizer.apply_chat_template(
+            user, chat_template=self.format.chat_template, add_generation_prompt=True, tokenize=False
+        )
+        whole = self.tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": _SLOT}], chat_template=self.format.chat_template, tokenize=False
+        )
         before, sep, after = whole.partition(_SLOT)
-        lead = before[len(prompt):] if sep and before.startswith(prompt) else ""
+        lead = before[len(prompt) :] if sep and before.startswith(prompt) else ""
         after_ids = self.backend.encode_text(self.tokenizer, after) if after else []
         special = {i for i, token in self.tokenizer.added_tokens_decoder.items() if token.special}
         return lead, after_ids[0] if after_ids and after_ids[0] in special else eos

@@ -36,8 +36,9 @@ def decode(path: Path, encoding: str) -> str:
     try:
         codec = codecs.lookup(encoding).name
     except LookupError:
-        raise PtuneError(f"fetch_data.encoding: {encoding!r} is not a known text encoding (use utf-8, gbk or "
-                         "gb18030)") from None
+        raise PtuneError(
+            f"fetch_data.encoding: {encoding!r} is not a known text encoding (use utf-8, gbk or gb18030)"
+        ) from None
     data = path.read_bytes()
     try:
         # utf-8-sig: files saved by Windows editors often start with a BOM.
@@ -48,23 +49,29 @@ def decode(path: Path, encoding: str) -> str:
         if codec == "utf-8":
             try:
                 data.decode("gb18030")
-                hint = ("it reads as GBK/GB18030, as Chinese text re-saved on Windows often is: set "
-                        f"fetch_data.encoding: gbk, or convert it with `iconv -f GB18030 -t UTF-8 {path} > "
-                        f"{path.with_suffix('.utf8' + path.suffix)}`")
+                hint = (
+                    "it reads as GBK/GB18030, as Chinese text re-saved on Windows often is: set "
+                    f"fetch_data.encoding: gbk, or convert it with `iconv -f GB18030 -t UTF-8 {path} > "
+                    f"{path.with_suffix('.utf8' + path.suffix)}`"
+                )
             except UnicodeDecodeError:
                 pass
-        raise PtuneError(f"{path}:{line}: not {encoding} text (byte 0x{data[exc.start]:02x} at offset "
-                         f"{exc.start}); {hint}") from None
+        raise PtuneError(
+            f"{path}:{line}: not {encoding} text (byte 0x{data[exc.start]:02x} at offset {exc.start}); {hint}"
+        ) from None
 
 
 def _history(value: Any, where: str, column: str) -> list[list[str]]:
     if value is None or value == []:
         return []
     ok = isinstance(value, list) and all(
-        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in value)
+        isinstance(turn, list) and len(turn) == 2 and all(isinstance(t, str) for t in turn) for turn in value
+    )
     if not ok:
-        raise PtuneError(f"{where}: column {column!r} must be a list of [question, answer] string pairs, "
-                         f"got {json.dumps(value, ensure_ascii=False)[:80]}")
+        raise PtuneError(
+            f"{where}: column {column!r} must be a list of [question, answer] string pairs, "
+            f"got {json.dumps(value, ensure_ascii=False)[:80]}"
+        )
     return [list(turn) for turn in value]
 
 
@@ -99,8 +106,10 @@ def _json_lines(path: Path, text: str, cols: Columns) -> list[Example]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise PtuneError(f"{where}: not a JSON object ({exc.msg} at column {exc.colno}); each line must be "
-                             f"{{\"{cols.prompt}\": ..., \"{cols.response}\": ...}}") from None
+            raise PtuneError(
+                f"{where}: not a JSON object ({exc.msg} at column {exc.colno}); each line must be "
+                f'{{"{cols.prompt}": ..., "{cols.response}": ...}}'
+            ) from None
         if not isinstance(obj, dict):
             raise PtuneError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         examples.append(_example(obj, where, cols))
@@ -112,9 +121,11 @@ def _csv(path: Path, text: str, cols: Columns) -> list[Example]:
     wanted = [c for c in (cols.prompt, cols.response, cols.history, cols.system) if c]
     missing = [c for c in wanted if c not in (reader.fieldnames or [])]
     if missing:
-        raise PtuneError(f"{path}:1: no column {', '.join(map(repr, missing))} in the header "
-                         f"{reader.fieldnames}; set fetch_data.prompt_column / response_column / history_column / "
-                         "system_column")
+        raise PtuneError(
+            f"{path}:1: no column {', '.join(map(repr, missing))} in the header "
+            f"{reader.fieldnames}; set fetch_data.prompt_column / response_column / history_column / "
+            "system_column"
+        )
     examples = []
     for row in reader:
         if not any((v or "").strip() for k, v in row.items() if k is not None):
@@ -125,8 +136,10 @@ def _csv(path: Path, text: str, cols: Columns) -> list[Example]:
             try:
                 row[cols.history] = json.loads(cell) if cell else None
             except json.JSONDecodeError as exc:
-                raise PtuneError(f"{where}: column {cols.history!r} is not a JSON list ({exc.msg}); write it as "
-                                 '[["question", "answer"], ...]') from None
+                raise PtuneError(
+                    f"{where}: column {cols.history!r} is not a JSON list ({exc.msg}); write it as "
+                    '[["question", "answer"], ...]'
+                ) from None
         examples.append(_example(row, where, cols))
     return examples
 

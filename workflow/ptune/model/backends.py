@@ -42,8 +42,9 @@ class Backend(Protocol):
     def prompt_budget(self, max_source_length: int, training: bool) -> int: ...
 
     # preprocess: training sequences and dev labels
-    def encode_train(self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
-                     end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]: ...
+    def encode_train(
+        self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int, end_of_turn: int
+    ) -> tuple[list[list[int]], list[list[int]]]: ...
 
     def encode_labels(self, tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]: ...
 
@@ -62,8 +63,9 @@ class Backend(Protocol):
         """models/ptuning, with prefix_config.json."""
 
     # evaluate, deploy and serving
-    def load_for_inference(self, base: Path, prefix_dir: Path, dev, quantization: str = "none",
-                           allow_pickle: bool = False) -> tuple[Any, Any]: ...
+    def load_for_inference(
+        self, base: Path, prefix_dir: Path, dev, quantization: str = "none", allow_pickle: bool = False
+    ) -> tuple[Any, Any]: ...
 
     def generate(self, model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> Any:
         """New token ids for a batch of prompts; `prefix` None: the base alone."""
@@ -86,10 +88,14 @@ def check_model_dir(model_dir: Path, backend: str) -> None:
     """Refuse a model directory that the chosen backend cannot run, saying which one can."""
     needed = detect(model_dir)
     if needed != backend:
-        why = ("it is model_type chatglm, whose code ships with the weights (trust_remote_code)"
-               if needed == CHATGLM else "it is a transformers-native model, not ChatGLM-6B's remote code")
-        raise PtuneError(f"fetch_weights.backend: {backend!r} cannot run {model_dir}: {why}; "
-                         f"set fetch_weights.backend: {needed}")
+        why = (
+            "it is model_type chatglm, whose code ships with the weights (trust_remote_code)"
+            if needed == CHATGLM
+            else "it is a transformers-native model, not ChatGLM-6B's remote code"
+        )
+        raise PtuneError(
+            f"fetch_weights.backend: {backend!r} cannot run {model_dir}: {why}; set fetch_weights.backend: {needed}"
+        )
 
 
 def name_of(base: Path) -> str:

@@ -50,10 +50,17 @@ class Bundle:
         manifest = read_manifest(directory)
         base = Path(manifest["base_model"])
         backend = backends.for_base(base)
-        model, encoder = backend.load_for_inference(base, Path(directory) / manifest["prefix"], device(),
-                                                    manifest.get("quantization", "none"))
-        return cls(backend.load_tokenizer(base), model, encoder if with_prefix else None,
-                   PromptFormat.from_dict(manifest["prompt"]), GenerationConfig(**manifest["generation"]), backend)
+        model, encoder = backend.load_for_inference(
+            base, Path(directory) / manifest["prefix"], device(), manifest.get("quantization", "none")
+        )
+        return cls(
+            backend.load_tokenizer(base),
+            model,
+            encoder if with_prefix else None,
+            PromptFormat.from_dict(manifest["prompt"]),
+            GenerationConfig(**manifest["generation"]),
+            backend,
+        )
 
     def prompter(self) -> Prompter:
         return Prompter(self.prompt, self.tokenizer, self.backend)
@@ -63,9 +70,15 @@ class Bundle:
         prompter = self.prompter()
         ids = prompter.ids(Turn.of(content, list(history) or None))  # no history: none at all, as model.chat
         torch.manual_seed(seed)
-        new = self.backend.generate(self.model, self.encoder, self.tokenizer, [ids],
-                                    generation_kwargs(self.generation, self.tokenizer,
-                                                      prompter.stop_ids(self.model.generation_config.eos_token_id)))
+        new = self.backend.generate(
+            self.model,
+            self.encoder,
+            self.tokenizer,
+            [ids],
+            generation_kwargs(
+                self.generation, self.tokenizer, prompter.stop_ids(self.model.generation_config.eos_token_id)
+            ),
+        )
         return self.tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
@@ -76,12 +89,16 @@ def read_manifest(directory: str | Path) -> dict:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     found = manifest.get("format")
     if found == 1:
-        raise PtuneError(f"{manifest_path}: bundle format 1, written before ptune recorded the prompt format a prefix "
-                         "was trained on (its multi-turn prompts differed from training's); rebuild it with "
-                         "`dvc repro deploy` (or `ptune deploy`)")
+        raise PtuneError(
+            f"{manifest_path}: bundle format 1, written before ptune recorded the prompt format a prefix "
+            "was trained on (its multi-turn prompts differed from training's); rebuild it with "
+            "`dvc repro deploy` (or `ptune deploy`)"
+        )
     if found != FORMAT_VERSION:
-        raise PtuneError(f"{manifest_path}: bundle format {found!r}, this ptune reads {FORMAT_VERSION}; rebuild it "
-                         "with `dvc repro deploy` (or `ptune deploy`)")
+        raise PtuneError(
+            f"{manifest_path}: bundle format {found!r}, this ptune reads {FORMAT_VERSION}; rebuild it "
+            "with `dvc repro deploy` (or `ptune deploy`)"
+        )
     return manifest
 
 
@@ -98,8 +115,9 @@ def main(argv: list[str]) -> int:
     t1 = time.perf_counter()
     answer = bundle.answer(prompt)
     t2 = time.perf_counter()
-    print(json.dumps({"answer": answer, "load_s": round(t1 - t0, 3), "latency_s": round(t2 - t1, 3)},
-                     ensure_ascii=False))
+    print(
+        json.dumps({"answer": answer, "load_s": round(t1 - t0, 3), "latency_s": round(t2 - t1, 3)}, ensure_ascii=False)
+    )
     return 0
 
 

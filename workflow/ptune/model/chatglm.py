@@ -56,14 +56,23 @@ def _auto():
 
 def _require_first_generation(config, base: Path) -> None:
     if not hasattr(config, "position_encoding_2d") or not hasattr(config, "gmask_token_id"):
-        raise PtuneError(f"{base}: the chatglm backend implements ChatGLM-6B (the first generation: 2D positions, "
-                         "[gMASK] <sop>); this model's config has neither position_encoding_2d nor gmask_token_id "
-                         "(ChatGLM2/3-6B?), and its inputs would be built wrongly")
+        raise PtuneError(
+            f"{base}: the chatglm backend implements ChatGLM-6B (the first generation: 2D positions, "
+            "[gMASK] <sop>); this model's config has neither position_encoding_2d nor gmask_token_id "
+            "(ChatGLM2/3-6B?), and its inputs would be built wrongly"
+        )
 
 
 # The config keys that fix ChatGLM-6B's architecture (checks.config_sha256).
-ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "inner_hidden_size", "position_encoding_2d")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_attention_heads",
+    "inner_hidden_size",
+    "position_encoding_2d",
+)
 
 
 def config_sha256(config) -> str:
@@ -78,8 +87,9 @@ class ChatGLMBackend:
     def load_tokenizer(self, base: Path):
         _, _, AutoTokenizer = _auto()
         if not (base / "tokenizer_config.json").is_file():
-            raise PtuneError(f"{base}: no tokenizer here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) "
-                             "first")
+            raise PtuneError(
+                f"{base}: no tokenizer here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first"
+            )
         trust.require_remote_code(base)
         return AutoTokenizer.from_pretrained(str(base), trust_remote_code=True)
 
@@ -95,13 +105,14 @@ class ChatGLMBackend:
         (max_source_length + 1 in all); a dev prompt is max_source_length with them (its tokenizer's truncation)."""
         return max_source_length + 1 if training else max_source_length
 
-    def encode_train(self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
-                     end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]:
+    def encode_train(
+        self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int, end_of_turn: int
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """As the reference: prompt [gMASK] <sop> target <eop>, the target cut to max_target_length - 2; labels
         -100 up to <sop>, which is itself a label."""
         input_ids, labels = [], []
         for prompt, answer in zip(prompts, answers, strict=True):
-            b = tokenizer.encode(text=answer, add_special_tokens=False)[:max_target_length - 2]
+            b = tokenizer.encode(text=answer, add_special_tokens=False)[: max_target_length - 2]
             ids = list(prompt) + b + [end_of_turn]
             context = len(prompt) - 1  # <sop>, the prompt's last token
             input_ids.append(ids)
@@ -117,8 +128,11 @@ class ChatGLMBackend:
 
     def load_for_training(self, base: Path, dev: torch.device, dtype: torch.dtype, cfg):
         if cfg.prefix_projection:
-            log.info("prefix_projection: ChatGLM-6B's prefix MLP is hidden_size wide; train.prefix_hidden_size "
-                     "(%d) does not apply", cfg.prefix_hidden_size)
+            log.info(
+                "prefix_projection: ChatGLM-6B's prefix MLP is hidden_size wide; train.prefix_hidden_size "
+                "(%d) does not apply",
+                cfg.prefix_hidden_size,
+            )
         self.check_quantization(cfg.quantization, "train", dev, dtype)  # before minutes of loading
         model = _load(base, cfg.pre_seq_len, cfg.prefix_projection)
         model.transformer.dropout.p = cfg.prefix_dropout
@@ -133,8 +147,9 @@ class ChatGLMBackend:
                     module.reset_parameters()
         return model, prefix
 
-    def load_for_inference(self, base: Path, prefix_dir: Path, dev: torch.device, quantization: str = "none",
-                           allow_pickle: bool = False):
+    def load_for_inference(
+        self, base: Path, prefix_dir: Path, dev: torch.device, quantization: str = "none", allow_pickle: bool = False
+    ):
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
         self.check_quantization(quantization, "evaluate", dev, dtype)
         state, pre_seq_len, projection = read_prefix(prefix_dir, allow_pickle)
@@ -143,8 +158,9 @@ class ChatGLMBackend:
         if meta.is_file():
             recorded = json.loads(meta.read_text(encoding="utf-8"))
             if recorded.get("base_config_sha256") is not None:
-                checks.require_same_base(prefix_dir, recorded.get("base_model"), recorded["base_config_sha256"],
-                                             config_sha256(model.config))
+                checks.require_same_base(
+                    prefix_dir, recorded.get("base_model"), recorded["base_config_sha256"], config_sha256(model.config)
+                )
         _check_shapes(state, model, prefix_dir)  # before quantizing: that takes minutes on the real model
         model = _place(model, dev, dtype, BITS[quantization], "evaluate")
         prefix = model.transformer.prefix_encoder
@@ -167,8 +183,11 @@ class ChatGLMBackend:
         model.transformer.dropout.train(prefix.training)
         # A quantized model runs as the reference runs it, fp16 without autocast: quantize()'s autograd function
         # saves its input as it comes (fp32 out of an autocast LayerNorm) and its backward then mixes dtypes.
-        plain = torch.autocast(batch["input_ids"].device.type, enabled=False) if getattr(model, "quantized", False) \
+        plain = (
+            torch.autocast(batch["input_ids"].device.type, enabled=False)
+            if getattr(model, "quantized", False)
             else contextlib.nullcontext()
+        )
         with plain:
             return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float()
 
@@ -182,7 +201,7 @@ class ChatGLMBackend:
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         with context, torch.no_grad():
             out = model.generate(**batch, **kwargs)
-        return out[:, batch["input_ids"].shape[1]:]
+        return out[:, batch["input_ids"].shape[1] :]
 
     def save_prefix(self, model, prefix, directory: Path, base: Path) -> None:
         save_prefix(model, prefix, directory, base)
@@ -241,26 +260,33 @@ def _place(model, dev: torch.device, dtype: torch.dtype, bits: int | None, secti
         try:
             model = model.half().quantize(bits).to(dev)
         except (AttributeError, RuntimeError, OSError) as exc:
-            raise PtuneError(f"{section}.quantization: {bits}-bit: the model's quantize() failed ({exc}); it needs "
-                             "cpm_kernels and the CUDA runtime library (libcudart) where cpm_kernels looks for it "
-                             "(/usr/local/cuda/lib64 or the linker's path)") from None
+            raise PtuneError(
+                f"{section}.quantization: {bits}-bit: the model's quantize() failed ({exc}); it needs "
+                "cpm_kernels and the CUDA runtime library (libcudart) where cpm_kernels looks for it "
+                "(/usr/local/cuda/lib64 or the linker's path)"
+            ) from None
     model.transformer.prefix_encoder.float()
     return model
 
 
 def _check_quantization(dev: torch.device, bits: str, section: str, dtype: torch.dtype | None) -> None:
     if dev.type != "cuda":
-        raise PtuneError(f"{section}.quantization: {bits} needs a CUDA GPU (ChatGLM-6B's quantize() runs CUDA "
-                         "kernels); on this machine set train.quantization and evaluate.quantization to none")
+        raise PtuneError(
+            f"{section}.quantization: {bits} needs a CUDA GPU (ChatGLM-6B's quantize() runs CUDA "
+            "kernels); on this machine set train.quantization and evaluate.quantization to none"
+        )
     capability = torch.cuda.get_device_capability(dev)
     if capability < QUANT_MIN_CAPABILITY or capability[0] > QUANT_MAX_MAJOR:
         raise PtuneError(
             f"{section}.quantization: {bits}: ChatGLM-6B's INT4/INT8 kernels are built for compute capability "
             f"6.1 to 8.x (Pascal to Ada: V100, T4, A10, A100, L4), and this GPU ({torch.cuda.get_device_name(dev)}) "
-            f"is {capability[0]}.{capability[1]}; set {section}.quantization: none (the fp16 model needs about 13 GB)")
+            f"is {capability[0]}.{capability[1]}; set {section}.quantization: none (the fp16 model needs about 13 GB)"
+        )
     if section == "train" and dtype is not None and dtype != torch.float16:
-        raise PtuneError(f"train.quantization: {bits} computes in fp16 (its kernels unpack weights to fp16); "
-                         "set train.precision: fp16")
+        raise PtuneError(
+            f"train.quantization: {bits} computes in fp16 (its kernels unpack weights to fp16); "
+            "set train.precision: fp16"
+        )
 
 
 def _check_shapes(state: dict[str, torch.Tensor], model, prefix_dir: Path) -> None:
@@ -268,8 +294,10 @@ def _check_shapes(state: dict[str, torch.Tensor], model, prefix_dir: Path) -> No
     found = {k: tuple(v.shape) for k, v in state.items()}
     if found != expected:
         layers, hidden = model.config.num_layers, model.config.hidden_size
-        raise PtuneError(f"{prefix_dir}: the prefix's tensors {found} do not fit this base ({layers} layers, hidden "
-                         f"size {hidden}: it needs {expected}); load it onto the base it was trained on")
+        raise PtuneError(
+            f"{prefix_dir}: the prefix's tensors {found} do not fit this base ({layers} layers, hidden "
+            f"size {hidden}: it needs {expected}); load it onto the base it was trained on"
+        )
 
 
 def read_prefix(directory: Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], int, bool]:
@@ -285,19 +313,23 @@ def read_prefix(directory: Path, allow_pickle: bool = False) -> tuple[dict[str, 
             path, saved = safetensors, load_file(str(safetensors))
         elif path.is_file():
             if not allow_pickle:
-                raise PtuneError(f"{path}: a pickle, and pickles can run code when loaded; ptune reads it only with "
-                                 "fetch_weights.allow_pickle: true in params.yaml (set it if you trust where this "
-                                 "checkpoint comes from)")
+                raise PtuneError(
+                    f"{path}: a pickle, and pickles can run code when loaded; ptune reads it only with "
+                    "fetch_weights.allow_pickle: true in params.yaml (set it if you trust where this "
+                    "checkpoint comes from)"
+                )
             # weights_only: torch's restricted unpickler, tensors and plain containers only.
             saved = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise PtuneError(f"{path}: missing; is {directory} a prefix saved by `ptune train` or a reference "
-                             "P-tuning checkpoint directory (checkpoint-N/ with pytorch_model.bin)?")
+            raise PtuneError(
+                f"{path}: missing; is {directory} a prefix saved by `ptune train` or a reference "
+                "P-tuning checkpoint directory (checkpoint-N/ with pytorch_model.bin)?"
+            )
     except PtuneError:
         raise
     except Exception as exc:  # a truncated or foreign file: torch and safetensors raise several types
         raise PtuneError(f"{path}: cannot be read as a state dict ({exc})") from None
-    state = {k[len(KEY_PREFIX):]: v for k, v in saved.items() if k.startswith(KEY_PREFIX)}
+    state = {k[len(KEY_PREFIX) :]: v for k, v in saved.items() if k.startswith(KEY_PREFIX)}
     if "embedding.weight" not in state:
         found = ", ".join(sorted(saved)[:3]) or "nothing"
         raise PtuneError(f"{path}: holds no {KEY_PREFIX}embedding.weight (found {found}); not a P-tuning prefix")
@@ -314,9 +346,14 @@ def save_prefix(model, prefix, directory: Path, base: Path) -> None:
     with atomic.atomic_file(directory / REFERENCE_PICKLE, "wb") as fh:
         torch.save(state, fh, _use_new_zipfile_serialization=False)
     rows = state[KEY_PREFIX + "embedding.weight"]
-    meta = {"backend": ChatGLMBackend.name, "base_model": str(base), "pre_seq_len": rows.shape[0],
-            "prefix_projection": KEY_PREFIX + "trans.0.weight" in state,
-            "prefix_dropout": model.transformer.dropout.p, "base_config_sha256": config_sha256(model.config)}
+    meta = {
+        "backend": ChatGLMBackend.name,
+        "base_model": str(base),
+        "pre_seq_len": rows.shape[0],
+        "prefix_projection": KEY_PREFIX + "trans.0.weight" in state,
+        "prefix_dropout": model.transformer.dropout.p,
+        "base_config_sha256": config_sha256(model.config),
+    }
     atomic.write_json(directory / CONFIG_NAME, meta)
 
 

@@ -16,8 +16,7 @@ from ..errors import PtuneError
 def require_config(base: Path) -> None:
     """Fail, saying how to get one, where `base` holds no model (no config.json)."""
     if not (Path(base) / "config.json").is_file():
-        raise PtuneError(f"{base}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) "
-                         "first")
+        raise PtuneError(f"{base}: no config.json here; run `ptune fetch_weights` (or `dvc repro fetch_weights`) first")
 
 
 def config_sha256(config, keys: Iterable[str]) -> str:
@@ -30,6 +29,8 @@ def config_sha256(config, keys: Iterable[str]) -> str:
 def require_same_base(prefix_dir: Path, trained_on: str | None, recorded: str, loaded: str) -> None:
     """Refuse a prefix whose recorded base fingerprint is not the loaded base's."""
     if recorded != loaded:
-        raise PtuneError(f"{prefix_dir}: this prefix was trained on base {trained_on!r} (config sha256 "
-                         f"{recorded[:12]}), but the loaded base has config sha256 {loaded[:12]}; load it onto the "
-                         "base it was trained on, or retrain it")
+        raise PtuneError(
+            f"{prefix_dir}: this prefix was trained on base {trained_on!r} (config sha256 "
+            f"{recorded[:12]}), but the loaded base has config sha256 {loaded[:12]}; load it onto the "
+            "base it was trained on, or retrain it"
+        )

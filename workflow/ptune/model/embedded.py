@@ -105,7 +105,7 @@ def pretrain(model: GlmForCausalLM, stream: torch.Tensor, cfg: EmbeddedModelConf
     bar = tqdm(range(cfg.pretrain_steps), desc="pre-train base", unit="step", mininterval=2)
     for _ in bar:
         starts = torch.randint(0, len(stream) - seq - 1, (cfg.pretrain_batch_size,), generator=gen)
-        batch = torch.stack([stream[s:s + seq] for s in starts.tolist()])
+        batch = torch.stack([stream[s : s + seq] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -122,21 +122,33 @@ def pretrain(model: GlmForCausalLM, stream: torch.Tensor, cfg: EmbeddedModelConf
 def build(cfg: EmbeddedModelConfig, out_dir: Path) -> dict:
     """Build, pre-train and save the embedded base into `out_dir`; returns facts for the timings record."""
     seed_everything(cfg.seed)
-    corpus = [synthetic_adgen.plain_text(ex)
-              for ex in synthetic_adgen.generate(cfg.seed + CORPUS_SEED_OFFSET, cfg.corpus_size, style="plain")]
+    corpus = [
+        synthetic_adgen.plain_text(ex)
+        for ex in synthetic_adgen.generate(cfg.seed + CORPUS_SEED_OFFSET, cfg.corpus_size, style="plain")
+    ]
     tokenizer = build_tokenizer(corpus, cfg.vocab_size)
     model = build_model(cfg, tokenizer)
     stream = _token_stream(tokenizer, corpus)
     if len(stream) <= cfg.pretrain_seq_len + 1:
-        raise PtuneError(f"fetch_weights.embedded.corpus_size: {cfg.corpus_size} examples give only "
-                         f"{len(stream)} tokens, fewer than pretrain_seq_len {cfg.pretrain_seq_len}; raise it")
+        raise PtuneError(
+            f"fetch_weights.embedded.corpus_size: {cfg.corpus_size} examples give only "
+            f"{len(stream)} tokens, fewer than pretrain_seq_len {cfg.pretrain_seq_len}; raise it"
+        )
     losses = pretrain(model, stream, cfg)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("embedded base: %d parameters, %d tokens of corpus, final pre-train loss %s",
-             n_params, len(stream), f"{losses[-1]:.3f}" if losses else "n/a")
-    return {"parameters": n_params, "corpus_tokens": len(stream), "pretrain_steps": cfg.pretrain_steps,
-            "final_pretrain_loss": round(losses[-1], 4) if losses else None}
+    log.info(
+        "embedded base: %d parameters, %d tokens of corpus, final pre-train loss %s",
+        n_params,
+        len(stream),
+        f"{losses[-1]:.3f}" if losses else "n/a",
+    )
+    return {
+        "parameters": n_params,
+        "corpus_tokens": len(stream),
+        "pretrain_steps": cfg.pretrain_steps,
+        "final_pretrain_loss": round(losses[-1], 4) if losses else None,
+    }

@@ -19,9 +19,12 @@ log = logging.getLogger(__name__)
 
 def generation_kwargs(cfg: GenerationConfig, tokenizer, stop_ids: Sequence[int] | None = None) -> dict:
     """generate() arguments; `stop_ids`: the tokens an answer ends with (prompts.Prompter.stop_ids), else EOS."""
-    kwargs = {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample,
-              "pad_token_id": tokenizer.pad_token_id,
-              "eos_token_id": list(stop_ids) if stop_ids else tokenizer.eos_token_id}
+    kwargs = {
+        "max_new_tokens": cfg.max_new_tokens,
+        "do_sample": cfg.do_sample,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": list(stop_ids) if stop_ids else tokenizer.eos_token_id,
+    }
     if cfg.do_sample:
         kwargs.update(top_p=cfg.top_p, temperature=cfg.temperature)
     else:
@@ -33,15 +36,16 @@ def generation_kwargs(cfg: GenerationConfig, tokenizer, stop_ids: Sequence[int] 
 def length_sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar prompt length (less padding), in a deterministic order."""
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def in_prompt_order(batches: list[list[int]], texts_by_batch: dict[int, list[str]], n_prompts: int) -> list[str]:
     """Completions placed back at their prompts' positions; raises if a batch has none."""
     missing = [b for b in range(len(batches)) if b not in texts_by_batch]
     if missing:
-        raise PtuneError(f"evaluate: no completions for batches {missing[:5]} of {len(batches)}; "
-                         "rerun the stage to generate them")
+        raise PtuneError(
+            f"evaluate: no completions for batches {missing[:5]} of {len(batches)}; rerun the stage to generate them"
+        )
     out: list[str] = [""] * n_prompts
     for b, idx in enumerate(batches):
         for i, text in zip(idx, texts_by_batch[b]):
@@ -49,10 +53,20 @@ def in_prompt_order(batches: list[list[int]], texts_by_batch: dict[int, list[str
     return out
 
 
-def generate_all(model, encoder, tokenizer, prompts: Sequence[Sequence[int]],
-                 cfg: GenerationConfig, batch_size: int, seed: int, desc: str,
-                 backend: Backend, journal: Journal | None = None, shard: tuple[int, int] = (0, 1),
-                 stop_ids: Sequence[int] | None = None) -> list[str | None]:
+def generate_all(
+    model,
+    encoder,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    cfg: GenerationConfig,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    backend: Backend,
+    journal: Journal | None = None,
+    shard: tuple[int, int] = (0, 1),
+    stop_ids: Sequence[int] | None = None,
+) -> list[str | None]:
     """Decoded completions (special tokens skipped), in the order of `prompts`; `encoder` None: the base alone;
     `backend` generates (backends.Backend); `stop_ids`: the tokens an answer ends with.
 

@@ -95,12 +95,18 @@ def ensure() -> Path:
         if stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == wanted and python.is_file():
             return python
         log.info("creating %s for ChatGLM-6B's remote code (transformers 4.33; about a minute)", venv)
-        proc = subprocess.run(["bash", str(SETUP), "--legacy", str(venv), main_python],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(
+            ["bash", str(SETUP), "--legacy", str(venv), main_python],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if proc.returncode != 0:
-            raise PtuneError(f"could not create {venv} (`{SETUP.relative_to(REPO)} --legacy`, exit "
-                             f"{proc.returncode}); pip needs to reach the package index once. Its output:\n"
-                             f"{proc.stdout.strip()[-3000:]}")
+            raise PtuneError(
+                f"could not create {venv} (`{SETUP.relative_to(REPO)} --legacy`, exit "
+                f"{proc.returncode}); pip needs to reach the package index once. Its output:\n"
+                f"{proc.stdout.strip()[-3000:]}"
+            )
         log.info("%s", proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "created")
         stamp.write_text(wanted + "\n", encoding="utf-8")
     return python

@@ -31,24 +31,34 @@ def check_quantization(mode: str, key: str) -> None:
     if mode == "none":
         return
     if not torch.cuda.is_available():
-        raise PtuneError(f"{key}: {mode} needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this machine has "
-                         f"none; set {key}: none")
+        raise PtuneError(
+            f"{key}: {mode} needs a CUDA GPU (bitsandbytes quantizes on the GPU) and this machine has "
+            f"none; set {key}: none"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise PtuneError(f"{key}: {mode} needs bitsandbytes, an optional extra: pip install -e '.[quantization]' "
-                         f"(or set {key}: none)")
+        raise PtuneError(
+            f"{key}: {mode} needs bitsandbytes, an optional extra: pip install -e '.[quantization]' "
+            f"(or set {key}: none)"
+        )
 
 
 def _quantization_config(mode: str, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if mode == "4bit":  # QLoRA's choice: NF4 weights, double-quantized constants, matmuls in the compute dtype
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.dtype = torch.float32,
-                quantization: str = "none", key: str = "train.quantization"):
+def load_frozen(
+    path: str | Path,
+    dev: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    quantization: str = "none",
+    key: str = "train.quantization",
+):
     """The base model in eval mode with every parameter frozen (P-tuning trains only the prefix).
 
     quantization "4bit" / "8bit": the weights are quantized by bitsandbytes as they load, onto `dev` (a CUDA GPU);
@@ -59,8 +69,9 @@ def load_frozen(path: str | Path, dev: torch.device | None = None, dtype: torch.
     dev = dev or device()
     if quantization != "none":
         check_quantization(quantization, key)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map={"": dev},
-                                                     quantization_config=_quantization_config(quantization, dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, device_map={"": dev}, quantization_config=_quantization_config(quantization, dtype)
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev)
     model.requires_grad_(False)

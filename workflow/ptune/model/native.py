@@ -18,7 +18,7 @@ from .prefix_encoder import CONFIG_NAME, PrefixEncoder, prefix_config_for
 def _target_ids(tokenizer, targets: Sequence[str], max_target_length: int) -> list[list[int]]:
     """Targets as training has them: cut so that the end-of-turn token still fits (the model learns where ad copy
     ends), which is also what dev labels are compared as."""
-    return [ids[:max_target_length - 1] for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
+    return [ids[: max_target_length - 1] for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
 
 
 class TransformersBackend:
@@ -39,12 +39,15 @@ class TransformersBackend:
     def prompt_budget(self, max_source_length: int, training: bool) -> int:
         return max_source_length
 
-    def encode_train(self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int,
-                     end_of_turn: int) -> tuple[list[list[int]], list[list[int]]]:
+    def encode_train(
+        self, tokenizer, prompts: Sequence[list[int]], answers: Sequence[str], max_target_length: int, end_of_turn: int
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """prompt ids + answer (<= max_target_length with its end-of-turn token); the prompt masked in labels."""
         t_ids = _target_ids(tokenizer, answers, max_target_length)
-        return ([list(p) + t + [end_of_turn] for p, t in zip(prompts, t_ids, strict=True)],
-                [[IGNORE_INDEX] * len(p) + t + [end_of_turn] for p, t in zip(prompts, t_ids, strict=True)])
+        return (
+            [list(p) + t + [end_of_turn] for p, t in zip(prompts, t_ids, strict=True)],
+            [[IGNORE_INDEX] * len(p) + t + [end_of_turn] for p, t in zip(prompts, t_ids, strict=True)],
+        )
 
     def encode_labels(self, tokenizer, targets: Sequence[str], max_target_length: int) -> list[str]:
         """Dev labels: each target as truncated for training, decoded."""
@@ -52,13 +55,21 @@ class TransformersBackend:
 
     def load_for_training(self, base: Path, dev: torch.device, dtype: torch.dtype, cfg):
         model = load_frozen(base, dev, dtype=dtype, quantization=cfg.quantization)
-        encoder = PrefixEncoder(prefix_config_for(model, cfg.pre_seq_len, cfg.prefix_projection,
-                                                  cfg.prefix_hidden_size, base_model=str(base),
-                                                  prefix_dropout=cfg.prefix_dropout)).to(dev)  # fp32 master weights
+        encoder = PrefixEncoder(
+            prefix_config_for(
+                model,
+                cfg.pre_seq_len,
+                cfg.prefix_projection,
+                cfg.prefix_hidden_size,
+                base_model=str(base),
+                prefix_dropout=cfg.prefix_dropout,
+            )
+        ).to(dev)  # fp32 master weights
         return model, encoder
 
-    def load_for_inference(self, base: Path, prefix_dir: Path, dev: torch.device, quantization: str = "none",
-                           allow_pickle: bool = False):
+    def load_for_inference(
+        self, base: Path, prefix_dir: Path, dev: torch.device, quantization: str = "none", allow_pickle: bool = False
+    ):
         # allow_pickle: ptune's own prefix is always safetensors (PrefixEncoder.load reads nothing else).
         model = load_frozen(base, dev, quantization=quantization, key="evaluate.quantization")
         encoder = PrefixEncoder.load(prefix_dir, model).to(model.device)
@@ -89,4 +100,3 @@ class TransformersBackend:
     def describe_prefix(self, directory: Path, base: Path, allow_pickle: bool = False) -> dict:
         """pre_seq_len and base_config_sha256 of a saved prefix."""
         return json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-

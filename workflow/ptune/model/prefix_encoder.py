@@ -42,16 +42,30 @@ class PrefixConfig:
 
 
 # The config keys that fix a transformers-native architecture (checks.config_sha256).
-ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "intermediate_size")
+ARCHITECTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+)
 
 
 def base_config_sha256(model_config) -> str:
     return config_sha256(model_config, ARCHITECTURE_KEYS)
 
 
-def prefix_config_for(model, pre_seq_len: int, prefix_projection: bool, prefix_hidden_size: int,
-                      base_model: str, prefix_dropout: float = 0.0) -> PrefixConfig:
+def prefix_config_for(
+    model,
+    pre_seq_len: int,
+    prefix_projection: bool,
+    prefix_hidden_size: int,
+    base_model: str,
+    prefix_dropout: float = 0.0,
+) -> PrefixConfig:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return PrefixConfig(
@@ -111,7 +125,8 @@ class PrefixEncoder(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / PREFIX_WEIGHTS), metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(
-            json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
 
     @classmethod
     def load(cls, directory: str | Path, model=None, pre_seq_len: int | None = None) -> "PrefixEncoder":
@@ -123,21 +138,28 @@ class PrefixEncoder(nn.Module):
             raise PtuneError(f"{cfg_file}: missing; is {directory} a prefix saved by `ptune train`?")
         config = PrefixConfig(**json.loads(cfg_file.read_text(encoding="utf-8")))
         if model is not None:
-            require_same_base(Path(directory), config.base_model, config.base_config_sha256,
-                              base_config_sha256(model.config))
+            require_same_base(
+                Path(directory), config.base_model, config.base_config_sha256, base_config_sha256(model.config)
+            )
         if pre_seq_len is not None and pre_seq_len != config.pre_seq_len:
-            raise PtuneError(f"{directory}: this prefix has pre_seq_len {config.pre_seq_len}, but pre_seq_len "
-                             f"{pre_seq_len} was asked for; use {config.pre_seq_len} or retrain the prefix")
+            raise PtuneError(
+                f"{directory}: this prefix has pre_seq_len {config.pre_seq_len}, but pre_seq_len "
+                f"{pre_seq_len} was asked for; use {config.pre_seq_len} or retrain the prefix"
+            )
         state = load_file(str(directory / PREFIX_WEIGHTS))
         rows = state.get("embedding.weight")
         if rows is None or rows.shape[0] != config.pre_seq_len:
             found = "no embedding.weight" if rows is None else f"{rows.shape[0]} virtual tokens"
-            raise PtuneError(f"{directory / PREFIX_WEIGHTS} holds {found}, but {cfg_file} says pre_seq_len "
-                             f"{config.pre_seq_len}; the two files come from different runs: retrain or restore both")
+            raise PtuneError(
+                f"{directory / PREFIX_WEIGHTS} holds {found}, but {cfg_file} says pre_seq_len "
+                f"{config.pre_seq_len}; the two files come from different runs: retrain or restore both"
+            )
         encoder = cls(config)
         try:
             encoder.load_state_dict(state)
         except RuntimeError as exc:
-            raise PtuneError(f"{directory / PREFIX_WEIGHTS}: does not match {cfg_file} "
-                             f"(pre_seq_len {config.pre_seq_len}): {str(exc).splitlines()[0]}") from None
+            raise PtuneError(
+                f"{directory / PREFIX_WEIGHTS}: does not match {cfg_file} "
+                f"(pre_seq_len {config.pre_seq_len}): {str(exc).splitlines()[0]}"
+            ) from None
         return encoder

@@ -25,8 +25,10 @@ def _cache_kwarg(model) -> str:
 def _takes_a_logits_mask(model) -> bool:
     """Whether `forward(logits_to_keep=<bool mask (batch, seq)>)` computes logits at just those positions: models
     whose forward slices with transformers' `slice_logits_to_keep` (Llama, Qwen2, GLM, GLM-4, ... on 5.2x)."""
-    return (hasattr(transformers.modeling_utils, "slice_logits_to_keep")
-            and "logits_to_keep" in inspect.signature(model.forward).parameters)
+    return (
+        hasattr(transformers.modeling_utils, "slice_logits_to_keep")
+        and "logits_to_keep" in inspect.signature(model.forward).parameters
+    )
 
 
 def _causal_lm(model, labels: torch.Tensor | None, **inputs):
@@ -59,29 +61,48 @@ def prefix_cache(encoder: PrefixEncoder, model, batch_size: int) -> tuple[Dynami
     return cache, key_values[0][0].shape[-2]
 
 
-def forward(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            labels: torch.Tensor | None = None):
+def forward(
+    model,
+    encoder: PrefixEncoder | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+):
     """A training/scoring forward pass, with the prefix when `encoder` is given (or a DDP wrapper around one)."""
     if encoder is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return _causal_lm(model, labels, input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids, use_cache=False)
+        return _causal_lm(
+            model,
+            labels,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        )
     batch = input_ids.shape[0]
     cache, pre = prefix_cache(encoder, model, batch)
     ones = attention_mask.new_ones(batch, pre)
     full_mask = torch.cat([ones, attention_mask], dim=1)
     position_ids = (full_mask.long().cumsum(-1) - 1)[:, pre:].clamp(min=0)
-    return _causal_lm(model, labels, input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                      use_cache=True, **{_cache_kwarg(model): cache})
+    return _causal_lm(
+        model,
+        labels,
+        input_ids=input_ids,
+        attention_mask=full_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{_cache_kwarg(model): cache},
+    )
 
 
 @torch.no_grad()
-def generate(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             generation_kwargs: dict) -> torch.Tensor:
+def generate(
+    model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_kwargs: dict
+) -> torch.Tensor:
     """Generate for a left-padded batch; returns only the new tokens (batch, <= max_new_tokens)."""
     if encoder is None:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generation_kwargs)
-        return out[:, input_ids.shape[1]:]
+        return out[:, input_ids.shape[1] :]
     batch = input_ids.shape[0]
     cache, pre = prefix_cache(encoder, model, batch)
     # generate() skips the positions a cache already holds: stand-in ids for the prefix, mask ones over them.
@@ -92,4 +113,4 @@ def generate(model, encoder: PrefixEncoder | None, input_ids: torch.Tensor, atte
     ids = torch.cat([stand_in, input_ids], dim=1)
     mask = torch.cat([attention_mask.new_ones(batch, pre), attention_mask], dim=1)
     out = model.generate(input_ids=ids, attention_mask=mask, **{_cache_kwarg(model): cache}, **generation_kwargs)
-    return out[:, ids.shape[1]:]
+    return out[:, ids.shape[1] :]

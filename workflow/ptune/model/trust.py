@@ -27,8 +27,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 def _weights(folder: Path) -> tuple[list[Path], list[Path]]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and ".git" not in p.relative_to(folder).parts)
-    return ([p for p in files if p.suffix == ".safetensors"],
-            [p for p in files if p.suffix in PICKLE_SUFFIXES])
+    return ([p for p in files if p.suffix == ".safetensors"], [p for p in files if p.suffix in PICKLE_SUFFIXES])
 
 
 def _remote_code(folder: Path) -> list[str]:
@@ -44,21 +43,30 @@ def check_folder(folder: Path, *, backend: str, trust_remote_code: bool, allow_p
     temporary output, so removing files there loses nothing of the source."""
     if backend == "chatglm" and not trust_remote_code:
         modules = ", ".join(_remote_code(folder)) or "the model's .py files"
-        raise PtuneError(f"fetch_weights.trust_remote_code is false, but backend chatglm runs the Python code that "
-                         f"{what} ships ({modules}), with your account's rights. Read it, and set "
-                         "fetch_weights.trust_remote_code: true in params.yaml if you trust it")
+        raise PtuneError(
+            f"fetch_weights.trust_remote_code is false, but backend chatglm runs the Python code that "
+            f"{what} ships ({modules}), with your account's rights. Read it, and set "
+            "fetch_weights.trust_remote_code: true in params.yaml if you trust it"
+        )
     safe, pickles = _weights(folder)
     if not pickles or allow_pickle:
         return
     names = ", ".join(str(p.relative_to(folder)) for p in pickles[:4]) + (" ..." if len(pickles) > 4 else "")
     if not safe:
-        raise PtuneError(f"{what} has its weights only as pickles ({names}); unpickling can run code. Set "
-                         "fetch_weights.allow_pickle: true in params.yaml if you trust where they come from, or use "
-                         "a revision with safetensors weights")
+        raise PtuneError(
+            f"{what} has its weights only as pickles ({names}); unpickling can run code. Set "
+            "fetch_weights.allow_pickle: true in params.yaml if you trust where they come from, or use "
+            "a revision with safetensors weights"
+        )
     for path in pickles:
         path.unlink()
-    log.info("left out %d pickle file(s) of %s (%s): its safetensors weights are used; fetch_weights.allow_pickle: "
-             "true keeps them", len(pickles), what, names)
+    log.info(
+        "left out %d pickle file(s) of %s (%s): its safetensors weights are used; fetch_weights.allow_pickle: "
+        "true keeps them",
+        len(pickles),
+        what,
+        names,
+    )
 
 
 def record(trust_remote_code: bool, allow_pickle: bool) -> dict:
@@ -71,6 +79,8 @@ def require_remote_code(base: Path) -> None:
     path = base / SOURCE_RECORD
     recorded = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if recorded.get("trust_remote_code") is not True:
-        raise PtuneError(f"{base}: its Python code would run, but {path} does not record "
-                         "fetch_weights.trust_remote_code: true; set it in params.yaml if you trust the model, and "
-                         "rerun fetch_weights (dvc repro / snakemake do)")
+        raise PtuneError(
+            f"{base}: its Python code would run, but {path} does not record "
+            "fetch_weights.trust_remote_code: true; set it in params.yaml if you trust the model, and "
+            "rerun fetch_weights (dvc repro / snakemake do)"
+        )

@@ -71,8 +71,10 @@ def local_states(stages: list[str] | None) -> dict[str, Path]:
     for stage_dir in sorted(p for p in STATE_DIR.iterdir() if p.is_dir()):
         if stage_dir.name not in (stages or SYNCED_STAGES):
             continue
-        keys = sorted((p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=lambda p: p.stat().st_mtime)
+        keys = sorted(
+            (p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+            key=lambda p: p.stat().st_mtime,
+        )
         if keys and any(f.is_file() for f in keys[-1].iterdir()):
             found[stage_dir.name] = keys[-1]  # the stage removes stale keys when it starts; newest wins meanwhile
     return found
@@ -89,8 +91,10 @@ class RemoteState:
             try:
                 remote = repo.cloud.get_remote(remote_name, command="checkpoint push/pull")
             except NoRemoteError:
-                raise PtuneError("no DVC remote is configured: add one (docs/surviving.md), "
-                                 "e.g. `dvc remote add -d store s3://BUCKET/ptune`") from None
+                raise PtuneError(
+                    "no DVC remote is configured: add one (docs/surviving.md), "
+                    "e.g. `dvc remote add -d store s3://BUCKET/ptune`"
+                ) from None
         finally:
             repo.close()
         self.name = remote.name
@@ -132,8 +136,13 @@ class RemoteState:
                     self.fs.put_file(str(snap), self._path(stage, key, src.name))
                     uploaded += 1
                 snap.unlink()
-            manifest = {"stage": stage, "key": key, "files": files, "host": platform.node(),
-                        "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "files": files,
+                "host": platform.node(),
+                "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            }
             mpath = Path(tmp) / MANIFEST
             mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             self.fs.put_file(str(mpath), self._path(stage, MANIFEST))
@@ -141,8 +150,14 @@ class RemoteState:
         for path in self.fs.find(self._path(stage)):
             if path not in keep:  # older checkpoints, or the state of inputs and params no longer current
                 self.fs.rm_file(path)
-        log.info("pushed resume state of %s (%s): %d file(s), %d uploaded, to %s", stage, key, len(files),
-                 uploaded, self._path(stage))
+        log.info(
+            "pushed resume state of %s (%s): %d file(s), %d uploaded, to %s",
+            stage,
+            key,
+            len(files),
+            uploaded,
+            self._path(stage),
+        )
         return manifest
 
     def pull_stage(self, stage: str) -> tuple[Path, list[str]]:
@@ -167,18 +182,27 @@ class RemoteState:
                 self.fs.get_file(self._path(stage, manifest["key"], name), str(tmp))
                 got = _md5(tmp)
                 if got != meta["md5"]:
-                    raise PtuneError(f"{self._path(stage, manifest['key'], name)}: md5 {got}, but the manifest "
-                                     f"says {meta['md5']}; it is damaged or still being pushed: run "
-                                     "`ptune checkpoint pull` again")
+                    raise PtuneError(
+                        f"{self._path(stage, manifest['key'], name)}: md5 {got}, but the manifest "
+                        f"says {meta['md5']}; it is damaged or still being pushed: run "
+                        "`ptune checkpoint pull` again"
+                    )
                 os.replace(tmp, target)
             except FileNotFoundError:
-                raise PtuneError(f"{self._path(stage, manifest['key'], name)} is named by the remote's manifest but "
-                                 "missing (a push was replacing it); run `ptune checkpoint pull` again") from None
+                raise PtuneError(
+                    f"{self._path(stage, manifest['key'], name)} is named by the remote's manifest but "
+                    "missing (a push was replacing it); run `ptune checkpoint pull` again"
+                ) from None
             finally:
                 tmp.unlink(missing_ok=True)
             fetched.append(name)
-        log.info("pulled resume state of %s (%s) from %s: %d file(s) fetched", stage, manifest["key"],
-                 self._path(stage), len(fetched))
+        log.info(
+            "pulled resume state of %s (%s) from %s: %d file(s) fetched",
+            stage,
+            manifest["key"],
+            self._path(stage),
+            len(fetched),
+        )
         return dest, fetched
 
 

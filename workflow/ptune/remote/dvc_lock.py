@@ -17,7 +17,7 @@ LOCK = Path("dvc.lock")
 class LockedOut:
     stage: str
     path: str
-    md5: str          # a directory's ends in ".dir": the object listing its files
+    md5: str  # a directory's ends in ".dir": the object listing its files
 
     @property
     def is_dir(self) -> bool:
@@ -29,8 +29,10 @@ def locked_outs(lock: Path = LOCK) -> dict[str, list[LockedOut]]:
     if not lock.is_file():
         return {}
     stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    return {name: [LockedOut(name, out["path"], out["md5"]) for out in entry.get("outs", []) if "md5" in out]
-            for name, entry in stages.items()}
+    return {
+        name: [LockedOut(name, out["path"], out["md5"]) for out in entry.get("outs", []) if "md5" in out]
+        for name, entry in stages.items()
+    }
 
 
 def owner(path: str, outs: dict[str, list[LockedOut]]) -> LockedOut | None:

@@ -28,10 +28,10 @@ _FALSE = ("", "0", "false", "no", "off")
 class RemoteInfo:
     """The remote a plain `dvc push` uses."""
 
-    name: str | None          # None: no default remote configured
-    url: str | None           # as DVC resolves it: an absolute path for a directory remote
-    local_path: Path | None   # set for a directory remote (plain path or file://)
-    same_disk: bool           # a directory on the workspace's (or the system's) disk: gone with the instance
+    name: str | None  # None: no default remote configured
+    url: str | None  # as DVC resolves it: an absolute path for a directory remote
+    local_path: Path | None  # set for a directory remote (plain path or file://)
+    same_disk: bool  # a directory on the workspace's (or the system's) disk: gone with the instance
     mount_point: Path | None  # the filesystem a directory remote lives on
 
     def describe(self) -> str:
@@ -39,8 +39,11 @@ class RemoteInfo:
             return "no DVC remote configured"
         if self.local_path is None:
             return f"DVC remote '{self.name}': {self.url}"
-        where = ("on this workspace's disk" if self.same_disk
-                 else f"a directory on the filesystem mounted at {self.mount_point}")
+        where = (
+            "on this workspace's disk"
+            if self.same_disk
+            else f"a directory on the filesystem mounted at {self.mount_point}"
+        )
         return f"DVC remote '{self.name}': {self.local_path} ({where})"
 
 
@@ -63,8 +66,9 @@ def open_repo(root: str | Path = "."):
     try:
         return Repo(str(root))
     except NotDvcRepoError:
-        raise PtuneError(f"{Path(root).resolve()}: not a DVC project; run ptune from the project's root "
-                         "(where dvc.yaml is)") from None
+        raise PtuneError(
+            f"{Path(root).resolve()}: not a DVC project; run ptune from the project's root (where dvc.yaml is)"
+        ) from None
 
 
 def _mount_point(path: Path) -> Path:
@@ -89,8 +93,10 @@ def remote_info(repo, root: str | Path = ".") -> RemoteInfo:
         return RemoteInfo(None, None, None, False, None)
     conf = repo.config["remote"].get(name)
     if conf is None:
-        raise PtuneError(f".dvc/config: core.remote is '{name}', but no remote of that name is configured; "
-                         f"add it (`dvc remote add {name} URL`) or pick another (`dvc remote default NAME`)")
+        raise PtuneError(
+            f".dvc/config: core.remote is '{name}', but no remote of that name is configured; "
+            f"add it (`dvc remote add {name} URL`) or pick another (`dvc remote default NAME`)"
+        )
     url = conf["url"]
     parsed = urlparse(url)
     if parsed.scheme not in ("", "file") and not (len(parsed.scheme) == 1 and os.name == "nt"):
@@ -107,18 +113,24 @@ def remote_info(repo, root: str | Path = ".") -> RemoteInfo:
 def survival_warning(info: RemoteInfo) -> str | None:
     """A loud, multi-line warning while nothing pushed would survive the instance; None once it would."""
     if info.name is None:
-        lines = ["No DVC remote is configured: `dvc push` has nowhere to save this run, and everything the",
-                 "pipeline made is lost with this instance's disk."]
+        lines = [
+            "No DVC remote is configured: `dvc push` has nowhere to save this run, and everything the",
+            "pipeline made is lost with this instance's disk.",
+        ]
     elif info.same_disk:
-        lines = [f"The DVC remote '{info.name}' ({info.local_path}) is on the same disk as this workspace:",
-                 "what `dvc push` saves there is lost with this instance's disk, together with the workspace."]
+        lines = [
+            f"The DVC remote '{info.name}' ({info.local_path}) is on the same disk as this workspace:",
+            "what `dvc push` saves there is lost with this instance's disk, together with the workspace.",
+        ]
     else:
         return None
-    lines += ["Point the default remote at storage that outlives the instance, e.g. an OSS/S3 bucket:",
-              "    dvc remote add -d -f store s3://BUCKET/ptune",
-              "    dvc remote modify store endpointurl https://oss-cn-hangzhou.aliyuncs.com",
-              "or a directory on a NAS mount: dvc remote add -d -f store /mnt/nas/ptune-dvc-storage",
-              "then `ptune push`. docs/surviving.md has the details."]
+    lines += [
+        "Point the default remote at storage that outlives the instance, e.g. an OSS/S3 bucket:",
+        "    dvc remote add -d -f store s3://BUCKET/ptune",
+        "    dvc remote modify store endpointurl https://oss-cn-hangzhou.aliyuncs.com",
+        "or a directory on a NAS mount: dvc remote add -d -f store /mnt/nas/ptune-dvc-storage",
+        "then `ptune push`. docs/surviving.md has the details.",
+    ]
     bar = "!" * 100
     return "\n".join([bar, *(f"!! {line}" for line in lines), bar])
 
@@ -155,6 +167,8 @@ def checkpoint_push_every() -> int:
     if not value:
         return 0
     if not value.isdigit():
-        raise PtuneError(f"{CHECKPOINT_PUSH_EVERY_ENV}={value!r}: must be a whole number of checkpoints "
-                         "(0: never push while training)")
+        raise PtuneError(
+            f"{CHECKPOINT_PUSH_EVERY_ENV}={value!r}: must be a whole number of checkpoints "
+            "(0: never push while training)"
+        )
     return int(value)

@@ -63,14 +63,18 @@ def _check_remote() -> None:
     finally:
         repo.close()
     if info.name is None:
-        raise PtuneError(".dvc/config: no default DVC remote. Jobs without a shared filesystem hand their results "
-                         "on through it: `dvc remote add -d store s3://BUCKET/ptune` (docs/cluster.md)")
+        raise PtuneError(
+            ".dvc/config: no default DVC remote. Jobs without a shared filesystem hand their results "
+            "on through it: `dvc remote add -d store s3://BUCKET/ptune` (docs/cluster.md)"
+        )
     url = _written_url(info.name) or str(info.url)
     if info.local_path is not None and not Path(url.removeprefix("file://")).is_absolute():
-        raise PtuneError(f".dvc/config: the default DVC remote '{info.name}' is the relative directory '{url}', "
-                         "which in a pod lies on the pod's own disk and vanishes with it. Use storage every pod "
-                         "reaches: `dvc remote add -d -f store s3://BUCKET/ptune`, or the absolute path of a "
-                         "volume mounted in every pod (the profile's kubernetes-persistent-volumes)")
+        raise PtuneError(
+            f".dvc/config: the default DVC remote '{info.name}' is the relative directory '{url}', "
+            "which in a pod lies on the pod's own disk and vanishes with it. Use storage every pod "
+            "reaches: `dvc remote add -d -f store s3://BUCKET/ptune`, or the absolute path of a "
+            "volume mounted in every pod (the profile's kubernetes-persistent-volumes)"
+        )
 
 
 def _written_url(name: str) -> str | None:

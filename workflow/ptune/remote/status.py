@@ -52,8 +52,9 @@ def _remote_state(outs: list, cloud: dict[str, str] | None) -> str:
         return "-"
     if cloud is None:
         return "unknown (unreachable)"
-    entries = {path: what for path, what in cloud.items()
-               if any(path == o.path or path.startswith(o.path + "/") for o in outs)}
+    entries = {
+        path: what for path, what in cloud.items() if any(path == o.path or path.startswith(o.path + "/") for o in outs)
+    }
     absent = [p for p, what in entries.items() if what in ("new", "missing")]
     if not absent:
         return "on remote"
@@ -88,12 +89,26 @@ def collect(remote: str | None = None) -> dict:
             cloud = repo.status(cloud=True, remote=remote) if info.name or remote else None
         except Exception as exc:  # offline, credentials, a bucket that is gone: say so, show the rest
             cloud, cloud_error = None, str(exc)
-    rows = {name: {"workspace": _workspace_state(name, local.get(name, []), name in outs),
-                   "remote": _remote_state(outs.get(name, []), cloud)} for name in stages}
+    rows = {
+        name: {
+            "workspace": _workspace_state(name, local.get(name, []), name in outs),
+            "remote": _remote_state(outs.get(name, []), cloud),
+        }
+        for name in stages
+    }
     resume = _resume_state(remote, reachable=cloud is not None)
-    return {"remote": {"name": info.name, "url": info.url, "where": info.describe(), "same_disk": info.same_disk,
-                       "error": cloud_error, "warning": survival_warning(info)},
-            "stages": rows, "resume_state": resume}
+    return {
+        "remote": {
+            "name": info.name,
+            "url": info.url,
+            "where": info.describe(),
+            "same_disk": info.same_disk,
+            "error": cloud_error,
+            "warning": survival_warning(info),
+        },
+        "stages": rows,
+        "resume_state": resume,
+    }
 
 
 def render(status: dict) -> str:
@@ -104,14 +119,16 @@ def render(status: dict) -> str:
     for name, row in status["stages"].items():
         lines.append(f"{name:<15} {row['workspace']:<26} {row['remote']}")
     for stage, where in status["resume_state"].items():
-        lines.append(f"\nresume state of {stage}: {where['local'] or 'none'} here, "
-                     f"{where['remote'] or 'none'} on the remote")
+        lines.append(
+            f"\nresume state of {stage}: {where['local'] or 'none'} here, {where['remote'] or 'none'} on the remote"
+        )
     states = [row["workspace"] for row in status["stages"].values()]
     remotes = [row["remote"] for row in status["stages"].values()]
     hints = []
     if "missing locally" in states:
-        hints.append("restore what is missing: `dvc checkout` (from the local cache) or `ptune restore` "
-                     "(from the remote)")
+        hints.append(
+            "restore what is missing: `dvc checkout` (from the local cache) or `ptune restore` (from the remote)"
+        )
     if any(s.startswith("changed") or s == "never run" for s in states):
         hints.append("compute what changed: `snakemake --cores 1 report` or `dvc repro`")
     if any(r in ("not on remote", "partly on remote") for r in remotes):

@@ -43,8 +43,11 @@ def _lost(repo, out: LockedOut) -> list[str]:
         return [] if Path(out.path).is_dir() else [f"{out.path}/"]
     with open(odb.oid_to_path(out.md5), encoding="utf-8") as fh:
         entries = json.load(fh)
-    return [f"{out.path}/{e['relpath']}" for e in entries
-            if not odb.exists(e["md5"]) and not (Path(out.path) / e["relpath"]).is_file()]
+    return [
+        f"{out.path}/{e['relpath']}"
+        for e in entries
+        if not odb.exists(e["md5"]) and not (Path(out.path) / e["relpath"]).is_file()
+    ]
 
 
 def missing_outputs(repo) -> dict[str, list[str]]:
@@ -60,10 +63,12 @@ def missing_outputs(repo) -> dict[str, list[str]]:
 def explain_missing(missing: dict[str, list[str]], where: str) -> str:
     stages = ", ".join(missing)
     listing = "\n".join(f"  {stage}: {path}" for stage, paths in missing.items() for path in paths)
-    return (f"{where} lacks these results, and neither the workspace nor the local cache holds them:\n{listing}\n"
-            f"If the instance that computed them still exists, run `ptune push` there, then `ptune restore` here "
-            f"again. Otherwise recompute them: `snakemake --cores 1 report` (or `dvc repro`) reruns {stages}, and "
-            "after them only the stages whose inputs come out different.")
+    return (
+        f"{where} lacks these results, and neither the workspace nor the local cache holds them:\n{listing}\n"
+        f"If the instance that computed them still exists, run `ptune push` there, then `ptune restore` here "
+        f"again. Otherwise recompute them: `snakemake --cores 1 report` (or `dvc repro`) reruns {stages}, and "
+        "after them only the stages whose inputs come out different."
+    )
 
 
 def restore(remote: str | None = None) -> None:

@@ -44,8 +44,10 @@ def select(rows: list[dict], names: Sequence[str]) -> list[dict]:
     chosen = [r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace"]
     chosen += [r for r in rows if r["Experiment"] and r.get("State") in (None, "Success")]
     if len(chosen) < 2:
-        raise PtuneError("nothing to compare yet; run experiments first, e.g. "
-                         "`dvc exp run -S train.pre_seq_len=8`, or name revisions: `ptune compare workspace HEAD`")
+        raise PtuneError(
+            "nothing to compare yet; run experiments first, e.g. "
+            "`dvc exp run -S train.pre_seq_len=8`, or name revisions: `ptune compare workspace HEAD`"
+        )
     return chosen
 
 
@@ -60,8 +62,10 @@ def table(rows: list[dict]):
 
     params = [k for k in rows[0] if k.split(".", 1)[0] in PARAM_SECTIONS]
     changed = [k for k in params if len({repr(r.get(k)) for r in rows}) > 1]
-    frame = pd.DataFrame([{**{k: _plain(r.get(k)) for k in changed}, **{k: r.get(k) for k in SCORES}}
-                          for r in rows], index=[_label(r) for r in rows])
+    frame = pd.DataFrame(
+        [{**{k: _plain(r.get(k)) for k in changed}, **{k: r.get(k) for k in SCORES}} for r in rows],
+        index=[_label(r) for r in rows],
+    )
     frame.index.name = "experiment"
     return frame
 
@@ -103,6 +107,11 @@ def run(names: Sequence[str], out: Path, repo: str = ".") -> str:
     png = figures.experiments(curves, scores)
     with atomic.atomic_file(out.with_suffix(".png"), "wb") as fh:
         fh.write(png)
-    atomic.write_text(out, PAGE.format(table=frame.to_html(float_format=lambda v: f"{v:.4g}"),  # escapes text
-                                       png=base64.b64encode(png).decode()))
+    atomic.write_text(
+        out,
+        PAGE.format(
+            table=frame.to_html(float_format=lambda v: f"{v:.4g}"),  # escapes text
+            png=base64.b64encode(png).decode(),
+        ),
+    )
     return frame.to_string(float_format=lambda v: f"{v:.4g}")

@@ -63,8 +63,9 @@ def _metric_bars(ax, table: Mapping[str, Mapping[str, float]]) -> None:
     for i, (label, scores) in enumerate(table.items()):
         xs = [m + i * width for m in range(len(METRIC_NAMES))]
         ax.bar(xs, [scores.get(name, 0.0) for name in METRIC_NAMES], width=width, label=label)
-    ax.set_xticks([m + width * (len(table) - 1) / 2 for m in range(len(METRIC_NAMES))],
-                  [LABELS[n] for n in METRIC_NAMES])
+    ax.set_xticks(
+        [m + width * (len(table) - 1) / 2 for m in range(len(METRIC_NAMES))], [LABELS[n] for n in METRIC_NAMES]
+    )
     top = max((v for scores in table.values() for v in scores.values()), default=0.0)
     ax.set_ylim(0, max(1.0, top * 1.15))  # scores are never negative; all-zero scores still get an axis
     ax.set_ylabel("score (x100)")

@@ -12,13 +12,26 @@ from pathlib import Path
 from ..paths import SOURCE_RECORD  # what fetch_weights records next to the model it puts in models/base
 
 # The packages whose versions change what a run computes or how it runs.
-PACKAGES = ("ptune", "torch", "transformers", "tokenizers", "datasets", "safetensors", "jieba", "rouge-chinese",
-            "nltk", "numpy", "dvc", "snakemake")
+PACKAGES = (
+    "ptune",
+    "torch",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "safetensors",
+    "jieba",
+    "rouge-chinese",
+    "nltk",
+    "numpy",
+    "dvc",
+    "snakemake",
+)
 
 
 def git_commit(root: Path = Path(".")) -> dict:
     """HEAD's commit (None outside a git checkout) and the tracked files that differ from it, leaving out
     what the pipeline itself rewrites (dvc.lock, the .gitignore files DVC keeps)."""
+
     def git(*args: str) -> str | None:
         proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return proc.stdout if proc.returncode == 0 else None
@@ -26,8 +39,18 @@ def git_commit(root: Path = Path(".")) -> dict:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "changed": []}
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                 ":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore") or ""
+    status = (
+        git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)dvc.lock",
+            ":(exclude,glob)**/.gitignore",
+        )
+        or ""
+    )
     return {"commit": commit.strip(), "changed": [line[3:] for line in status.splitlines() if line.strip()]}
 
 

@@ -44,12 +44,23 @@ def md_cell(text) -> str:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("ptune.reporting", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "html.j2"], default_for_string=False),
-                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             undefined=jinja2.StrictUndefined)
-    env.filters.update(num=num, signed=signed, count=count, mib=mib, seconds=seconds, md=md_cell,
-                       metric=lambda name: LABELS.get(name, name))
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("ptune.reporting", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "html.j2"], default_for_string=False),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters.update(
+        num=num,
+        signed=signed,
+        count=count,
+        mib=mib,
+        seconds=seconds,
+        md=md_cell,
+        metric=lambda name: LABELS.get(name, name),
+    )
     return env
 
 

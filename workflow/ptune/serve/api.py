@@ -86,8 +86,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}, "status": status}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -111,18 +112,21 @@ def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]
     for i, msg in enumerate(messages):
         if msg.role in ("system", "developer"):
             if i != 0:
-                raise RequestError(f"messages.{i}: a {msg.role} message must come first, before the conversation",
-                                   f"messages.{i}.role")
+                raise RequestError(
+                    f"messages.{i}: a {msg.role} message must come first, before the conversation", f"messages.{i}.role"
+                )
             system = msg.text()
         elif msg.role == "user":
             if pending is not None:
-                raise RequestError(f"messages.{i}: two user messages in a row; alternate user and assistant",
-                                   f"messages.{i}.role")
+                raise RequestError(
+                    f"messages.{i}: two user messages in a row; alternate user and assistant", f"messages.{i}.role"
+                )
             pending = msg.text()
         else:
             if pending is None:
-                raise RequestError(f"messages.{i}: an assistant message must follow a user message",
-                                   f"messages.{i}.role")
+                raise RequestError(
+                    f"messages.{i}: an assistant message must follow a user message", f"messages.{i}.role"
+                )
             history.append((pending, msg.text()))
             pending = None
     if pending is None:
@@ -223,17 +227,25 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-            raise StarletteHTTPException(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                                         headers={"WWW-Authenticate": "Bearer"})
+            raise StarletteHTTPException(
+                401,
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     auth = [Depends(authorized)]
 
     # Cheap endpoints are async: they must answer even while every worker thread waits for the engine.
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": engine.name, "description": engine.description,
-                "pending": engine.pending, "context_length": engine.context_length,
-                "prefix_length": engine.prefix_length}
+        return {
+            "status": "ok",
+            "model": engine.name,
+            "description": engine.description,
+            "pending": engine.pending,
+            "context_length": engine.context_length,
+            "prefix_length": engine.prefix_length,
+        }
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
@@ -256,13 +268,20 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             prompt_len = len(engine.prompt_ids(body.prompt, history, 1)[0])
             max_new = body.max_length - prompt_len
             if max_new < 1:
-                raise RequestError(f"max_length {body.max_length} leaves no room for an answer after the "
-                                   f"{prompt_len}-token prompt", "max_length")
-        settings = engine.settings(max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p,
-                                   seed=body.seed)
+                raise RequestError(
+                    f"max_length {body.max_length} leaves no room for an answer after the {prompt_len}-token prompt",
+                    "max_length",
+                )
+        settings = engine.settings(
+            max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+        )
         reply = engine.complete(body.prompt, history, settings)
-        return {"response": reply.text, "history": [list(p) for p in history] + [[body.prompt, reply.text]],
-                "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return {
+            "response": reply.text,
+            "history": [list(p) for p in history] + [[body.prompt, reply.text]],
+            "status": 200,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
     @app.post("/v1/chat/completions", dependencies=auth)
     def chat(raw: Any = Depends(json_body)):
@@ -273,19 +292,37 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if body.stop is not None:
             raise RequestError("stop sequences are not supported; leave `stop` out", "stop")
         query, history, system = messages_to_turn(body.messages)
-        settings = engine.settings(max_new_tokens=body.max_completion_tokens or body.max_tokens,
-                                   temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+        settings = engine.settings(
+            max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+        )
         reply = engine.start(query, history, settings, system)  # a bad request raises here, before any byte is sent
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(engine, reply, ident, created, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(engine, reply, ident, created, usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         reply.wait()
-        return {"id": ident, "object": "chat.completion", "created": created, "model": engine.name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply.text},
-                             "finish_reason": _finish(reply), "logprobs": None}],
-                "usage": _usage(reply)}
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": engine.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": _finish(reply),
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(reply),
+        }
 
     return app
 
@@ -296,8 +333,12 @@ def _model_card(engine: Engine) -> dict:
 
 def _check_model(engine: Engine, model_id: str) -> None:
     if model_id != engine.name:
-        raise RequestError(f"model {model_id!r} is not served here; this server serves {engine.name!r} "
-                           "(GET /v1/models)", "model", status=404, code="model_not_found")
+        raise RequestError(
+            f"model {model_id!r} is not served here; this server serves {engine.name!r} (GET /v1/models)",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
 
 
 def _finish(reply: Reply) -> str:
@@ -305,16 +346,25 @@ def _finish(reply: Reply) -> str:
 
 
 def _usage(reply: Reply) -> dict:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
 
 
 async def _sse(engine: Engine, reply: Reply, ident: str, created: int, include_usage: bool):
     """Chat completion chunks as server-sent events; a client that goes away stops the generation."""
 
     def event(delta: dict, finish: str | None = None, **extra) -> str:
-        chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        chunk = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": engine.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     try:
@@ -327,8 +377,14 @@ async def _sse(engine: Engine, reply: Reply, ident: str, created: int, include_u
             return
         yield event({}, _finish(reply))
         if include_usage:
-            last = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                    "choices": [], "usage": _usage(reply)}
+            last = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": engine.name,
+                "choices": [],
+                "usage": _usage(reply),
+            }
             yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
     finally:

@@ -13,8 +13,9 @@ SPEAKER = "ptune: "
 
 
 def run(engine: Engine) -> int:
-    print(f"ptune chat with {engine.description}. Type a message; `clear` clears the history, `stop` quits.",
-          flush=True)
+    print(
+        f"ptune chat with {engine.description}. Type a message; `clear` clears the history, `stop` quits.", flush=True
+    )
     history: list[tuple[str, str]] = []
     while True:
         try:

@@ -24,22 +24,37 @@ BUNDLE_MANIFEST = "bundle.json"
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what to load")
-    group.add_argument("--bundle", default=DEFAULT_BUNDLE,
-                       help="deploy bundle to serve (default: %(default)s, written by `ptune deploy`)")
-    group.add_argument("--base-only", action="store_true",
-                       help="serve the bundle's base model without its prefix, to compare")
-    group.add_argument("--model", metavar="DIR",
-                       help="serve a plain transformers model directory instead of a bundle (e.g. models/base); "
-                            "its prompt format (preprocess) and generation settings (deploy) come from --params")
-    group.add_argument("--max-pending", type=int, default=32,
-                       help="requests running or waiting at once; more are refused as busy (default: %(default)s)")
-    group.add_argument("--log-prompts", action="store_true",
-                       help="log each request's prompt token ids (JSON, on stderr): what the model reads")
+    group.add_argument(
+        "--bundle",
+        default=DEFAULT_BUNDLE,
+        help="deploy bundle to serve (default: %(default)s, written by `ptune deploy`)",
+    )
+    group.add_argument(
+        "--base-only", action="store_true", help="serve the bundle's base model without its prefix, to compare"
+    )
+    group.add_argument(
+        "--model",
+        metavar="DIR",
+        help="serve a plain transformers model directory instead of a bundle (e.g. models/base); "
+        "its prompt format (preprocess) and generation settings (deploy) come from --params",
+    )
+    group.add_argument(
+        "--max-pending",
+        type=int,
+        default=32,
+        help="requests running or waiting at once; more are refused as busy (default: %(default)s)",
+    )
+    group.add_argument(
+        "--log-prompts",
+        action="store_true",
+        help="log each request's prompt token ids (JSON, on stderr): what the model reads",
+    )
     gen = parser.add_argument_group("generation defaults (a request may override them; unset: the bundle's)")
     gen.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens")
     choice = gen.add_mutually_exclusive_group()
-    choice.add_argument("--sample", dest="do_sample", action="store_true", default=None,
-                        help="sample with top_p and temperature")
+    choice.add_argument(
+        "--sample", dest="do_sample", action="store_true", default=None, help="sample with top_p and temperature"
+    )
     choice.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--temperature", type=float)
@@ -47,35 +62,59 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_host_args(parser: argparse.ArgumentParser, port: int) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: %(default)s, this machine only); "
-                             "0.0.0.0 opens it to every network the machine is on")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine only); "
+        "0.0.0.0 opens it to every network the machine is on",
+    )
     parser.add_argument("--port", type=int, default=port, help="port (default: %(default)s; 0: any free port)")
 
 
 def add_parsers(sub) -> None:
     """Add `serve` (with `web` and `api`) and `chat` to the `ptune` command's subparsers."""
-    serve = sub.add_parser("serve", help="talk to the model over the web (Gradio) or HTTP (FastAPI)",
-                           description="Serve the P-tuned model from its deploy bundle (or the base model alone).")
+    serve = sub.add_parser(
+        "serve",
+        help="talk to the model over the web (Gradio) or HTTP (FastAPI)",
+        description="Serve the P-tuned model from its deploy bundle (or the base model alone).",
+    )
     fronts = serve.add_subparsers(dest="frontend", metavar="FRONTEND", required=True)
-    web = fronts.add_parser("web", help="Gradio chat page with streaming answers",
-                            description="A Gradio chat page: streaming answers, history, generation settings.")
+    web = fronts.add_parser(
+        "web",
+        help="Gradio chat page with streaming answers",
+        description="A Gradio chat page: streaming answers, history, generation settings.",
+    )
     _add_model_args(web)
     _add_host_args(web, 7860)
-    web.add_argument("--share", action="store_true",
-                     help="also publish a public gradio.live link (anyone with the link can use the model)")
-    web.add_argument("--auth", metavar="USER:PASS",
-                     help=f"require this login (or set {WEB_AUTH_ENV}=USER:PASS, which keeps it out of `ps`)")
-    api = fronts.add_parser("api", help="HTTP API: ChatGLM's POST / and OpenAI's /v1/chat/completions",
-                            description="FastAPI + uvicorn: POST / (ChatGLM api.py), POST /v1/chat/completions "
-                                        "(OpenAI, streaming or not), GET /v1/models, GET /health.")
+    web.add_argument(
+        "--share",
+        action="store_true",
+        help="also publish a public gradio.live link (anyone with the link can use the model)",
+    )
+    web.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        help=f"require this login (or set {WEB_AUTH_ENV}=USER:PASS, which keeps it out of `ps`)",
+    )
+    api = fronts.add_parser(
+        "api",
+        help="HTTP API: ChatGLM's POST / and OpenAI's /v1/chat/completions",
+        description="FastAPI + uvicorn: POST / (ChatGLM api.py), POST /v1/chat/completions "
+        "(OpenAI, streaming or not), GET /v1/models, GET /health.",
+    )
     _add_model_args(api)
     _add_host_args(api, 8000)
-    api.add_argument("--api-key", metavar="KEY",
-                     help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV}, which keeps it out of `ps`)")
-    chat = sub.add_parser("chat", help="chat with the model in the terminal",
-                          description="Terminal chat with streaming answers: `clear` clears the history, "
-                                      "`stop` quits; Ctrl-C stops an answer, Ctrl-C or Ctrl-D at the prompt quits.")
+    api.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV}, which keeps it out of `ps`)",
+    )
+    chat = sub.add_parser(
+        "chat",
+        help="chat with the model in the terminal",
+        description="Terminal chat with streaming answers: `clear` clears the history, "
+        "`stop` quits; Ctrl-C stops an answer, Ctrl-C or Ctrl-D at the prompt quits.",
+    )
     _add_model_args(chat)
 
 
@@ -100,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     auth = parse_auth(args.auth or os.environ.get(WEB_AUTH_ENV))
     warn_if_exposed(args.host, "a login (--auth)" if auth is None else None)
     if args.share:
-        warn("--share publishes a public link through Gradio's share servers: anyone who has the link can use "
-             "this model" + ("" if auth else "; add --auth USER:PASS to require a login"))
+        warn(
+            "--share publishes a public link through Gradio's share servers: anyone who has the link can use "
+            "this model" + ("" if auth else "; add --auth USER:PASS to require a login")
+        )
     check_source(args)
     # Gradio binds by port number, not a socket: check now that the port is free (and pick one for 0).
     with bind(args.host, args.port) as sock:
@@ -116,11 +157,15 @@ def check_source(args: argparse.Namespace) -> None:
     """Fail on a missing bundle or model before binding a port or loading anything."""
     if args.model:
         if not (Path(args.model) / "config.json").is_file():
-            raise PtuneError(f"{args.model}: no model here (no config.json); give a transformers model directory, "
-                             "e.g. models/base after `ptune fetch_weights`")
+            raise PtuneError(
+                f"{args.model}: no model here (no config.json); give a transformers model directory, "
+                "e.g. models/base after `ptune fetch_weights`"
+            )
     elif not (Path(args.bundle) / BUNDLE_MANIFEST).is_file():
-        raise PtuneError(f"{args.bundle}: no deploy bundle here (no {BUNDLE_MANIFEST}); build it with `ptune deploy` "
-                         "(or `dvc repro deploy`), or serve a model directory with --model DIR")
+        raise PtuneError(
+            f"{args.bundle}: no deploy bundle here (no {BUNDLE_MANIFEST}); build it with `ptune deploy` "
+            "(or `dvc repro deploy`), or serve a model directory with --model DIR"
+        )
 
 
 def load_engine(args: argparse.Namespace):
@@ -161,8 +206,10 @@ def is_loopback(host: str) -> bool:
 def warn_if_exposed(host: str, missing_guard: str | None) -> None:
     if is_loopback(host):
         return
-    warn(f"--host {host} listens beyond this machine: anyone who can reach it can use the model"
-         + (f"; set {missing_guard} to restrict it" if missing_guard else ""))
+    warn(
+        f"--host {host} listens beyond this machine: anyone who can reach it can use the model"
+        + (f"; set {missing_guard} to restrict it" if missing_guard else "")
+    )
 
 
 def parse_auth(value: str | None) -> tuple[str, str] | None:
@@ -185,7 +232,8 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise PtuneError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port "
-                         "(0 picks a free one)") from None
+        raise PtuneError(
+            f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port (0 picks a free one)"
+        ) from None
     sock.listen(128)
     return sock

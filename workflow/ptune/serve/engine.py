@@ -47,8 +47,9 @@ class RequestError(ValueError):
 
 class Busy(RequestError):
     def __init__(self, pending: int):
-        super().__init__(f"the server is busy ({pending} requests pending); retry in a moment",
-                         status=503, code="server_busy")
+        super().__init__(
+            f"the server is busy ({pending} requests pending); retry in a moment", status=503, code="server_busy"
+        )
 
 
 def context_length(config) -> int:
@@ -85,8 +86,7 @@ class _Cancelled(StoppingCriteria):
 class Reply:
     """One answer being generated: iterate for text pieces as they come; then read `text` and the counts."""
 
-    def __init__(self, streamer: TextIteratorStreamer, cancel: threading.Event, prompt_tokens: int,
-                 history_used: int):
+    def __init__(self, streamer: TextIteratorStreamer, cancel: threading.Event, prompt_tokens: int, history_used: int):
         self._streamer = streamer
         self._cancel = cancel
         self._done = threading.Event()
@@ -107,7 +107,7 @@ class Reply:
                 started = bool(piece)
             piece = held + piece
             body = piece.rstrip()
-            held = piece[len(body):]
+            held = piece[len(body) :]
             if body:
                 yield body
         self._done.wait()
@@ -150,17 +150,19 @@ class Engine:
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone."""
         bundle = Bundle.load(directory, with_prefix=not base_only)
         what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
-        return cls(bundle, "ptune-base" if base_only else "ptune",
-                   f"bundle `{directory}` ({what})", max_pending)
+        return cls(bundle, "ptune-base" if base_only else "ptune", f"bundle `{directory}` ({what})", max_pending)
 
     @classmethod
-    def from_model(cls, directory: str | Path, preprocess, generation: GenerationConfig,
-                   max_pending: int = 32) -> "Engine":
+    def from_model(
+        cls, directory: str | Path, preprocess, generation: GenerationConfig, max_pending: int = 32
+    ) -> "Engine":
         """A plain transformers model directory (e.g. models/base before any deploy), no prefix; its prompts in the
         format of the preprocess section (config.PreprocessConfig) of the params file."""
         if backends.needs_legacy_env(Path(directory)):
-            raise PtuneError(f"{directory}: a ChatGLM-6B base (backend chatglm) is served from its deploy bundle; "
-                             "use --bundle models/deploy --base-only for the base alone")
+            raise PtuneError(
+                f"{directory}: a ChatGLM-6B base (backend chatglm) is served from its deploy bundle; "
+                "use --bundle models/deploy --base-only for the base alone"
+            )
         model = load_frozen(directory, device())
         generation = GenerationConfig.of(generation)
         tokenizer = load_tokenizer(directory)
@@ -168,8 +170,14 @@ class Engine:
         bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
         return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending)
 
-    def set_defaults(self, max_new_tokens: int | None = None, do_sample: bool | None = None,
-                     top_p: float | None = None, temperature: float | None = None, seed: int | None = None) -> None:
+    def set_defaults(
+        self,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> None:
         """Override the bundle's generation defaults (what a request that names none gets); checked as a request."""
         s = self.settings(max_new_tokens, temperature, top_p, do_sample, seed)
         self.defaults = GenerationConfig.of(s)
@@ -179,8 +187,14 @@ class Engine:
     def pending(self) -> int:
         return self._pending
 
-    def settings(self, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_p: float | None = None, do_sample: bool | None = None, seed: int | None = None) -> Settings:
+    def settings(
+        self,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        do_sample: bool | None = None,
+        seed: int | None = None,
+    ) -> Settings:
         """Request settings over the bundle's defaults; temperature 0 means greedy, as in OpenAI's API."""
         d = self.defaults
         if do_sample is None:
@@ -189,20 +203,26 @@ class Engine:
             do_sample = False
         room = self.context_length - self.prefix_length - 1
         if max_new_tokens is not None and not 1 <= max_new_tokens <= room:
-            raise RequestError(f"max_new_tokens {max_new_tokens}: must be 1 to {room} (the model's context of "
-                               f"{self.context_length} tokens less the prefix and one prompt token)",
-                               "max_new_tokens")
+            raise RequestError(
+                f"max_new_tokens {max_new_tokens}: must be 1 to {room} (the model's context of "
+                f"{self.context_length} tokens less the prefix and one prompt token)",
+                "max_new_tokens",
+            )
         if top_p is not None and not 0 < top_p <= 1:
             raise RequestError(f"top_p {top_p}: must be > 0 and <= 1", "top_p")
         if temperature is not None and temperature < 0:
             raise RequestError(f"temperature {temperature}: must be >= 0", "temperature")
-        return Settings(max_new_tokens=max_new_tokens or d.max_new_tokens, do_sample=do_sample,
-                        top_p=d.top_p if top_p is None else top_p,
-                        temperature=d.temperature if not temperature else temperature,
-                        seed=self.default_seed if seed is None else seed)
+        return Settings(
+            max_new_tokens=max_new_tokens or d.max_new_tokens,
+            do_sample=do_sample,
+            top_p=d.top_p if top_p is None else top_p,
+            temperature=d.temperature if not temperature else temperature,
+            seed=self.default_seed if seed is None else seed,
+        )
 
-    def prompt_ids(self, query: str, history: History, max_new_tokens: int,
-                   system: str | None = None) -> tuple[list[int], int]:
+    def prompt_ids(
+        self, query: str, history: History, max_new_tokens: int, system: str | None = None
+    ) -> tuple[list[int], int]:
         """Token ids of the prompt and how many of the latest history rounds fit the context with the answer.
 
         Built by prompts.Prompter, as preprocess built the training data: the oldest rounds are dropped first; the
@@ -213,8 +233,11 @@ class Engine:
         if system and not self.prompter.supports_system:
             kind = self.prompter.format.kind
             what = f"{kind} without {{system}}" if kind == prompts.TEMPLATE else kind
-            raise RequestError(f"a system message was given, but this model's prompt format ({what}) has no place "
-                               "for one; send user and assistant messages only", "messages")
+            raise RequestError(
+                f"a system message was given, but this model's prompt format ({what}) has no place "
+                "for one; send user and assistant messages only",
+                "messages",
+            )
         budget = self.context_length - self.prefix_length - max_new_tokens
         turn = prompts.Turn.of(query, list(history), system)
         try:
@@ -225,12 +248,15 @@ class Engine:
                 f"the message is {exc.tokens} tokens with its prompt format, but the model's context of "
                 f"{self.context_length} tokens leaves {budget} for it after the prefix ({self.prefix_length}) "
                 f"and the answer (max_new_tokens {max_new_tokens}); shorten it or ask for fewer new tokens",
-                "prompt", code="context_length_exceeded") from None
+                "prompt",
+                code="context_length_exceeded",
+            ) from None
         except prompts.PromptError as exc:
             raise RequestError(str(exc), exc.param) from None
 
-    def start(self, query: str, history: History = (), settings: Settings | None = None,
-              system: str | None = None) -> Reply:
+    def start(
+        self, query: str, history: History = (), settings: Settings | None = None, system: str | None = None
+    ) -> Reply:
         """Check and tokenize the request now (raising RequestError), then generate in a worker thread."""
         settings = settings or self.settings()
         ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system)
@@ -244,12 +270,12 @@ class Engine:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
         reply = Reply(streamer, cancel, len(ids), used)
-        threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True,
-                         name="ptune-generate").start()
+        threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True, name="ptune-generate").start()
         return reply
 
-    def complete(self, query: str, history: History = (), settings: Settings | None = None,
-                 system: str | None = None) -> Reply:
+    def complete(
+        self, query: str, history: History = (), settings: Settings | None = None, system: str | None = None
+    ) -> Reply:
         return self.start(query, history, settings, system).wait()
 
     def _generate(self, reply: Reply, ids: list[int], settings: Settings) -> None:
@@ -260,8 +286,9 @@ class Engine:
                     reply.finish_reason = "cancelled"
                     return
                 kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
-                kwargs.update(streamer=reply._streamer,
-                              stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)]))
+                kwargs.update(
+                    streamer=reply._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)])
+                )
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
                 new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()

@@ -28,8 +28,9 @@ _URL = re.compile(r"on (http://\S+) ")
 class ApiProcess:
     """`with ApiProcess(["--bundle", DIR]) as api: api.post("/", {...})`; the server listens on 127.0.0.1:0."""
 
-    def __init__(self, args: list[str], cwd: str | Path | None = None, env: dict | None = None,
-                 start_timeout: float = 900):
+    def __init__(
+        self, args: list[str], cwd: str | Path | None = None, env: dict | None = None, start_timeout: float = 900
+    ):
         self.args = args
         self.cwd = cwd
         self.env = {**(env or os.environ), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
@@ -50,8 +51,16 @@ class ApiProcess:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "ptune.cli", "serve", "api", "--host", "127.0.0.1", "--port", "0", *self.args]
         t0 = time.perf_counter()
-        self._proc = subprocess.Popen(cmd, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
         threading.Thread(target=self._read, daemon=True).start()
         deadline = t0 + self.start_timeout
         while not self.url:
@@ -59,12 +68,14 @@ class ApiProcess:
                 line = self._lines.get(timeout=max(0.1, deadline - time.perf_counter()))
             except queue.Empty:
                 self.stop()
-                raise PtuneError(f"`{' '.join(cmd[2:])}` did not start within {self.start_timeout:.0f} s:\n"
-                                 + self.output()) from None
+                raise PtuneError(
+                    f"`{' '.join(cmd[2:])}` did not start within {self.start_timeout:.0f} s:\n" + self.output()
+                ) from None
             if line is None:
                 self.stop()
-                raise PtuneError(f"`{' '.join(cmd[2:])}` exited with status {self._proc.returncode} before "
-                                 f"serving:\n{self.output()}")
+                raise PtuneError(
+                    f"`{' '.join(cmd[2:])}` exited with status {self._proc.returncode} before serving:\n{self.output()}"
+                )
             if line.startswith(READY_PREFIX) and (m := _URL.search(line)):
                 self.url = m.group(1)
         while self.get("/health", timeout=5, check=False)[0] != 200:
@@ -100,12 +111,20 @@ class ApiProcess:
                 proc.wait()
         return proc.returncode
 
-    def request(self, method: str, path: str, body: dict | None = None, headers: dict | None = None,
-                timeout: float = 600, check: bool = True) -> tuple[int, dict]:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        headers: dict | None = None,
+        timeout: float = 600,
+        check: bool = True,
+    ) -> tuple[int, dict]:
         """One JSON request; returns (status, decoded body). `check`: raise PtuneError on a non-2xx status."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
                 status, raw = resp.status, resp.read()

@@ -19,7 +19,9 @@ def run(app, sock: socket.socket, engine) -> int:
     url = url_of(sock)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
-    print(f"{READY_PREFIX} {engine.name} ({engine.description}) on {url} "
-          f"(OpenAI base URL {url}/v1); Ctrl-C stops it", flush=True)
+    print(
+        f"{READY_PREFIX} {engine.name} ({engine.description}) on {url} (OpenAI base URL {url}/v1); Ctrl-C stops it",
+        flush=True,
+    )
     server.run(sockets=[sock])
     return 0

@@ -40,8 +40,9 @@ def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, tempe
     try:
         if seed.strip() and not seed.strip().lstrip("-").isdigit():
             raise RequestError(f"seed {seed.strip()!r}: a whole number, or empty", "seed")
-        settings = engine.settings(int(max_new_tokens), float(temperature), float(top_p), bool(do_sample),
-                                   int(seed) if seed.strip() else None)
+        settings = engine.settings(
+            int(max_new_tokens), float(temperature), float(top_p), bool(do_sample), int(seed) if seed.strip() else None
+        )
         reply = engine.start(question, history, settings)
     except RequestError as exc:
         pairs = pairs[:-1]
@@ -76,11 +77,22 @@ def build(engine: Engine) -> gr.Blocks:
         gr.Markdown(f"# ptune chat\n**Model:** {engine.description}, context {engine.context_length} tokens.")
         pairs = gr.State([])
         # Plain text: ADGEN prompts are full of `*`, which Markdown would turn into italics.
-        chatbot = gr.Chatbot(label="Conversation", elem_id="conversation", height=420, feedback_options=None,
-                             buttons=["copy", "copy_all"], render_markdown=False)
+        chatbot = gr.Chatbot(
+            label="Conversation",
+            elem_id="conversation",
+            height=420,
+            feedback_options=None,
+            buttons=["copy", "copy_all"],
+            render_markdown=False,
+        )
         with gr.Row():
-            box = gr.Textbox(show_label=False, placeholder="Type a message and press Enter", scale=6,
-                             elem_id="message", autofocus=True)
+            box = gr.Textbox(
+                show_label=False,
+                placeholder="Type a message and press Enter",
+                scale=6,
+                elem_id="message",
+                autofocus=True,
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         clear = gr.Button("Clear history", elem_id="clear")
         with gr.Accordion("Generation settings", open=False):
@@ -88,13 +100,16 @@ def build(engine: Engine) -> gr.Blocks:
             do_sample = gr.Checkbox(value=d.do_sample, label="Sample (off: greedy decoding)", elem_id="sample")
             top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="top_p")
             temperature = gr.Slider(0.01, 2.0, value=d.temperature, step=0.01, label="Temperature")
-            seed = gr.Textbox(value="", elem_id="seed",
-                              label="Seed (a whole number makes sampling repeatable; empty: the server's --seed, "
-                                    "if any)")
+            seed = gr.Textbox(
+                value="",
+                elem_id="seed",
+                label="Seed (a whole number makes sampling repeatable; empty: the server's --seed, if any)",
+            )
         settings = [max_new_tokens, do_sample, top_p, temperature, seed]
         for trigger in (box.submit, send.click):
             trigger(ask, [box, pairs], [box, pairs, chatbot], queue=False).then(
-                respond, [pairs, *settings], [pairs, chatbot])
+                respond, [pairs, *settings], [pairs, chatbot]
+            )
         clear.click(lambda: ([], [], ""), None, [pairs, chatbot, box], queue=False)
         chatbot.clear(lambda: [], None, pairs, queue=False)  # the Chatbot's own trash button
     return demo
@@ -104,6 +119,14 @@ def run(engine: Engine, host: str, port: int, share: bool, auth: tuple[str, str]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
     demo = build(engine)
     demo.queue(max_size=engine.max_pending)
-    demo.launch(server_name=host, server_port=port, share=share, auth=auth, show_error=True,
-                footer_links=[], enable_monitoring=False, mcp_server=False)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        auth=auth,
+        show_error=True,
+        footer_links=[],
+        enable_monitoring=False,
+        mcp_server=False,
+    )
     return 0

@@ -43,8 +43,10 @@ def _tail(text: str, lines: int = 4) -> str:
 
 def require_git_lfs() -> None:
     if shutil.which("git-lfs") is None:
-        raise PtuneError("git-lfs is not installed, and the git_lfs source needs it: `apt-get install git-lfs` "
-                         "(Debian/Ubuntu) or `conda install -c conda-forge git-lfs`")
+        raise PtuneError(
+            "git-lfs is not installed, and the git_lfs source needs it: `apt-get install git-lfs` "
+            "(Debian/Ubuntu) or `conda install -c conda-forge git-lfs`"
+        )
 
 
 def lfs_files(clone: Path) -> dict[str, Pointer]:
@@ -64,10 +66,12 @@ def _clone(repo: str, clone: Path, attempts: int, backoff_s: float) -> None:
             return
         log.warning("git clone %s failed (attempt %d of %d): %s", repo, attempt + 1, attempts, _tail(proc.stderr))
         if attempt + 1 < attempts:
-            time.sleep(backoff_s * 2 ** attempt)
+            time.sleep(backoff_s * 2**attempt)
     shutil.rmtree(partial, ignore_errors=True)
-    raise PtuneError(f"fetch_weights.repo: `git clone {repo}` failed {attempts} times: {_tail(proc.stderr)}; "
-                     "check the URL and your network (a mirror can be used by giving its URL)")
+    raise PtuneError(
+        f"fetch_weights.repo: `git clone {repo}` failed {attempts} times: {_tail(proc.stderr)}; "
+        "check the URL and your network (a mirror can be used by giving its URL)"
+    )
 
 
 def _checkout(clone: Path, revision: str) -> str:
@@ -80,8 +84,10 @@ def _checkout(clone: Path, revision: str) -> str:
         if have.returncode != 0:
             have = _git(clone, "rev-parse", "--verify", "--quiet", f"origin/{revision}^{{commit}}", check=False)
         if have.returncode != 0:
-            raise PtuneError(f"fetch_weights.revision: {revision!r} is not a commit, branch or tag of "
-                             f"{_git(clone, 'remote', 'get-url', 'origin').stdout.strip()}")
+            raise PtuneError(
+                f"fetch_weights.revision: {revision!r} is not a commit, branch or tag of "
+                f"{_git(clone, 'remote', 'get-url', 'origin').stdout.strip()}"
+            )
     commit = have.stdout.strip()
     # Keeps the LFS filters out of the user's own git config.
     _git(clone, "lfs", "install", "--local", "--skip-smudge")
@@ -105,8 +111,9 @@ def _remove_truncated(clone: Path, files: dict[str, Pointer]) -> None:
     for name, pointer in files.items():
         path = clone / name
         if path.is_file() and read_pointer(path) is None and path.stat().st_size != pointer.size:
-            log.info("removing %s: %d bytes, expected %d (an interrupted download)", name, path.stat().st_size,
-                     pointer.size)
+            log.info(
+                "removing %s: %d bytes, expected %d (an interrupted download)", name, path.stat().st_size, pointer.size
+            )
             path.unlink()
 
 
@@ -155,10 +162,11 @@ def fetch(repo: str, revision: str, workdir: Path, attempts: int = 5, backoff_s:
         for name, why in problems.items():
             _drop_bad(clone, name, files[name], why)
         if attempt + 1 < attempts:
-            time.sleep(backoff_s * 2 ** attempt)
+            time.sleep(backoff_s * 2**attempt)
     listed = "\n".join(f"  {name}: {why}" for name, why in sorted(problems.items()))
     raise PtuneError(
         f"{repo}@{revision}: {len(problems)} LFS file(s) are not complete after {attempts} tries of "
         f"`git lfs pull`{f' (last error: {last_error})' if last_error else ''}:\n{listed}\n"
         f"Resume with `ptune fetch_weights` (or `dvc repro fetch_weights`): the clone in {clone} is kept and only "
-        f"what is missing is downloaded. By hand: `git -C {clone} lfs pull`.")
+        f"what is missing is downloaded. By hand: `git -C {clone} lfs pull`."
+    )

@@ -66,14 +66,16 @@ def require_no_pointers(folder: str | Path, what: str) -> None:
     found = pointer_files(folder)
     if not found:
         return
-    listed = "\n".join(f"  {rel} (a pointer to {p.size:,} bytes, sha256 {p.oid[:12]}…)"
-                       for rel, p in list(found.items())[:20])
+    listed = "\n".join(
+        f"  {rel} (a pointer to {p.size:,} bytes, sha256 {p.oid[:12]}…)" for rel, p in list(found.items())[:20]
+    )
     more = f"\n  ... and {len(found) - 20} more" if len(found) > 20 else ""
     raise PtuneError(
         f"{what}: {len(found)} file(s) are Git LFS pointers, not their content (the clone skipped or did not "
         f"finish the LFS download):\n{listed}{more}\n"
         f"Download them with `git -C {folder} lfs pull` (install Git LFS first: `apt-get install git-lfs`, "
-        "then `git lfs install`), or use fetch_weights.source: git_lfs, which resumes and verifies the download.")
+        "then `git lfs install`), or use fetch_weights.source: git_lfs, which resumes and verifies the download."
+    )
 
 
 def file_sha256(path: str | Path) -> str:

@@ -53,8 +53,9 @@ def _get(url: str, part: Path, timeout_s: float) -> None:
             raise http.client.IncompleteRead(b"", int(expected) - written)
 
 
-def download(url: str, dest: Path, sha256: str, attempts: int = 5, backoff_s: float = 5.0,
-             timeout_s: float = 60.0) -> None:
+def download(
+    url: str, dest: Path, sha256: str, attempts: int = 5, backoff_s: float = 5.0, timeout_s: float = 60.0
+) -> None:
     """Download `url` to `dest`, resuming a partial `dest`.part left by an earlier try or run, and check it.
 
     Retries with exponential backoff on dropped connections, timeouts and 5xx answers; fails at once on other
@@ -66,14 +67,18 @@ def download(url: str, dest: Path, sha256: str, attempts: int = 5, backoff_s: fl
     actual = _sha256(dest)
     size = dest.stat().st_size
     if not sha256:
-        raise PtuneError(f"fetch_data.sha256 is empty, so {url} is not used unchecked: the download ({size:,} "
-                         f"bytes, kept in {dest}) has sha256 {actual}. Check that it is the file you expect, set "
-                         f"fetch_data.sha256: {actual} in params.yaml and rerun (nothing is downloaded again)")
+        raise PtuneError(
+            f"fetch_data.sha256 is empty, so {url} is not used unchecked: the download ({size:,} "
+            f"bytes, kept in {dest}) has sha256 {actual}. Check that it is the file you expect, set "
+            f"fetch_data.sha256: {actual} in params.yaml and rerun (nothing is downloaded again)"
+        )
     if actual != sha256:
         dest.unlink()
-        raise PtuneError(f"fetch_data.sha256: {url} ({size:,} bytes) has sha256 {actual}, expected {sha256}; "
-                         "the download was removed. If the file changed upstream on purpose, check it and set "
-                         "fetch_data.sha256 to the new value")
+        raise PtuneError(
+            f"fetch_data.sha256: {url} ({size:,} bytes) has sha256 {actual}, expected {sha256}; "
+            "the download was removed. If the file changed upstream on purpose, check it and set "
+            "fetch_data.sha256 to the new value"
+        )
 
 
 def _fetch(url: str, dest: Path, attempts: int, backoff_s: float, timeout_s: float) -> None:
@@ -88,20 +93,24 @@ def _fetch(url: str, dest: Path, attempts: int, backoff_s: float, timeout_s: flo
             if exc.code == 416 and part.exists():
                 break  # nothing left to send: the partial file is already whole
             if exc.code < 500 and exc.code not in (408, 429):
-                raise PtuneError(f"fetch_data.url: {url} answered HTTP {exc.code} {exc.reason}; check the URL") \
-                    from None
+                raise PtuneError(
+                    f"fetch_data.url: {url} answered HTTP {exc.code} {exc.reason}; check the URL"
+                ) from None
             error = f"HTTP {exc.code} {exc.reason}"
         except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             error = str(getattr(exc, "reason", exc)) or type(exc).__name__
         have = part.stat().st_size if part.exists() else 0
-        log.warning("download of %s interrupted at %d bytes (attempt %d of %d): %s", url, have, attempt + 1,
-                    attempts, error)
+        log.warning(
+            "download of %s interrupted at %d bytes (attempt %d of %d): %s", url, have, attempt + 1, attempts, error
+        )
         if attempt + 1 < attempts:
-            time.sleep(backoff_s * 2 ** attempt)
+            time.sleep(backoff_s * 2**attempt)
     else:
         have = part.stat().st_size if part.exists() else 0
-        raise PtuneError(f"fetch_data.url: downloading {url} failed {attempts} times (last: {error}); rerun to "
-                         f"resume from the {have:,} bytes already in {part}")
+        raise PtuneError(
+            f"fetch_data.url: downloading {url} failed {attempts} times (last: {error}); rerun to "
+            f"resume from the {have:,} bytes already in {part}"
+        )
     os.replace(part, dest)
 
 
@@ -130,15 +139,19 @@ def extract(archive: Path, dest: Path) -> Path:
                     raise zipfile.BadZipFile(f"member {bad} fails its CRC check")
                 zf.extractall(dest)  # zipfile drops absolute paths and ..
         else:
-            raise PtuneError(f"{archive}: not a tar or zip archive ({archive.stat().st_size:,} bytes, "
-                             f"{_describe(archive)}); fetch_data.url must point at an archive such as "
-                             "AdvertiseGen.tar.gz")
+            raise PtuneError(
+                f"{archive}: not a tar or zip archive ({archive.stat().st_size:,} bytes, "
+                f"{_describe(archive)}); fetch_data.url must point at an archive such as "
+                "AdvertiseGen.tar.gz"
+            )
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # a real I/O error (disk full, permissions), not a broken archive
-        raise PtuneError(f"{archive}: the archive is truncated or corrupt ({type(exc).__name__}: {exc}), though its "
-                         "sha256 is the expected one: the file at fetch_data.url is broken, or fetch_data.sha256 "
-                         f"was taken from a broken download; delete {archive}, check the checksum and rerun") from None
+        raise PtuneError(
+            f"{archive}: the archive is truncated or corrupt ({type(exc).__name__}: {exc}), though its "
+            "sha256 is the expected one: the file at fetch_data.url is broken, or fetch_data.sha256 "
+            f"was taken from a broken download; delete {archive}, check the checksum and rerun"
+        ) from None
     entries = list(dest.iterdir())
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else dest

@@ -53,20 +53,32 @@ def run(params: Params) -> None:
     generation = GenerationConfig.of(cfg)
     with atomic.atomic_dir(OUT) as tmp:
         backend.copy_prefix(PREFIX, tmp / "prefix", allow_pickle)
-        atomic.write_json(tmp / MANIFEST, {
-            "format": FORMAT_VERSION,
-            "base_model": str(BASE),
-            "backend": backend.name,
-            "quantization": params.evaluate.quantization,  # served as it was evaluated
-            "base_config_sha256": prefix_cfg["base_config_sha256"],
-            "prefix": "prefix",
-            "prompt": prompter.format.to_dict(),
-            "generation": asdict(generation),
-            "evaluation": {"n_examples": metrics["n_examples"], "ptuned": metrics["ptuned"]},
-        })
-        atomic.write_text(tmp / "README.md", LAUNCH.format(
-            base=BASE, pre_seq_len=prefix_cfg["pre_seq_len"], prompt_format=prompter.format.kind,
-            bundle=OUT, prompt=cfg.smoke_prompt, n_examples=metrics["n_examples"], scores=scores))
+        atomic.write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT_VERSION,
+                "base_model": str(BASE),
+                "backend": backend.name,
+                "quantization": params.evaluate.quantization,  # served as it was evaluated
+                "base_config_sha256": prefix_cfg["base_config_sha256"],
+                "prefix": "prefix",
+                "prompt": prompter.format.to_dict(),
+                "generation": asdict(generation),
+                "evaluation": {"n_examples": metrics["n_examples"], "ptuned": metrics["ptuned"]},
+            },
+        )
+        atomic.write_text(
+            tmp / "README.md",
+            LAUNCH.format(
+                base=BASE,
+                pre_seq_len=prefix_cfg["pre_seq_len"],
+                prompt_format=prompter.format.kind,
+                bundle=OUT,
+                prompt=cfg.smoke_prompt,
+                n_examples=metrics["n_examples"],
+                scores=scores,
+            ),
+        )
         check = smoke_test(tmp, cfg.smoke_prompt, generation)
     atomic.write_json(CHECK, {"bundle": str(OUT), "prompt": cfg.smoke_prompt, **check})
 
@@ -79,8 +91,9 @@ def smoke_test(bundle: Path, prompt: str, generation: GenerationConfig) -> dict:
             t0 = time.perf_counter()
             _, seed = api.post("/", {"prompt": prompt})
             t1 = time.perf_counter()
-            _, chat = api.post("/v1/chat/completions",
-                               {"model": model, "messages": [{"role": "user", "content": prompt}]})
+            _, chat = api.post(
+                "/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": prompt}]}
+            )
             t2 = time.perf_counter()
             load_s = api.load_s
     except PtuneError as exc:
@@ -98,6 +111,11 @@ def smoke_test(bundle: Path, prompt: str, generation: GenerationConfig) -> dict:
         problems.append(f"greedy decoding, yet POST / answered {answer!r} and /v1/chat/completions {content!r}")
     if problems:
         raise PtuneError("deploy check failed for the bundle in " + str(bundle) + ":\n  " + "\n  ".join(problems))
-    return {"answer": answer, "server": "ptune serve api", "load_s": round(load_s, 3),
-            "latency_s": round(t1 - t0, 3), "openai_latency_s": round(t2 - t1, 3),
-            "completion_tokens": chat["usage"]["completion_tokens"]}
+    return {
+        "answer": answer,
+        "server": "ptune serve api",
+        "load_s": round(load_s, 3),
+        "latency_s": round(t1 - t0, 3),
+        "openai_latency_s": round(t2 - t1, 3),
+        "completion_tokens": chat["usage"]["completion_tokens"],
+    }

@@ -65,15 +65,28 @@ def run(params: Params) -> dict:
         # The prompts are in data/processed; generation stops where the prompt format ends an answer.
         prompter = prompts.for_base(params.preprocess, BASE)
         backend, tokenizer = prompter.backend, prompter.tokenizer
-        model, encoder = backend.load_for_inference(BASE, PREFIX, multiprocess.local_device(), cfg.quantization,
-                                                    allow_pickle=params.fetch_weights.allow_pickle)
+        model, encoder = backend.load_for_inference(
+            BASE, PREFIX, multiprocess.local_device(), cfg.quantization, allow_pickle=params.fetch_weights.allow_pickle
+        )
         stop_ids = prompter.stop_ids(model.generation_config.eos_token_id)
         for name, enc in zip(MODELS, (None, encoder)):
             journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
             already = set(journal.done)
             t0 = time.perf_counter()
-            outputs[name] = generate_all(model, enc, tokenizer, prompt_ids, cfg, cfg.batch_size, cfg.seed, desc=name,
-                                         backend=backend, journal=journal, shard=(rank, n), stop_ids=stop_ids)
+            outputs[name] = generate_all(
+                model,
+                enc,
+                tokenizer,
+                prompt_ids,
+                cfg,
+                cfg.batch_size,
+                cfg.seed,
+                desc=name,
+                backend=backend,
+                journal=journal,
+                shard=(rank, n),
+                stop_ids=stop_ids,
+            )
             generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
             speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
         where = str(model.device)
@@ -86,8 +99,10 @@ def run(params: Params) -> dict:
 
     with atomic.atomic_file(PREDICTIONS) as fh:
         for content, label, base, ptuned in zip(dev["content"], labels, outputs["base"], outputs["ptuned"]):
-            fh.write(json.dumps({"content": content, "label": label, "base": base, "ptuned": ptuned},
-                                ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps({"content": content, "label": label, "base": base, "ptuned": ptuned}, ensure_ascii=False)
+                + "\n"
+            )
     atomic.write_json(METRICS, result)
     state.finish()
     # examples/s of what this run generated (not what it read back from the journal), for reports/timings/.

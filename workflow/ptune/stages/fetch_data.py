@@ -23,8 +23,10 @@ def _source_folder(cfg: FetchDataConfig) -> tuple[Path, ResumeState | None]:
     if cfg.source == "path":
         folder = Path(cfg.path).expanduser()
         if not folder.is_dir():
-            raise PtuneError(f"fetch_data.path: {cfg.path!r} is not a directory; point it at the folder that "
-                             f"holds {cfg.train_file} and {cfg.dev_file}")
+            raise PtuneError(
+                f"fetch_data.path: {cfg.path!r} is not a directory; point it at the folder that "
+                f"holds {cfg.train_file} and {cfg.dev_file}"
+            )
         return folder, None
     # Keyed on the URL alone: a download kept for want of a checksum is used once the checksum is set.
     state = ResumeState("fetch_data", [], {"url": cfg.url})
@@ -37,8 +39,8 @@ def _write_embedded(cfg: FetchDataConfig, out: Path) -> None:
     emb = cfg.embedded
     # Train and dev come from one stream, so no dev example is a copy of a train example by seed reuse.
     examples = list(synthetic_adgen.generate(emb.seed, emb.train_size + emb.dev_size))
-    adgen.write(out / "train.json", examples[:emb.train_size])
-    adgen.write(out / "dev.json", examples[emb.train_size:])
+    adgen.write(out / "train.json", examples[: emb.train_size])
+    adgen.write(out / "dev.json", examples[emb.train_size :])
 
 
 def run(params: Params) -> None:

@@ -27,26 +27,30 @@ from ..state.resume import ResumeState
 log = logging.getLogger(__name__)
 
 
-
 def check_model_dir(folder: Path, what: str) -> None:
     """A transformers model folder with real content: config.json and weights present, every weight shard its index
     names present (a download cut short leaves some out), no LFS pointer files."""
     if not (folder / "config.json").is_file():
         raise PtuneError(f"{what}: {folder} has no config.json; is it a transformers model directory?")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise PtuneError(f"{what}: {folder} has a config.json but no weights (*.safetensors or *.bin); the download "
-                         "did not finish, or the folder holds only the configuration: fetch it again")
+        raise PtuneError(
+            f"{what}: {folder} has a config.json but no weights (*.safetensors or *.bin); the download "
+            "did not finish, or the folder holds only the configuration: fetch it again"
+        )
     for index in sorted(folder.glob("*.index.json")):
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
         except (ValueError, AttributeError) as exc:
-            raise PtuneError(f"{what}: {index} is not a weight index (JSON with a weight_map): {exc}; "
-                             "fetch the model again") from None
+            raise PtuneError(
+                f"{what}: {index} is not a weight index (JSON with a weight_map): {exc}; fetch the model again"
+            ) from None
         missing = sorted(name for name in shards if not (folder / name).is_file())
         if missing:
-            raise PtuneError(f"{what}: {index.name} names {len(missing)} weight file(s) missing from {folder}: "
-                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; the download did "
-                             "not finish: fetch again with the hub reachable")
+            raise PtuneError(
+                f"{what}: {index.name} names {len(missing)} weight file(s) missing from {folder}: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; the download did "
+                "not finish: fetch again with the hub reachable"
+            )
     require_no_pointers(folder, what)
 
 
@@ -88,14 +92,19 @@ def _fetch(cfg: FetchWeightsConfig, dest: Path) -> dict:
     if cfg.source == "path":
         src = Path(cfg.path).expanduser()
         if not src.is_dir():
-            raise PtuneError(f"fetch_weights.path: {cfg.path!r} is not a directory; point it at a transformers "
-                             "model directory (config.json, weights, tokenizer files)")
+            raise PtuneError(
+                f"fetch_weights.path: {cfg.path!r} is not a directory; point it at a transformers "
+                "model directory (config.json, weights, tokenizer files)"
+            )
         check_model_dir(src, f"fetch_weights.path {src}")
         shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
         return {"path": str(src)}
     if not re.fullmatch(r"[0-9a-f]{40}", cfg.revision):
-        log.warning("fetch_weights.revision %r is not a commit: a branch or tag can move, and a later run may "
-                    "fetch other weights; pin the commit for a reproducible run", cfg.revision)
+        log.warning(
+            "fetch_weights.revision %r is not a commit: a branch or tag can move, and a later run may "
+            "fetch other weights; pin the commit for a reproducible run",
+            cfg.revision,
+        )
     if cfg.source == "git_lfs":
         return _fetch_git_lfs(cfg, dest)
     snapshot = hub.hf_hub(cfg.repo, cfg.revision) if cfg.source == "hf_hub" else hub.modelscope(cfg.repo, cfg.revision)
@@ -121,9 +130,11 @@ def check_tokenizer_fits(model_dir: Path) -> None:
     vocab = config.get("vocab_size")
     n_tokens = len(load_tokenizer(model_dir))
     if isinstance(vocab, int) and n_tokens > vocab:
-        raise PtuneError(f"{model_dir}: the tokenizer has {n_tokens} tokens but the model's config.json says "
-                         f"vocab_size {vocab}; the tokenizer belongs to another model. Fetch the model and its "
-                         "own tokenizer from the same repository and revision")
+        raise PtuneError(
+            f"{model_dir}: the tokenizer has {n_tokens} tokens but the model's config.json says "
+            f"vocab_size {vocab}; the tokenizer belongs to another model. Fetch the model and its "
+            "own tokenizer from the same repository and revision"
+        )
 
 
 def run(params: Params) -> None:
@@ -131,16 +142,30 @@ def run(params: Params) -> None:
     with lock.exclusive(OUT), atomic.atomic_dir(OUT) as tmp:
         if cfg.source == "embedded":
             if cfg.backend != backends.TRANSFORMERS:
-                raise PtuneError(f"fetch_weights.backend: {cfg.backend!r} runs ChatGLM-6B's remote code, but the "
-                                 "embedded model is a transformers-native GLM; set backend: transformers, or a source "
-                                 "that gives a ChatGLM-6B model")
+                raise PtuneError(
+                    f"fetch_weights.backend: {cfg.backend!r} runs ChatGLM-6B's remote code, but the "
+                    "embedded model is a transformers-native GLM; set backend: transformers, or a source "
+                    "that gives a ChatGLM-6B model"
+                )
             facts = embedded.build(cfg.embedded, tmp)
         else:
             facts = _fetch(cfg, tmp)
             backends.check_model_dir(tmp, cfg.backend)
-            trust.check_folder(tmp, backend=cfg.backend, trust_remote_code=cfg.trust_remote_code,
-                               allow_pickle=cfg.allow_pickle, what=_describe(cfg))
+            trust.check_folder(
+                tmp,
+                backend=cfg.backend,
+                trust_remote_code=cfg.trust_remote_code,
+                allow_pickle=cfg.allow_pickle,
+                what=_describe(cfg),
+            )
             check_tokenizer_fits(tmp)
         # Later stages read the backend from this record (backends.name_of): they depend on models/base anyway.
-        atomic.write_json(tmp / SOURCE_RECORD, {"source": cfg.source, "backend": cfg.backend,
-                                                **trust.record(cfg.trust_remote_code, cfg.allow_pickle), **facts})
+        atomic.write_json(
+            tmp / SOURCE_RECORD,
+            {
+                "source": cfg.source,
+                "backend": cfg.backend,
+                **trust.record(cfg.trust_remote_code, cfg.allow_pickle),
+                **facts,
+            },
+        )

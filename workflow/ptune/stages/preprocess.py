@@ -28,9 +28,11 @@ def _turn(ex: dict) -> prompts.Turn:
 
 def _check_system(prompter: prompts.Prompter, examples: list[dict], split: str) -> None:
     if not prompter.supports_system and any(ex.get("system") for ex in examples):
-        raise PtuneError(f"{RAW / (split + '.json')}: examples carry a system message (fetch_data.system_column), "
-                         f"but preprocess.prompt_format {prompter.format.kind} has no place for one; add {{system}} "
-                         "to preprocess.prompt_template, or use prompt_format: chat_template")
+        raise PtuneError(
+            f"{RAW / (split + '.json')}: examples carry a system message (fetch_data.system_column), "
+            f"but preprocess.prompt_format {prompter.format.kind} has no place for one; add {{system}} "
+            "to preprocess.prompt_template, or use prompt_format: chat_template"
+        )
 
 
 def build(prompter: prompts.Prompter, cfg: PreprocessConfig, train: list[dict], dev: list[dict]) -> DatasetDict:
@@ -38,7 +40,7 @@ def build(prompter: prompts.Prompter, cfg: PreprocessConfig, train: list[dict], 
     if tokenizer.eos_token_id is None:
         raise PtuneError(f"{BASE}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
     if cfg.max_train_examples is not None:
-        train = train[:cfg.max_train_examples]
+        train = train[: cfg.max_train_examples]
     _check_system(prompter, train, "train")
     _check_system(prompter, dev, "dev")
 
@@ -46,15 +48,21 @@ def build(prompter: prompts.Prompter, cfg: PreprocessConfig, train: list[dict], 
         budget = backend.prompt_budget(cfg.max_source_length, training)
         return [prompter.fit(_turn(ex), budget, cut=True)[0] for ex in examples]
 
-    input_ids, labels = backend.encode_train(tokenizer, prompt_ids(train, True),
-                                             [prompter.answer_text(ex["summary"]) for ex in train],
-                                             cfg.max_target_length, prompter.end_of_turn)
+    input_ids, labels = backend.encode_train(
+        tokenizer,
+        prompt_ids(train, True),
+        [prompter.answer_text(ex["summary"]) for ex in train],
+        cfg.max_target_length,
+        prompter.end_of_turn,
+    )
     train_ds = Dataset.from_dict({"input_ids": input_ids, "labels": labels})
-    dev_ds = Dataset.from_dict({
-        "input_ids": prompt_ids(dev, False),
-        "content": [ex["content"] for ex in dev],
-        "label": backend.encode_labels(tokenizer, [ex["summary"] for ex in dev], cfg.max_target_length),
-    })
+    dev_ds = Dataset.from_dict(
+        {
+            "input_ids": prompt_ids(dev, False),
+            "content": [ex["content"] for ex in dev],
+            "label": backend.encode_labels(tokenizer, [ex["summary"] for ex in dev], cfg.max_target_length),
+        }
+    )
     return DatasetDict({"train": train_ds, "dev": dev_ds})
 
 
@@ -72,16 +80,23 @@ def context_length(model_dir: Path, trust_remote_code: bool = False) -> int | No
 def check_lengths(prompter: prompts.Prompter, cfg: PreprocessConfig, context: int | None) -> None:
     """Fail before tokenizing 100k examples when the limits cannot work with this model or prompt format."""
     if context is not None and cfg.max_source_length + cfg.max_target_length > context:
-        raise PtuneError(f"preprocess.max_source_length ({cfg.max_source_length}) + max_target_length "
-                         f"({cfg.max_target_length}) exceed the base model's context of {context} tokens "
-                         f"({BASE}/config.json); lower them so that their sum is at most {context}")
+        raise PtuneError(
+            f"preprocess.max_source_length ({cfg.max_source_length}) + max_target_length "
+            f"({cfg.max_target_length}) exceed the base model's context of {context} tokens "
+            f"({BASE}/config.json); lower them so that their sum is at most {context}"
+        )
     format_only = len(prompter.ids(prompts.Turn("")))
     if format_only >= prompter.backend.prompt_budget(cfg.max_source_length, training=False):
-        what = ("preprocess.prompt_template" if prompter.format.kind == prompts.TEMPLATE
-                else f"the prompt format ({prompter.format.kind})")
-        raise PtuneError(f"{what} alone is {format_only} tokens, and preprocess.max_source_length is "
-                         f"{cfg.max_source_length}: every example's content would be cut away; raise "
-                         "max_source_length or shorten the template")
+        what = (
+            "preprocess.prompt_template"
+            if prompter.format.kind == prompts.TEMPLATE
+            else f"the prompt format ({prompter.format.kind})"
+        )
+        raise PtuneError(
+            f"{what} alone is {format_only} tokens, and preprocess.max_source_length is "
+            f"{cfg.max_source_length}: every example's content would be cut away; raise "
+            "max_source_length or shorten the template"
+        )
 
 
 def run(params: Params) -> None:

@@ -45,9 +45,11 @@ from ..state import atomic
 
 MODELS = {"base": "base model", "ptuned": "P-tuned"}
 # How to talk to the deployed model; each server reads models/deploy by default.
-SERVE_COMMANDS = (("ptune serve web", "web chat demo (Gradio) on http://127.0.0.1:7860"),
-                  ("ptune serve api", "HTTP API on http://127.0.0.1:8000 (POST /, /v1/chat/completions)"),
-                  ("ptune chat", "chat in this terminal"))
+SERVE_COMMANDS = (
+    ("ptune serve web", "web chat demo (Gradio) on http://127.0.0.1:7860"),
+    ("ptune serve api", "HTTP API on http://127.0.0.1:8000 (POST /, /v1/chat/completions)"),
+    ("ptune chat", "chat in this terminal"),
+)
 RANDOM_SEED = 0  # the "random" examples are the same ones on every rerun
 
 
@@ -58,18 +60,36 @@ def _read_json(path: Path):
 def headline(metrics: dict, cfg: ReportConfig) -> dict:
     """Scores of base, P-tuned and reference, and the differences that say whether tuning worked."""
     rows = [{"label": MODELS[m], "scores": {k: metrics[m][k] for k in METRIC_NAMES}} for m in MODELS]
-    diffs = [{"label": "P-tuned − base",
-              "scores": {k: metrics["ptuned"][k] - metrics["base"][k] for k in METRIC_NAMES}, "verdict": None}]
+    diffs = [
+        {
+            "label": "P-tuned − base",
+            "scores": {k: metrics["ptuned"][k] - metrics["base"][k] for k in METRIC_NAMES},
+            "verdict": None,
+        }
+    ]
     ref = cfg.reference
     if ref is not None:
         rows.append({"label": f"reference: {ref.name}", "scores": {k: ref.score(k) for k in METRIC_NAMES}})
         gap = {k: metrics["ptuned"][k] - ref.score(k) for k in METRIC_NAMES}
-        diffs.append({"label": "P-tuned − reference", "scores": gap,
-                      "verdict": {k: "match" if abs(v) <= ref.tolerance + 1e-9 else ("above" if v > 0 else "below")
-                                  for k, v in gap.items()}})
-    return {"metrics": METRIC_NAMES, "rows": rows, "diffs": diffs, "lead": "rouge-l",
-            "tolerance": ref.tolerance if ref is not None else None,
-            "n_examples": metrics["n_examples"], "empty_predictions": metrics["empty_predictions"]}
+        diffs.append(
+            {
+                "label": "P-tuned − reference",
+                "scores": gap,
+                "verdict": {
+                    k: "match" if abs(v) <= ref.tolerance + 1e-9 else ("above" if v > 0 else "below")
+                    for k, v in gap.items()
+                },
+            }
+        )
+    return {
+        "metrics": METRIC_NAMES,
+        "rows": rows,
+        "diffs": diffs,
+        "lead": "rouge-l",
+        "tolerance": ref.tolerance if ref is not None else None,
+        "n_examples": metrics["n_examples"],
+        "empty_predictions": metrics["empty_predictions"],
+    }
 
 
 def training(log_rows: list[dict], timing: dict) -> dict:
@@ -94,8 +114,14 @@ def training(log_rows: list[dict], timing: dict) -> dict:
 
 
 def _example(i: int, p: dict, scores: dict) -> dict:
-    return {"index": i, "content": p["content"], "label": p["label"], "base": p["base"], "ptuned": p["ptuned"],
-            "rouge_l": {m: scores[m][i] for m in MODELS}}
+    return {
+        "index": i,
+        "content": p["content"],
+        "label": p["label"],
+        "base": p["base"],
+        "ptuned": p["ptuned"],
+        "rouge_l": {m: scores[m][i] for m in MODELS},
+    }
 
 
 def evaluation(predictions: list[dict], metrics: dict, timing: dict, cfg: ReportConfig) -> dict:
@@ -105,7 +131,7 @@ def evaluation(predictions: list[dict], metrics: dict, timing: dict, cfg: Report
     # Best and worst by the P-tuned model's ROUGE-L; ties in dev-set order, so reruns pick the same ones.
     order = sorted(range(len(predictions)), key=lambda i: (-scores["ptuned"][i], i))
     n = min(cfg.n_samples, len(order) // 2)
-    best, worst = order[:n], sorted(order[len(order) - n:], key=lambda i: (scores["ptuned"][i], i)) if n else []
+    best, worst = order[:n], sorted(order[len(order) - n :], key=lambda i: (scores["ptuned"][i], i)) if n else []
     shown = set(best) | set(worst)
     rest = [i for i in range(len(predictions)) if i not in shown] or list(range(len(predictions)))
     randoms = sorted(random.Random(RANDOM_SEED).sample(rest, min(cfg.n_random, len(rest))))
@@ -119,12 +145,21 @@ def evaluation(predictions: list[dict], metrics: dict, timing: dict, cfg: Report
         "rouge_l_scores": scores,
         "median_rouge_l": {m: sorted(v)[len(v) // 2] if v else None for m, v in scores.items()},
         "groups": [
-            {"id": "best", "title": f"The {len(best)} best (P-tuned ROUGE-L)",
-             "examples": [_example(i, predictions[i], scores) for i in best]},
-            {"id": "worst", "title": f"The {len(worst)} worst (P-tuned ROUGE-L)",
-             "examples": [_example(i, predictions[i], scores) for i in worst]},
-            {"id": "random", "title": f"{len(randoms)} at random",
-             "examples": [_example(i, predictions[i], scores) for i in randoms]},
+            {
+                "id": "best",
+                "title": f"The {len(best)} best (P-tuned ROUGE-L)",
+                "examples": [_example(i, predictions[i], scores) for i in best],
+            },
+            {
+                "id": "worst",
+                "title": f"The {len(worst)} worst (P-tuned ROUGE-L)",
+                "examples": [_example(i, predictions[i], scores) for i in worst],
+            },
+            {
+                "id": "random",
+                "title": f"{len(randoms)} at random",
+                "examples": [_example(i, predictions[i], scores) for i in randoms],
+            },
         ],
     }
 
@@ -139,32 +174,57 @@ def cost(timings: dict, cfg: ReportConfig) -> dict:
             continue
         on_gpu = str(t.get("device", "cpu")).startswith("cuda")
         hours = t["wall_s"] / 3600
-        rows.append({"stage": stage, "wall_s": t["wall_s"], "device": "GPU" if on_gpu else "CPU",
-                     "gpu_h": hours if on_gpu else 0.0, "cpu_h": 0.0 if on_gpu else hours, "host": t.get("host")})
+        rows.append(
+            {
+                "stage": stage,
+                "wall_s": t["wall_s"],
+                "device": "GPU" if on_gpu else "CPU",
+                "gpu_h": hours if on_gpu else 0.0,
+                "cpu_h": 0.0 if on_gpu else hours,
+                "host": t.get("host"),
+            }
+        )
     total_h = sum(r["gpu_h"] + r["cpu_h"] for r in rows)
     spent = total_h * cfg.cu_per_hour if cfg.cu_per_hour is not None else None
-    return {"rows": rows, "gpu_h": sum(r["gpu_h"] for r in rows), "cpu_h": sum(r["cpu_h"] for r in rows),
-            "total_h": total_h, "wall_s": sum(r["wall_s"] for r in rows), "cu_per_hour": cfg.cu_per_hour,
-            "cu_spent": spent, "cu_quota": cfg.cu_quota,
-            "cu_remaining": cfg.cu_quota - spent if spent is not None and cfg.cu_quota is not None else None}
+    return {
+        "rows": rows,
+        "gpu_h": sum(r["gpu_h"] for r in rows),
+        "cpu_h": sum(r["cpu_h"] for r in rows),
+        "total_h": total_h,
+        "wall_s": sum(r["wall_s"] for r in rows),
+        "cu_per_hour": cfg.cu_per_hour,
+        "cu_spent": spent,
+        "cu_quota": cfg.cu_quota,
+        "cu_remaining": cfg.cu_quota - spent if spent is not None and cfg.cu_quota is not None else None,
+    }
 
 
 def deploy(check: dict) -> dict:
     known = ("bundle", "prompt", "answer", "latency_s", "load_s")
-    return {**{k: check.get(k) for k in known},
-            # whatever else the deploy check recorded (e.g. the server it asked), shown as it is
-            "other": {k: v for k, v in sorted(check.items()) if k not in known and not isinstance(v, (dict, list))},
-            "commands": [{"command": c, "what": w} for c, w in SERVE_COMMANDS],
-            "recorded": bool(check)}
+    return {
+        **{k: check.get(k) for k in known},
+        # whatever else the deploy check recorded (e.g. the server it asked), shown as it is
+        "other": {k: v for k, v in sorted(check.items()) if k not in known and not isinstance(v, (dict, list))},
+        "commands": [{"command": c, "what": w} for c, w in SERVE_COMMANDS],
+        "recorded": bool(check),
+    }
 
 
 def provenance_facts(params: Params, timings: dict) -> dict:
-    devices = {stage: t.get("device_name") or t.get("device") for stage, t in timings.items()
-               if t.get("device_name") or t.get("device")}
-    return {"git": provenance.git_commit(), "versions": provenance.package_versions(),
-            "base_model": provenance.base_model(BASE), "data_sha256": provenance.sha256_files(RAW_DATA),
-            "devices": devices, "hosts": sorted({t.get("host") for t in timings.values() if t.get("host")}),
-            "params_yaml": yaml.safe_dump(params.raw, allow_unicode=True, sort_keys=False).rstrip()}
+    devices = {
+        stage: t.get("device_name") or t.get("device")
+        for stage, t in timings.items()
+        if t.get("device_name") or t.get("device")
+    }
+    return {
+        "git": provenance.git_commit(),
+        "versions": provenance.package_versions(),
+        "base_model": provenance.base_model(BASE),
+        "data_sha256": provenance.sha256_files(RAW_DATA),
+        "devices": devices,
+        "hosts": sorted({t.get("host") for t in timings.values() if t.get("host")}),
+        "params_yaml": yaml.safe_dump(params.raw, allow_unicode=True, sort_keys=False).rstrip(),
+    }
 
 
 def collect(params: Params) -> dict:
@@ -189,9 +249,11 @@ def collect(params: Params) -> dict:
 def draw(facts: dict) -> dict[str, bytes]:
     table = {row["label"]: row["scores"] for row in facts["headline"]["rows"]}
     scores = facts["evaluation"]["rouge_l_scores"]
-    return {"training": figures.training_curves(facts["log_rows"]),
-            "metrics": figures.metric_bars(table),
-            "rouge_l": figures.score_histogram({MODELS[m]: v for m, v in scores.items()})}
+    return {
+        "training": figures.training_curves(facts["log_rows"]),
+        "metrics": figures.metric_bars(table),
+        "rouge_l": figures.score_histogram({MODELS[m]: v for m, v in scores.items()}),
+    }
 
 
 def metrics_csv(facts: dict) -> str:
@@ -201,8 +263,9 @@ def metrics_csv(facts: dict) -> str:
     writer.writerow(["label", "metric", "model", "score"])
     for row in facts["headline"]["rows"]:
         for metric in METRIC_NAMES:
-            writer.writerow([f"{figures.LABELS[metric]} {row['label']}", metric, row["label"],
-                             round(row["scores"][metric], 4)])
+            writer.writerow(
+                [f"{figures.LABELS[metric]} {row['label']}", metric, row["label"], round(row["scores"][metric], 4)]
+            )
     return buf.getvalue()
 
 
@@ -219,8 +282,12 @@ def run(params: Params) -> None:
     atomic.write_text(REPORT_HTML, render_html(facts, images))
     atomic.write_text(REPORT_MD, render_markdown(facts, images))
     timings = dict(facts["timings"])
-    timings["report"] = {"stage": "report", "started": facts["generated"],
-                         "wall_s": round(time.perf_counter() - t0, 3), "host": platform.node()}
+    timings["report"] = {
+        "stage": "report",
+        "started": facts["generated"],
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "host": platform.node(),
+    }
     atomic.write_json(OUT_TIMINGS, timings)
     # The last stage of every run: where a `dvc repro` user learns that nothing pushed would survive the instance.
     warning = check_survival()

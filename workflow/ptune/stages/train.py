@@ -48,11 +48,12 @@ def batch_indices(k: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
     per_epoch = max(1, n_rows // batch_size)
     epoch, pos = divmod(k, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    return order[pos * batch_size:(pos + 1) * batch_size] or order[:batch_size]
+    return order[pos * batch_size : (pos + 1) * batch_size] or order[:batch_size]
 
 
-def micro_batches_at(step: int, train, cfg: TrainConfig, pad_id: int, dev, rank: int = 0, world: int = 1,
-                     *, collate) -> list[dict[str, torch.Tensor]]:
+def micro_batches_at(
+    step: int, train, cfg: TrainConfig, pad_id: int, dev, rank: int = 0, world: int = 1, *, collate
+) -> list[dict[str, torch.Tensor]]:
     """The micro-batches of optimizer step `step` for process `rank` of `world`.
 
     Each step reads gradient_accumulation_steps global micro-batches of per_device x world rows; rank r takes
@@ -61,8 +62,9 @@ def micro_batches_at(step: int, train, cfg: TrainConfig, pad_id: int, dev, rank:
     per_device = cfg.per_device_train_batch_size
     out = []
     for micro in range(cfg.gradient_accumulation_steps):
-        idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train), per_device * world,
-                            cfg.seed)[rank * per_device:(rank + 1) * per_device]
+        idx = batch_indices(step * cfg.gradient_accumulation_steps + micro, len(train), per_device * world, cfg.seed)[
+            rank * per_device : (rank + 1) * per_device
+        ]
         cols = train[idx]  # one read for the batch: a row at a time costs twice as much on the embedded default
         rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(cols["input_ids"], cols["labels"])]
         out.append({k: v.to(dev) for k, v in collate(rows, pad_id).items()})
@@ -82,8 +84,18 @@ def _check_precision(cfg: TrainConfig, dev: torch.device) -> None:
         raise PtuneError("train.precision: fp16 needs a CUDA GPU (loss scaling runs there); use fp32 or bf16 here")
 
 
-def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, autocast, max_grad_norm: float,
-                   no_sync=contextlib.nullcontext, *, backend: backends.Backend) -> float:
+def optimizer_step(
+    model,
+    encoder,
+    micro_batches: list[dict],
+    optim,
+    scaler,
+    autocast,
+    max_grad_norm: float,
+    no_sync=contextlib.nullcontext,
+    *,
+    backend: backends.Backend,
+) -> float:
     """One optimizer step over accumulated micro-batches; returns the step's loss (the mean over them).
 
     `encoder` may be a DistributedDataParallel wrapper; `no_sync()` then skips the gradient all-reduce of every
@@ -109,14 +121,20 @@ def optimizer_step(model, encoder, micro_batches: list[dict], optim, scaler, aut
     return step_loss
 
 
-def save_checkpoint(state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int,
-                    rng_per_rank: list) -> None:
+def save_checkpoint(
+    state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int, rng_per_rank: list
+) -> None:
     """Everything resuming needs (safetensors, never a pickle; the RNG states of every process); the oldest beyond
     `keep` removed. Called on rank 0 only: the prefix and optimizer are the same on every rank after each step."""
-    checkpoint.save_training(state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}"), step=step,
-                             prefix=encoder.state_dict(), optimizer=optim.state_dict(),
-                             scaler=scaler.state_dict() if scaler is not None else None, log_rows=rows,
-                             rng_per_rank=rng_per_rank)
+    checkpoint.save_training(
+        state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}"),
+        step=step,
+        prefix=encoder.state_dict(),
+        optimizer=optim.state_dict(),
+        scaler=scaler.state_dict() if scaler is not None else None,
+        log_rows=rows,
+        rng_per_rank=rng_per_rank,
+    )
     for old in sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))[:-keep]:
         old.unlink()
 
@@ -131,9 +149,11 @@ def _check_context(model, train, cfg: TrainConfig) -> None:
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(map(len, train["input_ids"]), default=0)
     if isinstance(context, int) and cfg.pre_seq_len + longest > context:
-        raise PtuneError(f"train.pre_seq_len ({cfg.pre_seq_len}) + the longest training example ({longest} tokens, "
-                         f"see preprocess.max_source_length/max_target_length) exceed the base model's context of "
-                         f"{context} tokens; lower train.pre_seq_len or the preprocess lengths")
+        raise PtuneError(
+            f"train.pre_seq_len ({cfg.pre_seq_len}) + the longest training example ({longest} tokens, "
+            f"see preprocess.max_source_length/max_target_length) exceed the base model's context of "
+            f"{context} tokens; lower train.pre_seq_len or the preprocess lengths"
+        )
 
 
 def run(params: Params) -> dict:
@@ -143,9 +163,11 @@ def run(params: Params) -> dict:
     backend = backends.for_base(BASE)
     backend.check_quantization(cfg.quantization, "train", device())
     if cfg.devices > 1 and backend.name != backends.TRANSFORMERS:
-        raise PtuneError(f"train.devices: {cfg.devices} is implemented for transformers-native models; ChatGLM-6B's "
-                         "prefix lives inside its remote-code model, which ptune trains on one GPU: set "
-                         "train.devices: 1")
+        raise PtuneError(
+            f"train.devices: {cfg.devices} is implemented for transformers-native models; ChatGLM-6B's "
+            "prefix lives inside its remote-code model, which ptune trains on one GPU: set "
+            "train.devices: 1"
+        )
     if cfg.devices > 1 and not multiprocess.in_worker():
         return {**multiprocess.launch("train", params, cfg.devices)[0], "devices": cfg.devices}
 
@@ -154,16 +176,22 @@ def run(params: Params) -> dict:
     acc = multiprocess.accelerator()
     dev, world, rank = acc.device, acc.num_processes, acc.process_index
     if world != cfg.devices:
-        raise PtuneError(f"train.devices is {cfg.devices}, but this process is one of {world}; let `ptune train` "
-                         "launch the processes itself")
+        raise PtuneError(
+            f"train.devices is {cfg.devices}, but this process is one of {world}; let `ptune train` "
+            "launch the processes itself"
+        )
     dtype = DTYPES[cfg.precision]
     # The frozen base in the compute dtype on a GPU (half the memory); on the CPU it stays fp32 under autocast.
     # The prefix, fp32 master weights, is the only trainable module (for chatglm it lives inside the model).
     model, encoder = backend.load_for_training(BASE, dev, dtype if dev.type == "cuda" else torch.float32, cfg)
     total = assert_frozen(model, encoder)
     trainable = sum(p.numel() for p in encoder.parameters())
-    log.info("trainable parameters: %d of %d (%.4f%%); base frozen", trainable, total + trainable,
-             100 * trainable / (total + trainable))
+    log.info(
+        "trainable parameters: %d of %d (%.4f%%); base frozen",
+        trainable,
+        total + trainable,
+        100 * trainable / (total + trainable),
+    )
 
     # Here, not at the top: the benchmarks import this module on GPU images without these packages.
     from accelerate.utils import gather_object
@@ -174,15 +202,22 @@ def run(params: Params) -> dict:
     per_device = cfg.per_device_train_batch_size
     global_batch = per_device * world
     if world > 1 and len(train) < global_batch:
-        raise PtuneError(f"train.devices: {world} x per_device_train_batch_size {per_device} needs at least "
-                         f"{global_batch} training examples, {DATA} has {len(train)}; lower one of the two")
+        raise PtuneError(
+            f"train.devices: {world} x per_device_train_batch_size {per_device} needs at least "
+            f"{global_batch} training examples, {DATA} has {len(train)}; lower one of the two"
+        )
     if rank == 0:
-        log.info("effective batch: %d per device x %d accumulation x %d device(s) = %d", per_device,
-                 cfg.gradient_accumulation_steps, world, global_batch * cfg.gradient_accumulation_steps)
+        log.info(
+            "effective batch: %d per device x %d accumulation x %d device(s) = %d",
+            per_device,
+            cfg.gradient_accumulation_steps,
+            world,
+            global_batch * cfg.gradient_accumulation_steps,
+        )
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-    autocast = (torch.autocast(dev.type, dtype=dtype) if cfg.precision != "fp32" else contextlib.nullcontext())
+    autocast = torch.autocast(dev.type, dtype=dtype) if cfg.precision != "fp32" else contextlib.nullcontext()
 
     key_params = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
     with acc.main_process_first():  # rank 0 removes stale state before the others look
@@ -205,23 +240,44 @@ def run(params: Params) -> dict:
     t_start = time.perf_counter()
     t_log, samples_since, window_losses, saved = t_start, 0, [], 0
     quiet = {"disable": True} if rank != 0 else {}  # one progress bar, rank 0's
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="train prefix", unit="step",
-               mininterval=2, **quiet)
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        initial=start,
+        total=cfg.max_steps,
+        desc="train prefix",
+        unit="step",
+        mininterval=2,
+        **quiet,
+    )
     for step in bar:
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
         micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world, collate=backend.collate)
         samples_since += sum(len(b["input_ids"]) for b in micro_batches) * world
-        step_loss = optimizer_step(model, shared, micro_batches, optim, scaler, autocast, cfg.max_grad_norm,
-                                   no_sync=lambda: acc.no_sync(shared), backend=backend)
+        step_loss = optimizer_step(
+            model,
+            shared,
+            micro_batches,
+            optim,
+            scaler,
+            autocast,
+            cfg.max_grad_norm,
+            no_sync=lambda: acc.no_sync(shared),
+            backend=backend,
+        )
         # The mean over ranks (float64: one process keeps its loss bit for bit); every rank checks the same value.
         step_loss = acc.reduce(torch.tensor(step_loss, dtype=torch.float64, device=dev), "mean").item()
         if not math.isfinite(step_loss) or step_loss == 0.0:
-            hint = (" fp16 overflows here: use bf16 (or fp32)" if cfg.precision == "fp16"
-                    else " lower train.learning_rate or check the data")
-            raise PtuneError(f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
-                             f"to {OUT}; checkpoints before this step are kept in {state.dir}")
+            hint = (
+                " fp16 overflows here: use bf16 (or fp32)"
+                if cfg.precision == "fp16"
+                else " lower train.learning_rate or check the data"
+            )
+            raise PtuneError(
+                f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
+                f"to {OUT}; checkpoints before this step are kept in {state.dir}"
+            )
         window_losses.append(step_loss)
         faults.point("step")
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
@@ -255,13 +311,21 @@ def run(params: Params) -> dict:
     acc.wait_for_everyone()
     # Every micro-batch holds batch_size rows (or the whole set when it is smaller): see batch_indices.
     per_step = cfg.gradient_accumulation_steps * min(per_device, len(train)) * world
-    return {"trainable_parameters": trainable, "total_parameters": total + trainable, "resumed_from_step": start,
-            "precision": cfg.precision, "quantization": cfg.quantization, "device": str(dev),
-            "backend": backend.name, "transformers": transformers.__version__,
-            "device_name": device_info.device_name(dev),
-            "effective_batch": global_batch * cfg.gradient_accumulation_steps,
-            "steps": cfg.max_steps, "samples_seen": cfg.max_steps * per_step,
-            # Speed of the steps this process ran (a resumed run did not time the ones before it).
-            "train_s": round(train_s, 3),
-            "samples_per_s": round((cfg.max_steps - start) * per_step / max(train_s, 1e-9), 2),
-            **device_info.peak_memory(dev)}
+    return {
+        "trainable_parameters": trainable,
+        "total_parameters": total + trainable,
+        "resumed_from_step": start,
+        "precision": cfg.precision,
+        "quantization": cfg.quantization,
+        "device": str(dev),
+        "backend": backend.name,
+        "transformers": transformers.__version__,
+        "device_name": device_info.device_name(dev),
+        "effective_batch": global_batch * cfg.gradient_accumulation_steps,
+        "steps": cfg.max_steps,
+        "samples_seen": cfg.max_steps * per_step,
+        # Speed of the steps this process ran (a resumed run did not time the ones before it).
+        "train_s": round(train_s, 3),
+        "samples_per_s": round((cfg.max_steps - start) * per_step / max(train_s, 1e-9), 2),
+        **device_info.peak_memory(dev),
+    }

@@ -36,7 +36,7 @@ def _sweep_stale(target: Path) -> None:
     """Remove temp siblings of `target` left by a killed writer (its pid is gone), so a kill leaves no litter."""
     for prefix in (f".{target.name}.tmp-", f".{target.name}.old-"):
         for stale in target.parent.glob(f"{prefix}*"):
-            pid = stale.name[len(prefix):].split("-", 1)[0]
+            pid = stale.name[len(prefix) :].split("-", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
                 if stale.is_dir() and not stale.is_symlink():
                     shutil.rmtree(stale, ignore_errors=True)
@@ -52,8 +52,10 @@ def _is_disk_full(exc: BaseException) -> bool:
 
 
 def _disk_full(target: Path) -> PtuneError:
-    return PtuneError(f"{target}: the disk is full (no space left on device); free space under {target.parent} "
-                      "and rerun (nothing was written there)")
+    return PtuneError(
+        f"{target}: the disk is full (no space left on device); free space under {target.parent} "
+        "and rerun (nothing was written there)"
+    )
 
 
 @contextlib.contextmanager

@@ -38,8 +38,10 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss_next))
     kind, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
+    cuda = [
+        tensors[k]
+        for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    ]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
@@ -64,18 +66,30 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_training(path: Path, *, step: int, prefix: dict, optimizer: dict, scaler: dict | None, log_rows: list,
-                  rng_per_rank: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
+def save_training(
+    path: Path,
+    *,
+    step: int,
+    prefix: dict,
+    optimizer: dict,
+    scaler: dict | None,
+    log_rows: list,
+    rng_per_rank: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+) -> None:
     """Write one training checkpoint atomically (temp file, then rename); `rng_per_rank[r]` is rank r's
     `rng_state()`, so that every process of a multi-device run resumes its own random streams."""
     opt_tensors, opt_meta = _split_optimizer(optimizer)
     tensors = {**{f"prefix.{k}": v for k, v in prefix.items()}, **opt_tensors}
     for rank, (rng_tensors, _) in enumerate(rng_per_rank):
         tensors.update({f"rank{rank}.{k}": v for k, v in rng_tensors.items()})
-    meta = {"step": step, "optimizer": opt_meta, "scaler": scaler, "rng": [m for _, m in rng_per_rank],
-            "log_rows": log_rows}
-    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                metadata={META_KEY: json.dumps(meta)})
+    meta = {
+        "step": step,
+        "optimizer": opt_meta,
+        "scaler": scaler,
+        "rng": [m for _, m in rng_per_rank],
+        "log_rows": log_rows,
+    }
+    blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={META_KEY: json.dumps(meta)})
     with atomic.atomic_file(path, "wb") as fh:
         fh.write(blob)
 
@@ -91,11 +105,18 @@ def load_training(path: Path, rank: int = 0) -> dict[str, Any]:
             meta = json.loads(fh.metadata()[META_KEY])
         rng_meta = meta["rng"][rank]
     except Exception as exc:  # a truncated or foreign file: say which and what to do, not a decoder traceback
-        raise PtuneError(f"{path}: not a readable ptune checkpoint for process {rank} ({exc}); delete it to resume "
-                         "from the one before, or delete the folder to start over") from None
+        raise PtuneError(
+            f"{path}: not a readable ptune checkpoint for process {rank} ({exc}); delete it to resume "
+            "from the one before, or delete the folder to start over"
+        ) from None
     mine = f"rank{rank}."
-    set_rng_state({k[len(mine):]: v for k, v in tensors.items() if k.startswith(mine)}, rng_meta)
-    prefix = {k[len("prefix."):]: v for k, v in tensors.items() if k.startswith("prefix.")}
+    set_rng_state({k[len(mine) :]: v for k, v in tensors.items() if k.startswith(mine)}, rng_meta)
+    prefix = {k[len("prefix.") :]: v for k, v in tensors.items() if k.startswith("prefix.")}
     optimizer = _join_optimizer(tensors, meta["optimizer"])
-    return {"step": meta["step"], "prefix": prefix, "optimizer": optimizer, "scaler": meta["scaler"],
-            "log_rows": [tuple(r) for r in meta["log_rows"]]}
+    return {
+        "step": meta["step"],
+        "prefix": prefix,
+        "optimizer": optimizer,
+        "scaler": meta["scaler"],
+        "log_rows": [tuple(r) for r in meta["log_rows"]],
+    }

@@ -39,6 +39,11 @@ def held(path: Path, busy: Callable[[str], str]) -> Iterator[None]:
 
 def stage_lock(stage: str, lock_dir: Path = LOCK_DIR):
     path = lock_dir / f"{stage}.lock"
-    return held(path, lambda holder: f"stage {stage} is already running in this checkout (pid {holder}; lock "
-                                      f"{path}). Wait for it to finish, or stop it, then rerun; two runs of one "
-                                      "stage would overwrite each other's work")
+    return held(
+        path,
+        lambda holder: (
+            f"stage {stage} is already running in this checkout (pid {holder}; lock "
+            f"{path}). Wait for it to finish, or stop it, then rerun; two runs of one "
+            "stage would overwrite each other's work"
+        ),
+    )

@@ -82,8 +82,10 @@ def check_devices(key: str, n: int) -> None:
     import torch
 
     if torch.cuda.is_available() and n > torch.cuda.device_count():
-        raise PtuneError(f"{key}: {n}, but this machine has {torch.cuda.device_count()} GPU(s); set {key} to at "
-                         f"most {torch.cuda.device_count()} (one process per GPU)")
+        raise PtuneError(
+            f"{key}: {n}, but this machine has {torch.cuda.device_count()} GPU(s); set {key} to at "
+            f"most {torch.cuda.device_count()} (one process per GPU)"
+        )
 
 
 def launch(stage: str, params, n: int) -> list[dict]:
@@ -96,9 +98,18 @@ def launch(stage: str, params, n: int) -> list[dict]:
         results = Path(tmp)
         params_file = results / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        args = get_args_parser().parse_args([
-            "--standalone", f"--nproc-per-node={n}", "--monitor-interval=0.2",
-            "-m", "ptune.state.multiprocess", stage, str(params_file), str(results)])
+        args = get_args_parser().parse_args(
+            [
+                "--standalone",
+                f"--nproc-per-node={n}",
+                "--monitor-interval=0.2",
+                "-m",
+                "ptune.state.multiprocess",
+                stage,
+                str(params_file),
+                str(results),
+            ]
+        )
         threads = _threads_per_worker(n)
         log.info("%s: launching %d processes (%s threads each)", stage, n, threads)
         saved = {k: os.environ.get(k) for k in ("PTUNE_NUM_THREADS", "OMP_NUM_THREADS")}
@@ -140,8 +151,9 @@ def worker_main(argv: list[str]) -> int:
     from . import determinism
 
     determinism.configure_threads()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank()}] %(name)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank {rank()}] %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         facts = importlib.import_module(f"ptune.stages.{stage}").run(config.load(params_path))
