@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 # Tests and runs never report usage or check for updates over the network.
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup legacy report test test-all test-faults bench lock clean-venv
+.PHONY: setup legacy report lint test test-all test-faults bench lock clean-venv
 
 setup: $(STAMP)
 	$(VENV)/bin/python -m ptune.model.legacy_env ensure --if-needed params.yaml
@@ -22,7 +22,13 @@ report: setup
 legacy: $(STAMP)
 	$(VENV)/bin/python -m ptune.model.legacy_env ensure
 
-test: $(STAMP) legacy
+# ruff (lint and format) and deptry (every import declared), configured in pyproject.toml; part of `make test`.
+lint: $(STAMP)
+	ruff check workflow tests bench
+	ruff format --check workflow tests bench
+	deptry workflow
+
+test: $(STAMP) legacy lint
 	pytest
 
 # Everything, slow tests included.

@@ -20,7 +20,9 @@ from ptune.state.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
-SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"
+SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"  # the whole dev split, where a machine has it
+# 100 train and 100 dev lines of the real ADGEN, shipped so that every machine runs the same tests (its README).
+ADGEN_SAMPLE = REPO / "tests" / "fixtures" / "adgen"
 
 
 def project_files() -> list[str]:

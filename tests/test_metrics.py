@@ -9,7 +9,7 @@ import pytest
 
 from ptune.reporting.metrics import corpus_scores, score_one
 
-from conftest import SHARED_ADGEN
+from conftest import ADGEN_SAMPLE
 
 
 def test_identical_text_scores_100():
@@ -48,10 +48,7 @@ def test_corpus_score_is_the_plain_mean():
 
 
 def _adgen_labels(n: int) -> list[str]:
-    dev = SHARED_ADGEN / "dev.json"
-    if not dev.is_file():
-        pytest.skip(f"{dev} is absent (the shared ADGEN sample is provided beside the repository)")
-    lines = dev.read_text(encoding="utf-8").splitlines()[:n]
+    lines = (ADGEN_SAMPLE / "dev.json").read_text(encoding="utf-8").splitlines()[:n]
     return [json.loads(line)["summary"] for line in lines]
 
 
