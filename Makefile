@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 setup: $(STAMP)
 	$(VENV)/bin/python -m ptune.model.legacy_env ensure --if-needed params.yaml
 
-$(STAMP): pyproject.toml requirements/constraints.txt scripts/setup-venv.sh
+$(STAMP): pyproject.toml requirements/lock.txt scripts/setup-venv.sh
 	scripts/setup-venv.sh $(VENV)
 	touch $@
 
@@ -24,8 +24,8 @@ legacy: $(STAMP)
 
 # ruff (lint and format) and deptry (every import declared), configured in pyproject.toml; part of `make test`.
 lint: $(STAMP)
-	ruff check workflow tests bench
-	ruff format --check workflow tests bench
+	ruff check workflow tests bench scripts
+	ruff format --check workflow tests bench scripts
 	deptry workflow
 
 test: $(STAMP) legacy lint
@@ -39,12 +39,15 @@ test-all: $(STAMP) legacy
 test-faults: $(STAMP)
 	PTUNE_FAULT_CASES=all pytest -m faults tests/test_faults.py
 
-# Regenerate the lock from the current venv (after changing dependency ranges in pyproject.toml).
+# Regenerate the hashed lock, requirements/lock.txt, with pip-compile (after changing a range in pyproject.toml): the
+# versions it holds are kept where they still fit. `make lock UPGRADE=gradio` moves one package (and what it needs)
+# to its newest allowed version; UPGRADE="a b" several. scripts/lock.py then leaves out torch and ptune itself.
 lock: $(STAMP)
-	$(VENV)/bin/python -m pip freeze --exclude-editable \
-	  | grep -viE '^(torch|triton|nvidia-|ptune)([=<> ]|$$)' \
-	  | sed '1i # Exact versions for reproducible installs (`make lock` regenerates it). torch is chosen per machine\n# by scripts/setup-venv.sh and is deliberately not pinned here.' \
-	  > requirements/constraints.txt
+	$(VENV)/bin/python -m pip install --quiet "pip-tools>=7.4,<8"
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra test \
+	  --no-emit-index-url --no-emit-find-links $(foreach p,$(UPGRADE),--upgrade-package $(p)) \
+	  --output-file requirements/lock.txt pyproject.toml
+	$(VENV)/bin/python scripts/lock.py requirements/lock.txt
 
 clean-venv:
 	rm -rf $(VENV) .venv-legacy

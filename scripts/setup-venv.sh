@@ -11,7 +11,8 @@
 #   - an NVIDIA GPU without one: torch $TORCH_VERSION from the package index (its Linux wheels are CUDA builds);
 #   - no GPU: torch $TORCH_VERSION, the CPU build where the index offers one (set PIP_EXTRA_INDEX_URL to a CPU
 #     wheel index to avoid downloading a CUDA build on a CPU-only machine).
-# Then every other dependency at the versions pinned in requirements/constraints.txt.
+# Then every other dependency at the version and sha256 that requirements/lock.txt records (written by `make lock`
+# with pip-compile; pip checks each download against its hashes), and ptune itself from the checkout, editable.
 #
 # --legacy: VENV is layered over the main environment of interpreter PY (its site directories follow VENV's own
 # on sys.path, so torch, CUDA build included, and every other package come from there) and gets only what
@@ -78,7 +79,9 @@ if [ $keep_image_torch = 0 ]; then
   "${pip[@]}" install --quiet "torch==$TORCH_VERSION"
 fi
 if [ $torch_only = 0 ]; then
-  "${pip[@]}" install --quiet -c "$here/requirements/constraints.txt" -e "$here[test]"
+  # --no-deps: the lock is complete (pip-compile resolved it) and leaves torch out (settled above, per machine).
+  "${pip[@]}" install --quiet --require-hashes --no-deps -r "$here/requirements/lock.txt"
+  "${pip[@]}" install --quiet --no-deps -e "$here"
 fi
 "$VENV/bin/python" - <<'PY'
 import torch

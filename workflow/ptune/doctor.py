@@ -20,7 +20,7 @@ from .errors import PtuneError
 GIB = 1 << 30
 # What `make setup` pins and a run's bytes depend on; torch is chosen per machine and not pinned.
 PINNED = ("transformers", "tokenizers", "datasets", "huggingface_hub", "safetensors", "dvc", "snakemake")
-CONSTRAINTS = Path("requirements/constraints.txt")
+CONSTRAINTS = Path("requirements/lock.txt")
 OSS_HINT = (
     "`dvc remote add -d -f oss s3://BUCKET/ptune` and `dvc remote modify oss endpointurl "
     "https://oss-cn-REGION.aliyuncs.com` (credentials: `dvc remote modify --local oss access_key_id ...`)"
