@@ -16,7 +16,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 # Sampling with a seed: the tiny test model's greedy answers are blank, sampled ones are not.
 MAX_NEW_TOKENS = 16
 SAMPLING_FLAGS = ["--sample", "--max-new-tokens", str(MAX_NEW_TOKENS)]
-# Debian's chromium as root on a machine without a network (see /work/.library/env/machines/python.md).
+# Debian's chromium, run as root on a machine without a network (Playwright cannot download its own there).
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
