@@ -30,6 +30,13 @@ def configure_threads() -> int:
     # MKL (torch's CPU BLAS) may take different code paths for differently aligned buffers, and so round
     # differently from run to run; its strict conditional-reproducibility mode removes that.
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    # An OpenMP thread with no work spins on its core before it sleeps (libgomp, which torch's Linux wheels use, spins
+    # 300,000 times by default): beside another busy process on a notebook's few cores, the spinning takes the
+    # neighbour's share and the threads then wait for each other (4-9x slower beside one torch process on 2 cores).
+    # A short spin keeps the quiet speed and gives the cores up when they are shared; sleeping at once
+    # (OMP_WAIT_POLICY=PASSIVE) shares best but costs a fifth of the quiet speed (bench/contention.py, bench/README.md).
+    # It changes no result, only who gets the CPU.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     return n
 
 

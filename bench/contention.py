@@ -1,0 +1,161 @@
+"""Speed beside a neighbour: the same fixed piece of ptune's work alone and next to other processes, as ratios.
+
+    python bench/contention.py                 # both set-ups, four neighbours; about 5 minutes on 2 cores
+    python bench/contention.py --steps 40      # a shorter piece of work
+
+The piece of work runs in a fresh process set up as a ptune stage sets itself up (ptune.state.determinism): pre-training
+steps of the embedded GLM (forward, backward, AdamW) and one batch of greedy generation, timed after the model is
+built. It runs alone, then beside each neighbour:
+
+- `torch nice 19`: another process doing torch matrix products with torch's default threads, at nice 19;
+- `torch`: the same at the same priority (a notebook cell, another experiment);
+- `ptune stage`: a second copy of the piece of work, set up the same way (`snakemake --cores 2` runs two stages,
+  and each stage takes every core).
+
+Each row is measured for two set-ups side by side in this one run: `before`, the environment of a stage before
+ptune set GOMP_SPINCOUNT (its idle OpenMP threads spin 300,000 times before they sleep), and `ptune`, today's
+stage set-up; `--try VAR=VALUE,...` adds set-ups.
+Ratios are each set-up's time over its own time alone; the last line compares the two set-ups' quiet speed. Run it
+with nothing else running: other load changes every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORK = """
+import json, os, sys, time
+from ptune.state import determinism
+determinism.configure_threads()
+if os.environ.get("BENCH_SETUP") == "before":
+    os.environ.pop("GOMP_SPINCOUNT", None)  # the set-up before ptune chose how long idle threads spin
+os.environ.update(json.loads(os.environ.get("BENCH_ENV", "{}")))  # --try VAR=VALUE
+import torch
+from ptune.config import load
+from ptune.model import embedded
+from ptune.data import synthetic_adgen
+steps = int(sys.argv[1])
+cfg = load("params.yaml").fetch_weights.embedded
+torch.manual_seed(0)
+texts = [synthetic_adgen.plain_text(ex) for ex in synthetic_adgen.generate(1, 2000, style="plain")]
+tok = embedded.build_tokenizer(texts, cfg.vocab_size)
+model = embedded.build_model(cfg, tok)
+stream = embedded._token_stream(tok, texts)
+optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+seq, batch = cfg.pretrain_seq_len, cfg.pretrain_batch_size
+print("ready", flush=True)
+sys.stdin.readline()  # start when told, so that neighbours are already running
+t0 = time.perf_counter()
+for step in range(steps):
+    starts = torch.randint(0, len(stream) - seq - 1, (batch,))
+    ids = torch.stack([stream[s:s + seq] for s in starts.tolist()])
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+model.eval()
+with torch.no_grad():
+    model.generate(input_ids=ids[:, :32], max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+"""
+
+# A neighbour that is not ptune: torch matrix products with torch's defaults (threads, wait policy), until killed.
+MATMUL = """
+import torch
+a = torch.randn(768, 768)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+TRIES: dict[str, dict[str, str]] = {}  # --try VAR=VALUE: a further set-up, today's with these variables
+
+
+def _env(setup: str) -> dict:
+    drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PTUNE_NUM_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "BENCH_SETUP": setup, "BENCH_ENV": json.dumps(TRIES.get(setup, {})), "TQDM_DISABLE": "1"}
+
+
+def _start_work(setup: str, steps: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORK, str(steps)],
+        cwd=REPO,
+        env=_env(setup),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _finish(proc: subprocess.Popen) -> float:
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    proc.wait()
+    return json.loads(line)["seconds"]
+
+
+def _neighbour(kind: str, setup: str, steps: int) -> subprocess.Popen | None:
+    if kind == "alone":
+        return None
+    if kind == "ptune stage":
+        proc = _start_work(setup, steps * 10)  # longer than the measured piece: it must not end first
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return proc
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    prefix = ["nice", "-n", "19"] if kind == "torch nice 19" else []
+    proc = subprocess.Popen([*prefix, sys.executable, "-c", MATMUL], env=env)
+    time.sleep(3)  # torch imported, its threads busy
+    return proc
+
+
+def measure(setup: str, kind: str, steps: int) -> float:
+    work = _start_work(setup, steps)
+    neighbour = _neighbour(kind, setup, steps)
+    try:
+        return _finish(work)
+    finally:
+        if neighbour is not None:
+            neighbour.kill()
+            neighbour.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="pre-training steps in the piece of work")
+    parser.add_argument(
+        "--try",
+        dest="tries",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE[,VAR=VALUE]",
+        help="also measure today's set-up with these environment variables (repeatable)",
+    )
+    args = parser.parse_args()
+    for spec in args.tries:
+        TRIES[spec] = dict(pair.split("=", 1) for pair in spec.split(","))
+    kinds = ("alone", "torch nice 19", "torch", "ptune stage")
+    setups = ("before", "ptune", *TRIES)
+    seconds = {(s, k): measure(s, k, args.steps) for k in kinds for s in setups}  # set-ups interleaved per row
+    print(f"{args.steps} pre-training steps + one generation batch, {os.cpu_count()} CPUs; seconds (ratio to alone)")
+    print(f"{'neighbour':<16}" + "".join(f"{s[:20]:>22}" for s in setups))
+    for k in kinds:
+        cells = "".join(f"{seconds[s, k]:>14.1f} ({seconds[s, k] / seconds[s, 'alone']:4.2f}×)" for s in setups)
+        print(f"{k:<16}{cells}")
+    for s in setups[1:]:
+        print(f"quiet speed, {s} vs before: {seconds['before', 'alone'] / seconds[s, 'alone']:.2f}× (above 1: faster)")
+
+
+if __name__ == "__main__":
+    main()
