@@ -75,12 +75,13 @@ while True:
 """
 
 
+# This shell's thread settings reach neither the measured work (it sets its own, as a stage does) nor a neighbour.
+THREAD_SETTINGS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PTUNE_NUM_THREADS")
 TRIES: dict[str, dict[str, str]] = {}  # --try VAR=VALUE: a further set-up, today's with these variables
 
 
 def _env(setup: str) -> dict:
-    drop = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "PTUNE_NUM_THREADS")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
     return {**env, "BENCH_SETUP": setup, "BENCH_ENV": json.dumps(TRIES.get(setup, {})), "TQDM_DISABLE": "1"}
 
 
@@ -113,7 +114,7 @@ def _neighbour(kind: str, setup: str, steps: int) -> subprocess.Popen | None:
         proc.stdin.write("go\n")
         proc.stdin.flush()
         return proc
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
     prefix = ["nice", "-n", "19"] if kind == "torch nice 19" else []
     proc = subprocess.Popen([*prefix, sys.executable, "-c", MATMUL], env=env)
     time.sleep(3)  # torch imported, its threads busy

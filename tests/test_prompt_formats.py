@@ -8,7 +8,6 @@ import yaml
 
 from ptune.data import prompts
 from ptune.errors import PtuneError
-from ptune.model import backends
 
 from conftest import REPO, Project
 from support import chat_models
@@ -40,14 +39,12 @@ def chat_project(request, tmp_path_factory, env) -> Project:
 
 
 def _prompter(project: Project) -> prompts.Prompter:
-    from transformers import AutoTokenizer
+    """The prompt builder preprocess, evaluate and deploy build from the preset's params and the stand-in base."""
+    from ptune import config
 
-    tok = AutoTokenizer.from_pretrained(str(project.root / "models/base"))
-    cfg = yaml.safe_load((project.root / "params.yaml").read_text(encoding="utf-8"))["preprocess"]
-    assert cfg["prompt_format"] == "chat_template" and "prompt_template" not in cfg  # no hand-copied template
-    return prompts.Prompter(
-        prompts.PromptFormat("chat_template", chat_template=tok.chat_template), tok, backends.native()
-    )
+    raw = yaml.safe_load((project.root / "params.yaml").read_text(encoding="utf-8"))["preprocess"]
+    assert raw["prompt_format"] == "chat_template" and "prompt_template" not in raw  # no hand-copied template
+    return prompts.for_base(config.load(project.root / "params.yaml").preprocess, project.root / "models/base")
 
 
 def test_prompts_are_the_chat_templates_own(chat_project):
