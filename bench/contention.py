@@ -1,16 +1,19 @@
 """Speed beside a neighbour: the same fixed piece of ptune's work alone and next to other processes, as ratios.
 
-    python bench/contention.py                 # both set-ups, four neighbours; about 5 minutes on 2 cores
-    python bench/contention.py --steps 40      # a shorter piece of work
+    python bench/contention.py                 # both set-ups, four neighbours; about 6 minutes on 2 cores
+    python bench/contention.py --steps 40 --train-steps 10   # a shorter piece of work
 
-The piece of work runs in a fresh process set up as a ptune stage sets itself up (ptune.state.determinism): pre-training
-steps of the embedded GLM (forward, backward, AdamW) and one batch of greedy generation, timed after the model is
-built. It runs alone, then beside each neighbour:
+The piece of work runs in a fresh process set up as a ptune stage sets itself up (ptune.state.determinism), and
+covers the three kinds of work the stages do, timed after the model is built: pre-training steps of the embedded GLM
+(fetch_weights: forward, backward, AdamW over the whole model), P-tuning steps on it (train: the base frozen, the
+prefix of params.yaml's `train` section trained by `ptune.stages.train.optimizer_step`, the loop `ptune train`
+runs) and one batch of greedy generation (evaluate). It runs alone, then beside each neighbour:
 
 - `torch nice 19`: another process doing torch matrix products with torch's default threads, at nice 19;
 - `torch`: the same at the same priority (a notebook cell, another experiment);
-- `ptune stage`: a second copy of the piece of work, set up the same way (`snakemake --cores 2` runs two stages,
-  and each stage takes every core).
+- `ptune stage`: a real `ptune fetch_weights` (pre-training the embedded base) in a scratch folder, started as a
+  stage is, measured once it is pre-training (`snakemake --cores 2` runs `fetch_weights` and `fetch_data` side by
+  side, and each stage takes every core).
 
 Each row is measured for two set-ups side by side in this one run: `before`, the environment of a stage before
 ptune set GOMP_SPINCOUNT (its idle OpenMP threads spin 300,000 times before they sleep), and `ptune`, today's
@@ -26,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,12 +42,17 @@ determinism.configure_threads()
 if os.environ.get("BENCH_SETUP") == "before":
     os.environ.pop("GOMP_SPINCOUNT", None)  # the set-up before ptune chose how long idle threads spin
 os.environ.update(json.loads(os.environ.get("BENCH_ENV", "{}")))  # --try VAR=VALUE
+import contextlib
 import torch
 from ptune.config import load
 from ptune.model import embedded
+from ptune.model.backends import native
+from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 from ptune.data import synthetic_adgen
-steps = int(sys.argv[1])
-cfg = load("params.yaml").fetch_weights.embedded
+from ptune.stages.train import optimizer_step
+steps, train_steps = int(sys.argv[1]), int(sys.argv[2])
+params = load("params.yaml")
+cfg, tcfg = params.fetch_weights.embedded, params.train
 torch.manual_seed(0)
 texts = [synthetic_adgen.plain_text(ex) for ex in synthetic_adgen.generate(1, 2000, style="plain")]
 tok = embedded.build_tokenizer(texts, cfg.vocab_size)
@@ -60,6 +69,19 @@ for step in range(steps):
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     optim.step()
     optim.zero_grad(set_to_none=True)
+# P-tuning: the base frozen, the prefix trained on rows of a 64-token source and a 64-token target.
+model.requires_grad_(False)
+encoder = PrefixEncoder(prefix_config_for(
+    model, tcfg.pre_seq_len, tcfg.prefix_projection, tcfg.prefix_hidden_size, "bench", prefix_dropout=0.0))
+prefix_optim = torch.optim.AdamW(encoder.parameters(), lr=tcfg.learning_rate)
+pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+for step in range(train_steps):
+    starts = torch.randint(0, len(stream) - 129, (tcfg.per_device_train_batch_size,)).tolist()
+    rows = [{"input_ids": stream[s:s + 128].tolist(), "labels": [-100] * 64 + stream[s + 64:s + 128].tolist()}
+            for s in starts]
+    batch = native().collate(rows, pad_id)
+    optimizer_step(model, encoder, [batch], prefix_optim, None, contextlib.nullcontext(), tcfg.max_grad_norm,
+                   backend=native())
 model.eval()
 with torch.no_grad():
     model.generate(input_ids=ids[:, :32], max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -85,9 +107,9 @@ def _env(setup: str) -> dict:
     return {**env, "BENCH_SETUP": setup, "BENCH_ENV": json.dumps(TRIES.get(setup, {})), "TQDM_DISABLE": "1"}
 
 
-def _start_work(setup: str, steps: int) -> subprocess.Popen:
+def _start_work(setup: str, steps: int, train_steps: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-c", WORK, str(steps)],
+        [sys.executable, "-c", WORK, str(steps), str(train_steps)],
         cwd=REPO,
         env=_env(setup),
         stdin=subprocess.PIPE,
@@ -106,14 +128,39 @@ def _finish(proc: subprocess.Popen) -> float:
     return json.loads(line)["seconds"]
 
 
-def _neighbour(kind: str, setup: str, steps: int) -> subprocess.Popen | None:
+def _ptune_stage(setup: str, scratch: Path) -> subprocess.Popen:
+    """A real `ptune fetch_weights` in `scratch`, pre-training for longer than the measured piece takes; returns
+    once it is pre-training. It sets its threads up itself, as every stage does; the `before` set-up gives it the
+    spin count it had before ptune chose one (libgomp's default, 300,000)."""
+    params = (REPO / "params.yaml").read_text(encoding="utf-8")
+    scratch.mkdir(parents=True, exist_ok=True)
+    longer = params.replace("pretrain_steps: 1000", "pretrain_steps: 100000")
+    if longer == params:
+        raise SystemExit("params.yaml no longer says `pretrain_steps: 1000`: update bench/contention.py")
+    (scratch / "params.yaml").write_text(longer)
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
+    env.update(GOMP_SPINCOUNT="300000") if setup == "before" else env.update(TRIES.get(setup, {}))
+    log = scratch / "stage.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from ptune.cli import main; main()", "fetch_weights"],
+            cwd=scratch,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    while "pre-train base" not in log.read_text(errors="replace"):  # its progress bar: the model is built
+        if proc.poll() is not None:
+            raise SystemExit(f"the ptune stage neighbour ended early:\n{log.read_text(errors='replace')}")
+        time.sleep(0.2)
+    return proc
+
+
+def _neighbour(kind: str, setup: str, scratch: Path) -> subprocess.Popen | None:
     if kind == "alone":
         return None
     if kind == "ptune stage":
-        proc = _start_work(setup, steps * 10)  # longer than the measured piece: it must not end first
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        return proc
+        return _ptune_stage(setup, scratch)
     env = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
     prefix = ["nice", "-n", "19"] if kind == "torch nice 19" else []
     proc = subprocess.Popen([*prefix, sys.executable, "-c", MATMUL], env=env)
@@ -121,9 +168,9 @@ def _neighbour(kind: str, setup: str, steps: int) -> subprocess.Popen | None:
     return proc
 
 
-def measure(setup: str, kind: str, steps: int) -> float:
-    work = _start_work(setup, steps)
-    neighbour = _neighbour(kind, setup, steps)
+def measure(setup: str, kind: str, steps: int, train_steps: int, scratch: Path) -> float:
+    work = _start_work(setup, steps, train_steps)
+    neighbour = _neighbour(kind, setup, scratch)
     try:
         return _finish(work)
     finally:
@@ -135,6 +182,7 @@ def measure(setup: str, kind: str, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="pre-training steps in the piece of work")
+    parser.add_argument("--train-steps", type=int, default=20, help="P-tuning steps in the piece of work")
     parser.add_argument(
         "--try",
         dest="tries",
@@ -148,8 +196,13 @@ def main() -> None:
         TRIES[spec] = dict(pair.split("=", 1) for pair in spec.split(","))
     kinds = ("alone", "torch nice 19", "torch", "ptune stage")
     setups = ("before", "ptune", *TRIES)
-    seconds = {(s, k): measure(s, k, args.steps) for k in kinds for s in setups}  # set-ups interleaved per row
-    print(f"{args.steps} pre-training steps + one generation batch, {os.cpu_count()} CPUs; seconds (ratio to alone)")
+    with tempfile.TemporaryDirectory(prefix="contention-") as scratch:
+        # set-ups interleaved per row
+        seconds = {(s, k): measure(s, k, args.steps, args.train_steps, Path(scratch)) for k in kinds for s in setups}
+    print(
+        f"{args.steps} pre-training steps + {args.train_steps} P-tuning steps + one generation batch, "
+        f"{os.cpu_count()} CPUs; seconds (ratio to alone)"
+    )
     print(f"{'neighbour':<16}" + "".join(f"{s[:20]:>22}" for s in setups))
     for k in kinds:
         cells = "".join(f"{seconds[s, k]:>14.1f} ({seconds[s, k] / seconds[s, 'alone']:4.2f}×)" for s in setups)
