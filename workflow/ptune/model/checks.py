@@ -34,3 +34,24 @@ def require_same_base(prefix_dir: Path, trained_on: str | None, recorded: str, l
             f"{recorded[:12]}), but the loaded base has config sha256 {loaded[:12]}; load it onto the "
             "base it was trained on, or retrain it"
         )
+
+
+# Where a model's config states its context window: transformers' models, and ChatGLM-6B's remote code (seq_length,
+# max_sequence_length) name it differently.
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions")
+
+
+def context_window(config) -> tuple[str, int] | None:
+    """(the config key, the longest sequence the model takes), from a config object or a config.json dict; None
+    where the config states none."""
+    for key in CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int):
+            return key, value
+    return None
+
+
+def context_length(config, default: int | None = 2048) -> int | None:
+    """The longest sequence the model takes; `default` where its config does not say."""
+    found = context_window(config)
+    return found[1] if found else default

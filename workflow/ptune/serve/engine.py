@@ -27,6 +27,7 @@ from ..data import prompts
 from ..errors import PtuneError
 from ..model import backends
 from ..model.bundle import Bundle
+from ..model.checks import context_length
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
 
@@ -50,14 +51,6 @@ class Busy(RequestError):
         super().__init__(
             f"the server is busy ({pending} requests pending); retry in a moment", status=503, code="server_busy"
         )
-
-
-def context_length(config) -> int:
-    """The longest sequence the model takes; ChatGLM-6B's remote code names it differently."""
-    for key in ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return 2048
 
 
 def _prefix_length(bundle: Bundle) -> int:
