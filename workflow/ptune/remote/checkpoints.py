@@ -4,12 +4,14 @@ Resume state is not a DVC output (DVC deletes outputs before a rerun), so `dvc p
 `<remote>/ptune-state/<stage>/` through DVC's own filesystem for that remote (same URL, credentials and endpoint as
 `dvc push`), beside DVC's `files/` and never inside it, so `dvc gc --cloud` leaves it alone:
 
-    <remote>/ptune-state/train/manifest.json          {"key", "files": {name: {"md5", "size"}}, ...}
+    <remote>/ptune-state/train/manifest.json          {"key", "files": {name: {"md5", "size"}}, "older", ...}
     <remote>/ptune-state/train/<key>/checkpoint-00000040.safetensors
 
 The manifest is written last, so a push cut short leaves the previous complete state readable; files it no longer
-names (older checkpoints) are removed after it. A pull downloads into a temp name, checks the md5, then renames:
-a half-downloaded checkpoint is never taken for one.
+names (older checkpoints) are removed after it. A push of another key (the params changed) keeps the run it
+replaces under "older", up to $PTUNE_KEEP_RUNS runs in all, and says so. A pull trusts nothing the remote says
+until `manifest.check_manifest` accepts it (keys, file names, the stage: they become local paths), downloads into
+a temp name, checks the md5, then renames: a half-downloaded checkpoint is never taken for one.
 """
 
 from __future__ import annotations
@@ -21,26 +23,19 @@ import logging
 import os
 import platform
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PtuneError
 from ..paths import PTUNE_DIR, STATE_DIR
+from ..state.resume import KEEP_RUNS_ENV, keep_runs, runs_by_age
 from .dvc_remote import open_repo
+from .manifest import MAX_MANIFEST_BYTES, SYNCED_STAGES, Manifest, Run, StateFile, check_manifest, check_stage
+from .manifest import local_path as _local_path
 
 log = logging.getLogger(__name__)
 
-# Stages whose resume state is a flat folder of files worth carrying to another instance. fetch_weights' state
-# (a partial Git LFS clone) is not: a fresh instance fetches from the source again.
-SYNCED_STAGES = ("train", "evaluate")
 REMOTE_DIR = "ptune-state"
 MANIFEST = "manifest.json"
-
-
-@dataclass(frozen=True)
-class StateFile:
-    md5: str
-    size: int
 
 
 def _copy_hashed(src: Path, dst: Path) -> StateFile:
@@ -64,19 +59,13 @@ def _md5(path: Path) -> str:
 
 
 def local_states(stages: list[str] | None) -> dict[str, Path]:
-    """stage -> its one resume directory; hidden names are files still being written (atomic temp files)."""
+    """stage -> its newest run's resume directory (the running one, or the last interrupted), where it holds
+    files; hidden names are files still being written (atomic temp files)."""
     found: dict[str, Path] = {}
-    if not STATE_DIR.is_dir():
-        return found
-    for stage_dir in sorted(p for p in STATE_DIR.iterdir() if p.is_dir()):
-        if stage_dir.name not in (stages or SYNCED_STAGES):
-            continue
-        keys = sorted(
-            (p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if keys and any(f.is_file() for f in keys[-1].iterdir()):
-            found[stage_dir.name] = keys[-1]  # the stage removes stale keys when it starts; newest wins meanwhile
+    for stage in stages or SYNCED_STAGES:
+        runs = runs_by_age(STATE_DIR / check_stage(stage))
+        if runs and any(f.is_file() and not f.name.startswith(".") for f in runs[0].iterdir()):
+            found[stage] = runs[0]
     return found
 
 
@@ -104,25 +93,39 @@ class RemoteState:
     def _path(self, *parts: str) -> str:
         return self.fs.join(self.base, *parts)
 
-    def manifest(self, stage: str) -> dict | None:
-        path = self._path(stage, MANIFEST)
+    def manifest(self, stage: str) -> Manifest | None:
+        """The stage's manifest, checked (manifest.check_manifest); None where the remote has none."""
+        path = self._path(check_stage(stage), MANIFEST)
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as fh:
-            return json.loads(fh.read().decode("utf-8"))
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+        return check_manifest(raw, stage, path)
 
     def stages(self) -> list[str]:
         if not self.fs.exists(self.base):
             return []
         names = [self.fs.name(p.rstrip("/")) for p in self.fs.ls(self.base, detail=False)]
-        return sorted(n for n in names if self.fs.exists(self._path(n, MANIFEST)))
+        for name in sorted(set(names) - set(SYNCED_STAGES)):
+            # Only stages whose state travels are pulled: another folder here is not ptune's, and its name
+            # would become a local path.
+            log.warning("ignored %s on the remote: not a stage whose resume state travels", self._path(name))
+        return sorted(n for n in SYNCED_STAGES if n in names and self.fs.exists(self._path(n, MANIFEST)))
 
     def push_stage(self, stage: str, local: Path) -> dict:
-        """Upload one stage's resume directory; returns the manifest written."""
+        """Upload one stage's resume directory; returns the manifest written. Runs of other keys already on the
+        remote stay, up to $PTUNE_KEEP_RUNS runs in all (this one first)."""
         key = local.name
-        old = self.manifest(stage) or {}
-        old_files = old.get("files", {}) if old.get("key") == key else {}
-        files: dict[str, dict] = {}
+        try:
+            old = self.manifest(stage)
+        except PtuneError as exc:
+            # Not ours (or damaged): replaced below, and the files it named are removed with everything else
+            # that the new manifest does not name.
+            log.warning("replacing the remote's resume state of %s: %s", stage, exc)
+            old = None
+        old_runs = {r.key: r for r in old.runs} if old else {}
+        old_files = old_runs[key].files if key in old_runs else {}
+        files: dict[str, StateFile] = {}
         uploaded = 0
         with tempfile.TemporaryDirectory(prefix="ptune-push-", dir=PTUNE_DIR) as tmp:
             for src in sorted(p for p in local.iterdir() if p.is_file() and not p.name.startswith(".")):
@@ -131,24 +134,51 @@ class RemoteState:
                     meta = _copy_hashed(src, snap)
                 except FileNotFoundError:
                     continue  # pruned by the running stage (save_total_limit) while we were listing
-                files[src.name] = {"md5": meta.md5, "size": meta.size}
-                if old_files.get(src.name) != files[src.name]:
+                files[src.name] = meta
+                if old_files.get(src.name) != meta:
                     self.fs.put_file(str(snap), self._path(stage, key, src.name))
                     uploaded += 1
                 snap.unlink()
-            manifest = {
-                "stage": stage,
-                "key": key,
-                "files": files,
-                "host": platform.node(),
-                "pushed": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            }
+            now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            runs = [Run(key, files, platform.node(), now)] + [r for r in (old.runs if old else ()) if r.key != key]
+            keep = keep_runs()
+            if old and old.runs[0].key != key:
+                was = old.runs[0]
+                if keep > 1:
+                    log.warning(
+                        "%s: the remote's resume state of key %s (pushed %s from %s) is kept as an older run; "
+                        "it resumes only with the params it was made with (restore them, `ptune checkpoint "
+                        "pull`, rerun). %s=%d runs per stage are kept.",
+                        stage,
+                        was.key,
+                        was.pushed or "at an unknown time",
+                        was.host or "an unknown host",
+                        KEEP_RUNS_ENV,
+                        keep,
+                    )
+            for gone in runs[keep:]:
+                log.warning(
+                    "%s: deleting the remote's resume state of an older run, key %s (pushed %s from %s): "
+                    "%s=%d keeps only the newest runs per stage (raise it to keep more)",
+                    stage,
+                    gone.key,
+                    gone.pushed or "at an unknown time",
+                    gone.host or "an unknown host",
+                    KEEP_RUNS_ENV,
+                    keep,
+                )
+            manifest = Manifest(stage, tuple(runs[:keep])).to_json()
             mpath = Path(tmp) / MANIFEST
             mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             self.fs.put_file(str(mpath), self._path(stage, MANIFEST))
-        keep = {self._path(stage, key, name) for name in files} | {self._path(stage, MANIFEST)}
+        kept_keys = {r.key for r in runs[:keep]}
+        for entry in self.fs.ls(self._path(stage), detail=False):
+            if self.fs.name(entry.rstrip("/")) not in kept_keys | {MANIFEST}:
+                self.fs.rm(entry, recursive=True)  # runs beyond $PTUNE_KEEP_RUNS, whole (folders too)
+        keep_paths = {self._path(stage, r.key, name) for r in runs[:keep] for name in r.files}
+        keep_paths.add(self._path(stage, MANIFEST))
         for path in self.fs.find(self._path(stage)):
-            if path not in keep:  # older checkpoints, or the state of inputs and params no longer current
+            if path not in keep_paths:  # older checkpoints, runs beyond $PTUNE_KEEP_RUNS, files no manifest names
                 self.fs.rm_file(path)
         log.info(
             "pushed resume state of %s (%s): %d file(s), %d uploaded, to %s",
@@ -160,18 +190,16 @@ class RemoteState:
         )
         return manifest
 
-    def pull_stage(self, stage: str) -> tuple[Path, list[str]]:
-        """Download one stage's resume state; returns its local directory and the files fetched."""
-        manifest = self.manifest(stage)
-        if manifest is None:
-            raise PtuneError(f"the remote '{self.name}' holds no resume state for {stage}")
-        dest = STATE_DIR / stage / manifest["key"]
+    def _pull_run(self, stage: str, run: Run) -> list[str]:
+        """Download one checked run into .ptune/state/<stage>/<key>/; returns the names fetched."""
+        dest = _local_path(stage, run.key)
         dest.mkdir(parents=True, exist_ok=True)
         fetched = []
-        for name, meta in sorted(manifest["files"].items()):
-            target = dest / name
+        for name, meta in sorted(run.files.items()):
+            target = _local_path(stage, run.key, name)  # inside dest, after symlinks too
+            source = self._path(stage, run.key, name)
             if target.is_file():
-                if target.stat().st_size == meta["size"] and _md5(target) == meta["md5"]:
+                if target.stat().st_size == meta.size and _md5(target) == meta.md5:
                     continue
                 log.warning("kept the local %s: it differs from the remote's copy", target)
                 continue
@@ -179,31 +207,44 @@ class RemoteState:
             os.close(fd)
             tmp = Path(tmp_name)
             try:
-                self.fs.get_file(self._path(stage, manifest["key"], name), str(tmp))
+                self.fs.get_file(source, str(tmp))
                 got = _md5(tmp)
-                if got != meta["md5"]:
+                if got != meta.md5:
                     raise PtuneError(
-                        f"{self._path(stage, manifest['key'], name)}: md5 {got}, but the manifest "
-                        f"says {meta['md5']}; it is damaged or still being pushed: run "
-                        "`ptune checkpoint pull` again"
+                        f"{source}: md5 {got}, but the manifest says {meta.md5}; it is damaged or still being "
+                        "pushed: run `ptune checkpoint pull` again"
                     )
                 os.replace(tmp, target)
             except FileNotFoundError:
                 raise PtuneError(
-                    f"{self._path(stage, manifest['key'], name)} is named by the remote's manifest but "
-                    "missing (a push was replacing it); run `ptune checkpoint pull` again"
+                    f"{source} is named by the remote's manifest but missing (a push was replacing it); "
+                    "run `ptune checkpoint pull` again"
                 ) from None
             finally:
                 tmp.unlink(missing_ok=True)
             fetched.append(name)
+        return fetched
+
+    def pull_stage(self, stage: str) -> tuple[Path, list[str]]:
+        """Download one stage's resume state (every run the manifest keeps); returns the newest run's local
+        directory and the files fetched, as <key>/<name>."""
+        manifest = self.manifest(stage)
+        if manifest is None:
+            raise PtuneError(f"the remote '{self.name}' holds no resume state for {stage}")
+        fetched = []
+        # Oldest first, each folder touched once complete: here too the newest run is the newest folder.
+        for run in reversed(manifest.runs[: keep_runs()]):
+            fetched += [f"{run.key}/{name}" for name in self._pull_run(stage, run)]
+            os.utime(_local_path(stage, run.key))
+        newest = manifest.runs[0]
         log.info(
             "pulled resume state of %s (%s) from %s: %d file(s) fetched",
             stage,
-            manifest["key"],
+            newest.key,
             self._path(stage),
             len(fetched),
         )
-        return dest, fetched
+        return _local_path(stage, newest.key), fetched
 
 
 def push(stages: list[str] | None = None, remote: str | None = None) -> dict[str, dict]:
@@ -218,7 +259,7 @@ def push(stages: list[str] | None = None, remote: str | None = None) -> dict[str
 def pull(stages: list[str] | None = None, remote: str | None = None) -> dict[str, list[str]]:
     """Pull the resume state of `stages` (default: every stage the remote has some for)."""
     store = RemoteState(remote)
-    wanted = stages or store.stages()
+    wanted = [check_stage(s) for s in stages] if stages else store.stages()
     return {stage: store.pull_stage(stage)[1] for stage in wanted}
 
 

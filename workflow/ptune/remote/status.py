@@ -10,14 +10,18 @@ answer by stage and says what to run. Words used:
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
 import yaml
 
+from ..errors import PtuneError
 from . import checkpoints
 from .dvc_lock import locked_outs
 from .dvc_remote import open_repo, remote_info, survival_warning
+
+log = logging.getLogger(__name__)
 
 DVC_YAML = Path("dvc.yaml")
 
@@ -67,12 +71,17 @@ def _resume_state(remote: str | None, reachable: bool) -> dict:
     if reachable:
         try:
             store = checkpoints.RemoteState(remote)
-            manifests = {stage: store.manifest(stage) for stage in store.stages()}
+            for stage in store.stages():
+                try:
+                    manifests[stage] = store.manifest(stage)
+                except PtuneError as exc:  # a manifest ptune did not write: say so, and show the rest
+                    log.warning("%s", exc)
         except Exception:  # resume state is extra; the stage table is the answer
             manifests = {}
     found = {}
     for stage in sorted(set(checkpoints.local_states(None)) | set(manifests)):
-        files = (manifests.get(stage) or {}).get("files") or {}
+        manifest = manifests.get(stage)
+        files = manifest.runs[0].files if manifest else {}
         found[stage] = {"local": checkpoints.local_latest(stage), "remote": max(files) if files else None}
     return found
 
