@@ -59,3 +59,25 @@ def test_killed_evaluation_resumes_to_identical_outputs(ran_project, do_sample):
 def test_timings_carry_examples_per_second(pipeline_run):
     rec = json.loads((pipeline_run.root / "reports/timings/evaluate.json").read_text())
     assert set(rec["examples_per_s"]) == {"base", "ptuned"} and rec["wall_s"] > 0
+
+
+def test_generation_past_the_model_context_is_refused_before_generating(ran_project):
+    p = ran_project
+    before = (p.root / "reports/predictions.jsonl").read_bytes()
+    p.set_param("evaluate.max_new_tokens", 700)  # the tiny model's context is 512 positions
+    proc = p.run("ptune", "evaluate", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.split("ptune: error: ", 1)[-1]
+    # The numbers (prefix, prompt, new tokens, context), where the context comes from, and the params to lower.
+    for named in (
+        "prefix (4 positions, train.pre_seq_len",
+        "evaluate.max_new_tokens (700)",
+        "context of 512 (models/base/config.json: max_position_embeddings)",
+        "preprocess.max_source_length",
+    ):
+        assert named in message, message
+    longest = int(message.split("longest dev prompt (")[1].split(" tokens")[0])
+    assert f"lower evaluate.max_new_tokens to at most {512 - 4 - longest}" in message
+    # Refused before generating: no batch journalled, the outputs of the last run untouched.
+    assert not [f for f in (p.root / ".ptune/state/evaluate").rglob("*") if f.is_file()]
+    assert (p.root / "reports/predictions.jsonl").read_bytes() == before

@@ -18,6 +18,9 @@ from datasets import load_from_disk
 
 from ..config import Params
 from ..data import prompts
+from ..errors import PtuneError
+from ..model import backends
+from ..model.checks import context_window
 from ..model.generation import generate_all, in_prompt_order, length_sorted_batches
 from ..paths import BASE, METRICS, PREDICTIONS, PREFIX
 from ..paths import PROCESSED as DATA
@@ -37,6 +40,35 @@ def _journals(state: ResumeState, name: str) -> list[Path]:
     return sorted(state.dir.glob(f"{name}.rank*.jsonl"))
 
 
+def check_context(params: Params, prompt_ids: list) -> None:
+    """Fail before generating where the prefix + the longest prompt + max_new_tokens exceed the model's context:
+    a model asked for positions it has no embeddings for does not stop, it generates noise (or fails deep in
+    attention) for hours, with at most a warning."""
+    window = context_window(json.loads((BASE / "config.json").read_text(encoding="utf-8")))
+    if window is None:
+        return  # the config does not say; transformers checks what it can
+    key, context = window
+    prefix = backends.for_base(BASE).describe_prefix(PREFIX, BASE, allow_pickle=params.fetch_weights.allow_pickle)
+    pre_seq_len = int(prefix["pre_seq_len"])
+    longest = max(map(len, prompt_ids), default=0)
+    max_new = params.evaluate.max_new_tokens
+    total = pre_seq_len + longest + max_new
+    if total <= context:
+        return
+    room = context - pre_seq_len - longest
+    lower = (
+        f"lower evaluate.max_new_tokens to at most {room}, or preprocess.max_source_length (it caps the prompts) "
+        "or train.pre_seq_len"
+        if room > 0
+        else "lower preprocess.max_source_length (it caps the prompts) or train.pre_seq_len"
+    )
+    raise PtuneError(
+        f"evaluate: the prefix ({pre_seq_len} positions, train.pre_seq_len, as {PREFIX} has it) + the longest "
+        f"dev prompt ({longest} tokens) + evaluate.max_new_tokens ({max_new}) = {total} tokens, more than the "
+        f"base model's context of {context} ({BASE}/config.json: {key}); {lower}"
+    )
+
+
 def run(params: Params) -> dict:
     cfg = params.evaluate
     seed_everything(cfg.seed)
@@ -45,6 +77,7 @@ def run(params: Params) -> dict:
     if cfg.max_examples is not None:
         dev = dev.select(range(min(cfg.max_examples, len(dev))))
     prompt_ids = dev["input_ids"]
+    check_context(params, prompt_ids)
     labels = dev["label"]
     key = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
     key["prompt_format"] = params.preprocess.prompt_format  # it decides the tokens generation stops on
