@@ -114,3 +114,46 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(tmp_path, git_env, mon
 def test_an_unknown_revision_is_named(lfs_repo, tmp_path):
     with pytest.raises(PtuneError, match="fetch_weights.revision: 'v9' is not a commit, branch or tag"):
         git_lfs.fetch(lfs_repo.url, "v9", tmp_path / "work", backoff_s=0)
+
+
+def _hostile(tmp_path: Path) -> tuple[str, Path]:
+    """A value that, where git reads options, makes it run a command: the command leaves a file if it ran."""
+    marker = tmp_path / "PWNED"
+    return f"--upload-pack=touch {marker};git-upload-pack", marker
+
+
+def test_a_revision_that_git_would_read_as_an_option_runs_no_command(lfs_repo, tmp_path):
+    hostile, marker = _hostile(tmp_path)
+    with pytest.raises(PtuneError, match="fetch_weights.revision: '--upload-pack=.*' is not a commit hash"):
+        git_lfs.fetch(lfs_repo.url, hostile, tmp_path / "work", backoff_s=0)
+    assert not marker.exists()
+    # The second layer, on its own: the git commands that take the revision read it after --end-of-options.
+    clone, _ = git_lfs.fetch(lfs_repo.url, lfs_repo.commit, tmp_path / "work", backoff_s=0)
+    git_lfs._fetch_revision(clone, hostile)
+    assert git_lfs._resolve(clone, hostile).returncode != 0
+    assert not marker.exists(), "git ran the command given as a revision"
+
+
+def test_a_repository_url_that_git_would_read_as_an_option_or_a_command_runs_nothing(tmp_path, git_env):
+    hostile, marker = _hostile(tmp_path)
+    for repo in (hostile, f"ext::sh -c touch% {marker}"):
+        with pytest.raises(PtuneError, match="fetch_weights.repo: `git clone"):
+            git_lfs.fetch(repo, "a" * 40, tmp_path / "work", attempts=1, backoff_s=0)
+        assert not marker.exists(), repo
+
+
+def test_a_symbolic_link_in_the_repository_is_refused_naming_it(tmp_path, git_env):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("not for the model folder\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "glm"}\n')
+    (src / "tokenizer.model").symlink_to(secret)
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "a link"]):
+        subprocess.run(["git", *cmd], cwd=src, env=git_env, check=True, capture_output=True)
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(src), str(remote)], env=git_env, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, env=git_env, capture_output=True, text=True)
+    with pytest.raises(PtuneError) as err:
+        git_lfs.fetch(remote.as_uri(), commit.stdout.strip(), tmp_path / "work", backoff_s=0)
+    assert f"tokenizer.model is a symbolic link (to {str(secret)!r})" in str(err.value)

@@ -6,6 +6,12 @@ pointer (sha256 and size) afterwards, because a `git lfs pull` killed mid-way le
 a truncated working-tree file that a rerun of `git lfs pull` does not repair and `git lfs fsck` calls OK; a
 corrupt object in the local store is copied out just as silently. Both are repaired here: the bad file (and
 its local object) is removed, and the next pull fetches it again.
+
+Values from params.yaml reach git's command line, so none of them may stand where git reads options: the
+revision must be a commit hash or a valid ref name (revision_problem), every command that takes one is given
+`--end-of-options` before it, and checkout is given a hash git itself resolved. The repository URL may use only
+the transports in ALLOWED_PROTOCOLS (not `ext::`, which runs a command). A checked-out tree with a symbolic link
+in it is refused (refuse_links): the weights folder is moved into models/base, read, pushed and served.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -23,11 +30,43 @@ from .lfs_pointer import Pointer, content_problem, read_pointer
 
 log = logging.getLogger(__name__)
 
+# Transports git may use for fetch_weights.repo (GIT_ALLOW_PROTOCOL): `ext::` and other remote helpers are left out.
+ALLOWED_PROTOCOLS = "https:http:ssh:git:file"
+_HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a full SHA-1 or SHA-256 object name, as rev-parse prints it
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def revision_problem(revision: str) -> str | None:
+    """Why `revision` is not a commit hash or a valid ref name (git's check-ref-format rules, one level allowed,
+    plus no leading `-`), or None. The one check of fetch_weights.revision: params loading and fetch both call it,
+    since the value reaches git's command line and git's revision syntax (`a..b`, `x^{...}`, `@{...}`) is not wanted.
+    """
+    if re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", revision):
+        return None
+    if not revision:
+        return "it is empty"
+    if revision.startswith("-"):
+        return "it starts with '-', which git reads as an option"
+    if _REF_FORBIDDEN.search(revision):
+        return "it holds a space, a control character or one of ~ ^ : ? * [ \\"
+    if ".." in revision or "@{" in revision or revision == "@":
+        return "it holds '..' or '@{', or is '@'"
+    if revision.startswith("/") or revision.endswith(("/", ".")) or "//" in revision:
+        return "it starts or ends with '/', ends with '.' or holds '//'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
+        return "a part of it starts with '.' or ends with '.lock'"
+    return None
+
 
 def _git(clone: Path | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = ["git", *(["-C", str(clone)] if clone else []), *args]
     # Skip the smudge filter everywhere: content comes only from `git lfs pull`, which we can retry and verify.
-    env = {**os.environ, "GIT_LFS_SKIP_SMUDGE": "1", "GIT_TERMINAL_PROMPT": "0"}
+    env = {
+        **os.environ,
+        "GIT_LFS_SKIP_SMUDGE": "1",
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_ALLOW_PROTOCOL": ALLOWED_PROTOCOLS,
+    }
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     except FileNotFoundError:
@@ -60,7 +99,7 @@ def _clone(repo: str, clone: Path, attempts: int, backoff_s: float) -> None:
     partial = clone.with_name(clone.name + ".partial")
     for attempt in range(attempts):
         shutil.rmtree(partial, ignore_errors=True)  # a clone cut short cannot be resumed; it is small anyway
-        proc = _git(None, "clone", "--no-checkout", repo, str(partial), check=False)
+        proc = _git(None, "clone", "--no-checkout", "--end-of-options", repo, str(partial), check=False)
         if proc.returncode == 0:
             os.replace(partial, clone)
             return
@@ -74,25 +113,60 @@ def _clone(repo: str, clone: Path, attempts: int, backoff_s: float) -> None:
     )
 
 
+def _resolve(clone: Path, name: str) -> subprocess.CompletedProcess:
+    """The commit `name` stands for in the clone (rev-parse: its stdout, exit 0), whatever `name` holds."""
+    return _git(clone, "rev-parse", "--verify", "--quiet", "--end-of-options", f"{name}^{{commit}}", check=False)
+
+
+def _fetch_revision(clone: Path, revision: str) -> None:
+    """Fetch every branch and tag, then `revision` itself (a commit no branch points at); whatever `revision`
+    holds, git reads it as a refspec, never as an option such as --upload-pack=COMMAND."""
+    _git(clone, "fetch", "--quiet", "origin", check=False)
+    _git(clone, "fetch", "--quiet", "--end-of-options", "origin", revision, check=False)
+
+
 def _checkout(clone: Path, revision: str) -> str:
     """Check out `revision` (fetching it if the clone lacks it); returns its commit."""
-    have = _git(clone, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}", check=False)
+    why = revision_problem(revision)
+    if why:  # params loading refuses it first; this keeps the function safe on its own
+        raise PtuneError(f"fetch_weights.revision: {revision!r} is not a commit hash or a valid ref name ({why})")
+    have = _resolve(clone, revision)
     if have.returncode != 0:
-        _git(clone, "fetch", "--quiet", "origin", check=False)
-        _git(clone, "fetch", "--quiet", "origin", revision, check=False)  # a commit no branch points at
-        have = _git(clone, "rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}", check=False)
+        _fetch_revision(clone, revision)
+        have = _resolve(clone, revision)
         if have.returncode != 0:
-            have = _git(clone, "rev-parse", "--verify", "--quiet", f"origin/{revision}^{{commit}}", check=False)
+            have = _resolve(clone, f"origin/{revision}")
         if have.returncode != 0:
             raise PtuneError(
                 f"fetch_weights.revision: {revision!r} is not a commit, branch or tag of "
                 f"{_git(clone, 'remote', 'get-url', 'origin').stdout.strip()}"
             )
     commit = have.stdout.strip()
+    if not _HASH.fullmatch(commit):
+        raise PtuneError(f"fetch_weights.revision: git resolved {revision!r} to {commit!r}, not a commit hash")
     # Keeps the LFS filters out of the user's own git config.
     _git(clone, "lfs", "install", "--local", "--skip-smudge")
-    _git(clone, "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit)
+    # checkout takes no --end-of-options (git 2.39): it gets a hash git printed, and `--` ends what it reads.
+    _git(clone, "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit, "--")
     return commit
+
+
+def refuse_links(folder: Path, what: str) -> None:
+    """Refuse a checked-out tree (`.git` aside) with a symbolic link in it, naming the link. A model repository
+    holds files; a link in it can point anywhere on this machine (an SSH key, a token file), and the tree becomes
+    models/base, which later stages read, push to the DVC remote and bundle for serving."""
+    for top, dirs, files in os.walk(folder):
+        if Path(top) == folder and ".git" in dirs:
+            dirs.remove(".git")
+        for name in sorted(dirs + files):
+            path = Path(top, name)
+            if path.is_symlink():
+                raise PtuneError(
+                    f"{what}: {path.relative_to(folder)} is a symbolic link (to {os.readlink(path)!r}); a model "
+                    "folder must hold regular files only, since a link can reach any file on this machine. Fetch "
+                    "a revision without links, or copy the real files into a folder and use fetch_weights.source: "
+                    "path"
+                )
 
 
 def _clear_stale_locks(clone: Path) -> None:
@@ -143,6 +217,7 @@ def fetch(repo: str, revision: str, workdir: Path, attempts: int = 5, backoff_s:
         _clone(repo, clone, attempts, backoff_s)
     _clear_stale_locks(clone)
     commit = _checkout(clone, revision)
+    refuse_links(clone, f"fetch_weights.repo {repo}@{commit[:12]}")  # before git-lfs writes into the tree
     files = lfs_files(clone)
     _remove_truncated(clone, files)
     pending = dict(files)  # hashing 13 GB takes a while: a file verified once is not hashed again
