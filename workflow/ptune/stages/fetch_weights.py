@@ -54,18 +54,30 @@ def check_model_dir(folder: Path, what: str) -> None:
     require_no_pointers(folder, what)
 
 
-def _link_or_copy(src: Path, dest: Path) -> None:
-    """Files out of a hub cache: a hard link where the disk allows (no second copy of 18 GB), else a copy."""
+def _link_or_copy(src: Path, dest: Path, links_within: Path, what: str) -> None:
+    """Files out of a hub cache: a hard link where the disk allows (no second copy of 18 GB), else a copy.
+
+    A Hugging Face snapshot is a folder of symbolic links into its repository's blobs/; a link that leads
+    anywhere else (out of `links_within`), or to anything but a regular file, is refused naming it, so that no
+    file of this machine outside the cache becomes part of models/base (read, pushed, served).
+    """
+    root = links_within.resolve()
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if ".git" in rel.parts or ".cache" in rel.parts:
             continue
         target = dest / rel
+        real = path.resolve()
+        if path.is_symlink() and (not real.is_relative_to(root) or not real.is_file()):
+            raise PtuneError(
+                f"{what}: {rel} in {src} is a symbolic link to {os.readlink(path)!r}, which is not a file of "
+                f"the hub's cache ({root}); the snapshot was tampered with or is not the hub's: delete it and "
+                "fetch again"
+            )
         if path.is_dir():
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        real = path.resolve()
         try:
             os.link(real, target)
         except OSError:
@@ -109,7 +121,9 @@ def _fetch(cfg: FetchWeightsConfig, dest: Path) -> dict:
         return _fetch_git_lfs(cfg, dest)
     snapshot = hub.hf_hub(cfg.repo, cfg.revision) if cfg.source == "hf_hub" else hub.modelscope(cfg.repo, cfg.revision)
     check_model_dir(snapshot, f"fetch_weights.repo {cfg.repo}")
-    _link_or_copy(snapshot, dest)
+    # Hugging Face: snapshots/<commit>/ links into the repository's blobs/; ModelScope writes the files themselves.
+    within = snapshot.parent.parent if cfg.source == "hf_hub" else snapshot
+    _link_or_copy(snapshot, dest, within, f"fetch_weights.repo {cfg.repo}")
     # A Hugging Face snapshot folder is named by its commit.
     return {"repo": cfg.repo, "revision": snapshot.name if cfg.source == "hf_hub" else cfg.revision}
 
