@@ -87,3 +87,107 @@ def test_report_reference_is_typed_and_checked():
     }
     with pytest.raises(PtuneError, match=r"report\.reference\.rouge-l"):
         config.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "section, key, cap",
+    [
+        ("evaluate", "max_new_tokens", 32768),
+        ("deploy", "max_new_tokens", 32768),
+        ("evaluate", "batch_size", 4096),
+        ("train", "per_device_train_batch_size", 4096),
+        ("train", "pre_seq_len", 4096),
+    ],
+)
+def test_sizes_that_no_real_run_reaches_are_refused(section, key, cap):
+    """10^9 new tokens or a batch of 10^6 was accepted, and failed hours later as an allocation of terabytes."""
+    raw = copy.deepcopy(_raw())
+    raw[section][key] = cap
+    config.from_dict(raw)
+    for huge in (cap + 1, 10**9):
+        raw[section][key] = huge
+        with pytest.raises(PtuneError, match=rf"{section}\.{key}: {huge} is greater than the maximum of {cap}"):
+            config.from_dict(raw)
+
+
+def _git_lfs_params(**fetch_weights):
+    raw = copy.deepcopy(_raw())
+    raw["fetch_weights"].update(source="git_lfs", repo="https://huggingface.co/THUDM/chatglm-6b", revision="a" * 40)
+    raw["fetch_weights"].update(fetch_weights)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (
+            {"revision": "--upload-pack=touch PWNED"},
+            "fetch_weights.revision: '--upload-pack=touch PWNED' does not match",
+        ),
+        ({"repo": "--upload-pack=touch PWNED"}, "fetch_weights.repo: '--upload-pack=touch PWNED' does not match"),
+        ({"revision": "main..HEAD"}, "fetch_weights.revision: 'main..HEAD' is not a commit hash or a valid branch"),
+        ({"revision": "v1 --upload-pack=x"}, "a space, a control character"),
+        ({"revision": "HEAD@{1}"}, "'@{'"),
+        ({"revision": "main^{tree}"}, "a space, a control character"),
+        ({"revision": "refs/heads/.hidden"}, "starts with '.'"),
+    ],
+)
+def test_a_revision_or_repo_git_would_read_as_an_option_or_syntax_is_refused(edit, named):
+    with pytest.raises(PtuneError) as err:
+        config.from_dict(_git_lfs_params(**edit))
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize("revision", ["a" * 40, "b" * 64, "main", "v1.0", "refs/pr/12", "release/2024-06"])
+def test_commits_branches_and_tags_pass(revision):
+    assert config.from_dict(_git_lfs_params(revision=revision)).fetch_weights.revision == revision
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("fetch_weights.repo", "https://hf_user:hf_SECRETTOKEN@huggingface.co/THUDM/chatglm-6b"),
+        ("fetch_weights.repo", "https://ghp_SECRETTOKEN@github.com/org/model.git"),
+        ("fetch_data.url", "https://user:SECRETTOKEN@example.com/AdvertiseGen.tar.gz"),
+        # Also where the schema would refuse the value anyway, and print it in its message.
+        ("fetch_data.url", "ftp://user:SECRETTOKEN@example.com/AdvertiseGen.tar.gz"),
+    ],
+)
+def test_credentials_in_a_url_are_refused_without_being_repeated(key, value):
+    raw = _git_lfs_params()
+    raw["fetch_data"].update(source="url", url="https://example.com/AdvertiseGen.tar.gz", sha256="0" * 64)
+    section, name = key.split(".")
+    raw[section][name] = value
+    with pytest.raises(PtuneError) as err:
+        config.from_dict(raw)
+    message = str(err.value)
+    assert message.startswith(f"{key}: {value.split(':')[0]}://***@") and "carries credentials" in message
+    assert "HF_TOKEN" in message and "credential helper" in message
+    assert "SECRETTOKEN" not in message
+
+
+def test_an_ssh_account_name_is_no_credential():
+    params = config.from_dict(_git_lfs_params(repo="ssh://git@hf.co/THUDM/chatglm-6b"))
+    assert params.fetch_weights.repo == "ssh://git@hf.co/THUDM/chatglm-6b"
+
+
+def test_fetch_data_url_is_https_unless_local_or_allowed():
+    raw = copy.deepcopy(_raw())
+    raw["fetch_data"].update(source="url", url="http://example.com/AdvertiseGen.tar.gz", sha256="0" * 64)
+    with pytest.raises(PtuneError, match=r"fetch_data\.url: http://example\.com/.* plain http.*fetch_data\.allow_http"):
+        config.from_dict(raw)
+    assert config.from_dict({**raw, "fetch_data": {**raw["fetch_data"], "allow_http": True}}).fetch_data.allow_http
+    for local in ("http://127.0.0.1:8000/a.tgz", "http://localhost/a.tgz", "http://[::1]:80/a.tgz"):
+        raw["fetch_data"]["url"] = local
+        assert config.from_dict(raw).fetch_data.url == local
+    raw["fetch_data"]["url"] = "https://cloud.tsinghua.edu.cn/f/b3f119a008264b1cabd1/?dl=1"
+    params = config.from_dict(raw)
+    assert (
+        params.fetch_data.allow_http,
+        params.fetch_data.max_unpacked_bytes,
+        params.fetch_data.max_archive_members,
+    ) == (
+        False,
+        8 << 30,
+        100_000,
+    )

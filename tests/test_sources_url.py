@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -13,7 +14,7 @@ from ptune.errors import PtuneError
 from ptune.sources import url as url_source
 
 from conftest import ADGEN_SAMPLE, make_project
-from support.http_files import FileServer
+from support.http_files import FileServer, LoopbackServer
 
 ARCHIVE = "/f/b3f119a008264b1cabd1/?dl=1"  # the path of the tutorial's link, served here
 
@@ -106,3 +107,36 @@ def test_a_truncated_archive_fails_clearly(adgen_archive, tmp_path):
     with pytest.raises(PtuneError, match="truncated or corrupt"):
         url_source.extract(archive, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    """Answers every GET with a 302 to the server's `location`."""
+
+    server: LoopbackServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(302)
+        self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_plain_http_to_another_machine_is_refused_before_any_request(tmp_path):
+    for url in ("http://example.com/AdvertiseGen.tar.gz", "ftp://example.com/AdvertiseGen.tar.gz"):
+        with pytest.raises(PtuneError, match=r"fetch_data.url: .* is refused: .*(plain http|only https)"):
+            url_source.download(url, tmp_path / "download", "0" * 64, attempts=1, backoff_s=0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_redirect_to_plain_http_elsewhere_is_refused(tmp_path):
+    """An https URL answering 302 to http://elsewhere would downgrade the download; the same rule applies."""
+    with LoopbackServer(_Redirect) as server:
+        server.location = "http://mirror.invalid/AdvertiseGen.tar.gz"
+        with pytest.raises(PtuneError, match=r"redirects \(HTTP 302\) to http://mirror.invalid/.* plain http"):
+            url_source.download(server.origin + "/a.tgz", tmp_path / "download", "0" * 64, attempts=1, backoff_s=0)
+        server.location = "ftp://mirror.invalid/AdvertiseGen.tar.gz"  # urllib follows ftp; file:// it refuses itself
+        with pytest.raises(PtuneError, match=r"redirects \(HTTP 302\) to ftp://mirror.invalid/.* only https"):
+            url_source.download(server.origin + "/a.tgz", tmp_path / "download", "0" * 64, attempts=1, backoff_s=0)

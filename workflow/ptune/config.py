@@ -7,6 +7,7 @@ dataclasses below only give them types for the code. A test keeps the two in ste
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import yaml
 from .data import prompts
 from .errors import PtuneError
 from .paths import REPO
+from .sources import git_lfs, url
 
 SCHEMA_RELPATH = "workflow/schemas/params.schema.yaml"
 
@@ -70,6 +72,10 @@ class FetchDataConfig:
     history_column: str
     embedded: EmbeddedDataConfig
     system_column: str = ""
+    # source url only; optional keys, so that a params file written before they existed keeps its meaning
+    allow_http: bool = False
+    max_unpacked_bytes: int = url.DEFAULT_MAX_BYTES
+    max_archive_members: int = url.DEFAULT_MAX_MEMBERS
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,66 @@ def validate(raw: Any, source: str = "params.yaml") -> None:
     raise PtuneError(f"{source} is invalid (described in {SCHEMA_RELPATH}):\n  " + "\n  ".join(lines) + more)
 
 
+def _redact(value: str) -> str:
+    """`value` with whatever stands before the @ of a URL's host replaced, for messages and logs."""
+    scheme, _, rest = value.partition("://")
+    netloc, sep, tail = rest.partition("/")
+    return f"{scheme}://***@{netloc.rpartition('@')[2]}{sep}{tail}"
+
+
+def _has_credentials(value: str) -> bool:
+    """A password, or any user name in an http(s) URL (a token is often given as the user name). `ssh://git@host`
+    and `git@host:repo` name an account, not a secret, and pass."""
+    if "://" not in value:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        return parts.password is not None or (parts.username is not None and parts.scheme.lower() in ("http", "https"))
+    except ValueError:
+        return "@" in value.split("://", 1)[1].split("/", 1)[0]
+
+
+URL_KEYS = (("fetch_weights", "repo"), ("fetch_data", "url"))
+
+
+def refuse_credentials(raw: dict[str, Any], source: str = "params.yaml") -> None:
+    """Refuse credentials in `fetch_weights.repo` or `fetch_data.url` (`https://user:token@host/...`): params.yaml
+    is committed, and these values are copied into models/base/ptune_source.json, the report's provenance and the
+    logs. Run on the raw params before the schema, whose messages would repeat the value; the messages here show
+    it with the credentials masked."""
+    for section, name in URL_KEYS:
+        value = raw.get(section, {}).get(name) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and _has_credentials(value):
+            raise PtuneError(
+                f"{section}.{name}: {_redact(value)} carries credentials (a user name or token before the @), which "
+                f"would be copied into models/base/ptune_source.json, the report and the logs; remove them from "
+                f"{source}. Give a token through the environment instead: HF_TOKEN (or `hf auth login`) for the "
+                "Hugging Face hub, a git credential helper (`git config --global credential.helper store`, or your "
+                "system's) for a git server"
+            )
+
+
+def check_sources(fetch_weights: FetchWeightsConfig, fetch_data: FetchDataConfig) -> None:
+    """The trust checks on where models and data come from that a JSON Schema cannot express (credentials aside:
+    refuse_credentials); every stage runs them when it loads params.
+
+    Refused: a revision that is neither a commit hash nor a valid branch or tag name (it reaches git's command
+    line, see git_lfs.revision_problem), and a fetch_data.url that sources.url.url_problem refuses (plain http
+    elsewhere than this machine, unless fetch_data.allow_http).
+    """
+    if fetch_weights.source in ("git_lfs", "hf_hub", "modelscope"):
+        why = git_lfs.revision_problem(fetch_weights.revision)
+        if why:
+            raise PtuneError(
+                f"fetch_weights.revision: {fetch_weights.revision!r} is not a commit hash or a valid branch or tag "
+                f"name ({why}); give the 40-hex-digit commit to fetch"
+            )
+    if fetch_data.source == "url":
+        why = url.url_problem(fetch_data.url, fetch_data.allow_http)
+        if why:
+            raise PtuneError(f"fetch_data.url: {fetch_data.url} is refused: {why}")
+
+
 def _section_types() -> dict[str, type]:
     return {
         "fetch_weights": FetchWeightsConfig,
@@ -230,6 +296,8 @@ def _section_types() -> dict[str, type]:
 
 
 def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    if isinstance(raw, dict):
+        refuse_credentials(raw, source)
     validate(raw, source)
     sections = {}
     for name, cls in _section_types().items():
@@ -241,6 +309,7 @@ def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         elif cls is ReportConfig and data["reference"] is not None:
             data["reference"] = ReferenceConfig(**{k.replace("-", "_"): v for k, v in data["reference"].items()})
         sections[name] = cls(**data)
+    check_sources(sections["fetch_weights"], sections["fetch_data"])
     prompts.check_params(sections["preprocess"])
     return Params(**sections, raw=raw)
 

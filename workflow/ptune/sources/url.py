@@ -1,26 +1,78 @@
-"""Source `url`: an HTTP(S) download that resumes with Range requests, checked against a required sha256,
-then unpacked (tar, tar.gz, zip): e.g. AdvertiseGen.tar.gz → AdvertiseGen/train.json, dev.json."""
+"""Source `url`: an HTTPS download that resumes with Range requests, checked against a required sha256,
+then unpacked (tar, tar.gz, zip) through archive.safe_extract: e.g. AdvertiseGen.tar.gz → AdvertiseGen/train.json,
+dev.json.
+
+Plain http is refused (url_problem) unless the host is this machine or fetch_data.allow_http is set: what comes
+over it can be read and replaced on the way, and a first run with an empty fetch_data.sha256 would show the user
+the checksum of whatever an attacker sent. The same rule applies to every redirect the server answers with.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
 import logging
 import os
-import shutil
-import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-import zipfile
-import zlib
 from pathlib import Path
 
 from ..errors import PtuneError
+from . import archive as archive_check
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# Defaults of fetch_data.max_unpacked_bytes and max_archive_members: ADGEN unpacks to well under 1 GiB in 3 files.
+DEFAULT_MAX_BYTES = 8 << 30
+DEFAULT_MAX_MEMBERS = 100_000
+
+
+def is_loopback(host: str | None) -> bool:
+    """This machine: `localhost` or a loopback address (127.0.0.0/8, ::1), where nobody sits on the way."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def url_problem(url: str, allow_http: bool) -> str | None:
+    """Why `url` may not be downloaded from, or None: https, or http to this machine or with allow_http."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    scheme = parts.scheme.lower()
+    if scheme == "https" or (scheme == "http" and (allow_http or is_loopback(host))):
+        return None
+    if scheme == "http":
+        return (
+            "plain http, which anyone on the way can read and replace; use the https:// address, or set "
+            "fetch_data.allow_http: true if this server has no https and you accept that"
+        )
+    return f"the scheme {scheme or '(none)'!r}: only https:// (and http:// with fetch_data.allow_http) is fetched"
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a new URL: https://good/x answering 302 to http://elsewhere/x must not downgrade the fetch."""
+
+    def __init__(self, allow_http: bool):
+        super().__init__()
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        why = url_problem(newurl, self.allow_http)
+        if why:
+            raise PtuneError(f"fetch_data.url: {req.full_url} redirects (HTTP {code}) to {newurl}, refused: {why}")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def _sha256(path: Path) -> str:
@@ -28,12 +80,13 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _get(url: str, part: Path, timeout_s: float) -> None:
+def _get(url: str, part: Path, timeout_s: float, allow_http: bool) -> None:
     """One request: continue `part` from where it ends (Range), or start it over if the server ignores that."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     request = urllib.request.Request(url, headers={"User-Agent": "ptune", **headers})
-    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+    opener = urllib.request.build_opener(_CheckedRedirects(allow_http))
+    with opener.open(request, timeout=timeout_s) as resp:
         if have and resp.status == 206:
             start = resp.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
             if start != str(have):
@@ -54,16 +107,26 @@ def _get(url: str, part: Path, timeout_s: float) -> None:
 
 
 def download(
-    url: str, dest: Path, sha256: str, attempts: int = 5, backoff_s: float = 5.0, timeout_s: float = 60.0
+    url: str,
+    dest: Path,
+    sha256: str,
+    attempts: int = 5,
+    backoff_s: float = 5.0,
+    timeout_s: float = 60.0,
+    allow_http: bool = False,
 ) -> None:
     """Download `url` to `dest`, resuming a partial `dest`.part left by an earlier try or run, and check it.
 
     Retries with exponential backoff on dropped connections, timeouts and 5xx answers; fails at once on other
     HTTP errors. With `sha256` empty the download is kept but refused, the message giving its sha256 to check.
+    A URL (or a redirect) that url_problem refuses fails before any request to it.
     """
+    why = url_problem(url, allow_http)
+    if why:
+        raise PtuneError(f"fetch_data.url: {url} is refused: {why}")
     sha256 = sha256.lower()
     if not dest.is_file():
-        _fetch(url, dest, attempts, backoff_s, timeout_s)
+        _fetch(url, dest, attempts, backoff_s, timeout_s, allow_http)
     actual = _sha256(dest)
     size = dest.stat().st_size
     if not sha256:
@@ -81,13 +144,13 @@ def download(
         )
 
 
-def _fetch(url: str, dest: Path, attempts: int, backoff_s: float, timeout_s: float) -> None:
+def _fetch(url: str, dest: Path, attempts: int, backoff_s: float, timeout_s: float, allow_http: bool) -> None:
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
     error = ""
     for attempt in range(attempts):
         try:
-            _get(url, part, timeout_s)
+            _get(url, part, timeout_s, allow_http)
             break
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and part.exists():
@@ -121,35 +184,25 @@ def _describe(path: Path) -> str:
     return f"starts with {head[:16]!r}"
 
 
-def extract(archive: Path, dest: Path) -> Path:
-    """Unpack a tar (any compression) or zip archive into `dest`; returns the data root.
+def extract(
+    archive: Path, dest: Path, max_bytes: int = DEFAULT_MAX_BYTES, max_members: int = DEFAULT_MAX_MEMBERS
+) -> Path:
+    """Unpack a tar (any compression) or zip archive into `dest` through archive.safe_extract (which refuses
+    links, names leading out of `dest` and bombs, leaving nothing); returns the data root.
 
     The root is the archive's single top-level folder if it has one (AdvertiseGen/), else `dest` itself.
     """
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    try:
-        if tarfile.is_tarfile(archive):
-            with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(dest, filter="data")  # refuses absolute paths, .. and links out of dest
-        elif zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
-                bad = zf.testzip()
-                if bad is not None:
-                    raise zipfile.BadZipFile(f"member {bad} fails its CRC check")
-                zf.extractall(dest)  # zipfile drops absolute paths and ..
-        else:
-            raise PtuneError(
-                f"{archive}: not a tar or zip archive ({archive.stat().st_size:,} bytes, "
-                f"{_describe(archive)}); fetch_data.url must point at an archive such as "
-                "AdvertiseGen.tar.gz"
-            )
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # a real I/O error (disk full, permissions), not a broken archive
+    if archive_check.kind(archive) is None:
         raise PtuneError(
-            f"{archive}: the archive is truncated or corrupt ({type(exc).__name__}: {exc}), though its "
+            f"{archive}: not a tar or zip archive ({archive.stat().st_size:,} bytes, "
+            f"{_describe(archive)}); fetch_data.url must point at an archive such as "
+            "AdvertiseGen.tar.gz"
+        )
+    try:
+        archive_check.safe_extract(archive, dest, max_bytes, max_members)
+    except archive_check.BrokenArchive as exc:
+        raise PtuneError(
+            f"{archive}: the archive is truncated or corrupt ({exc}), though its "
             "sha256 is the expected one: the file at fetch_data.url is broken, or fetch_data.sha256 "
             f"was taken from a broken download; delete {archive}, check the checksum and rerun"
         ) from None

@@ -1,8 +1,9 @@
 """Stage fetch_data: data/raw/train.json and dev.json, JSON lines of content and summary (and history).
 
-Sources: embedded (generated), path (a local folder) and url (an archive, downloaded with resume and a
-checksum). The files found there, ADGEN's or your own (JSON lines or CSV, columns by name), are read through
-one validating reader and written in the one layout later stages read.
+Sources: embedded (generated), path (a local folder) and url (an archive over https, downloaded with resume
+and a checksum, unpacked by sources.archive.safe_extract: regular files and folders only, within size caps).
+The files found there, ADGEN's or your own (JSON lines or CSV, columns by name), are read through one validating
+reader and written in the one layout later stages read.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def _source_folder(cfg: FetchDataConfig) -> tuple[Path, ResumeState | None]:
     # Keyed on the URL alone: a download kept for want of a checksum is used once the checksum is set.
     state = ResumeState("fetch_data", [], {"url": cfg.url})
     archive = state.path("download")
-    url.download(cfg.url, archive, cfg.sha256)
-    return url.extract(archive, state.path("extracted")), state
+    url.download(cfg.url, archive, cfg.sha256, allow_http=cfg.allow_http)
+    extracted = url.extract(archive, state.path("extracted"), cfg.max_unpacked_bytes, cfg.max_archive_members)
+    return extracted, state
 
 
 def _write_embedded(cfg: FetchDataConfig, out: Path) -> None:
