@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 import ptune
 
