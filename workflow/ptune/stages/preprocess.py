@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from ..config import Params, PreprocessConfig
 from ..data import adgen, prompts
 from ..errors import PtuneError
-from ..model import backends
+from ..model import backends, checks
 from ..paths import BASE, RAW
 from ..paths import PROCESSED as OUT
 from ..state import atomic
@@ -71,10 +71,7 @@ def context_length(model_dir: Path, trust_remote_code: bool = False) -> int | No
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    for key in ("max_position_embeddings", "seq_length", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return None
+    return checks.context_length(config, default=None)
 
 
 def check_lengths(prompter: prompts.Prompter, cfg: PreprocessConfig, context: int | None) -> None:
