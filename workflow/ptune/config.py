@@ -7,6 +7,7 @@ dataclasses below only give them types for the code. A test keeps the two in ste
 from __future__ import annotations
 
 import dataclasses
+import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,12 @@ class FetchDataConfig:
     allow_http: bool = False
     max_unpacked_bytes: int = url.DEFAULT_MAX_BYTES
     max_archive_members: int = url.DEFAULT_MAX_MEMBERS
+    # source hf_hub / modelscope (optional keys as well)
+    repo: str = ""
+    revision: str = ""
+    train_split: str = "train"
+    dev_split: str = "validation"
+    expect: str = "auto"  # auto | adgen | none: check against the original ADGEN (data.adgen.ORIGINAL)
 
 
 @dataclass(frozen=True)
@@ -241,7 +248,7 @@ def _has_credentials(value: str) -> bool:
         return "@" in value.split("://", 1)[1].split("/", 1)[0]
 
 
-URL_KEYS = (("fetch_weights", "repo"), ("fetch_data", "url"))
+URL_KEYS = (("fetch_weights", "repo"), ("fetch_data", "url"), ("fetch_data", "repo"))
 
 
 def refuse_credentials(raw: dict[str, Any], source: str = "params.yaml") -> None:
@@ -261,13 +268,18 @@ def refuse_credentials(raw: dict[str, Any], source: str = "params.yaml") -> None
             )
 
 
+# A hub repository id: owner/name, in the characters both hubs allow.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def check_sources(fetch_weights: FetchWeightsConfig, fetch_data: FetchDataConfig) -> None:
     """The trust checks on where models and data come from that a JSON Schema cannot express (credentials aside:
     refuse_credentials); every stage runs them when it loads params.
 
     Refused: a revision that is neither a commit hash nor a valid branch or tag name (it reaches git's command
     line, see git_lfs.revision_problem), and a fetch_data.url that sources.url.url_problem refuses (plain http
-    elsewhere than this machine, unless fetch_data.allow_http).
+    elsewhere than this machine, unless fetch_data.allow_http), and a hub data set's fetch_data.repo that is not an
+    owner/name id (a URL, a path).
     """
     if fetch_weights.source in ("git_lfs", "hf_hub", "modelscope"):
         why = git_lfs.revision_problem(fetch_weights.revision)
@@ -275,6 +287,18 @@ def check_sources(fetch_weights: FetchWeightsConfig, fetch_data: FetchDataConfig
             raise PtuneError(
                 f"fetch_weights.revision: {fetch_weights.revision!r} is not a commit hash or a valid branch or tag "
                 f"name ({why}); give the 40-hex-digit commit to fetch"
+            )
+    if fetch_data.source in ("hf_hub", "modelscope"):
+        if not HUB_ID.fullmatch(fetch_data.repo):
+            raise PtuneError(
+                f"fetch_data.repo: {fetch_data.repo!r} is not a hub id; give the data set's owner/name as its page "
+                "shows it (e.g. HasturOfficial/adgen for https://huggingface.co/datasets/HasturOfficial/adgen)"
+            )
+        why = git_lfs.revision_problem(fetch_data.revision)
+        if why:
+            raise PtuneError(
+                f"fetch_data.revision: {fetch_data.revision!r} is not a commit hash or a valid branch or tag name "
+                f"({why}); give the commit to fetch"
             )
     if fetch_data.source == "url":
         why = url.url_problem(fetch_data.url, fetch_data.allow_http)

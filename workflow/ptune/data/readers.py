@@ -11,6 +11,7 @@ import codecs
 import csv
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,15 @@ def _example(row: dict, where: str, cols: Columns) -> Example:
         if system:
             out["system"] = system
     return out
+
+
+def from_rows(rows: Iterable[dict], where: str, cols: Columns) -> list[Example]:
+    """Examples from rows already parsed by a library (a hub data set's split); `where` names the split in errors,
+    which add the row's number (from 1)."""
+    examples = [_example(row, f"{where} row {number}", cols) for number, row in enumerate(rows, start=1)]
+    if not examples:
+        raise PtuneError(f"{where}: holds no examples")
+    return examples
 
 
 def _json_lines(path: Path, text: str, cols: Columns) -> list[Example]:
