@@ -1,8 +1,10 @@
-"""An HTTP file server on 127.0.0.1 for tests, with Range requests and connections cut off on demand."""
+"""An HTTP file server on 127.0.0.1 for tests, with Range requests, HEAD, extra headers per path (as a hub's API
+sends them) and connections cut off on demand."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -30,12 +32,21 @@ class LoopbackServer(ThreadingHTTPServer):
 
 
 class FileServer(LoopbackServer):
-    def __init__(self, files: dict[str, bytes], drops: int = 0, not_found: bytes | None = None):
+    def __init__(
+        self,
+        files: dict[str, bytes],
+        drops: int = 0,
+        not_found: bytes | None = None,
+        headers: dict[str, dict[str, str]] | None = None,
+        not_found_headers: Callable[[str], dict[str, str]] | None = None,
+    ):
         super().__init__(_Handler)
         self.files = files  # URL path -> content
         self.not_found = not_found  # a JSON body for 404s, as an API answers them (else a plain HTML error page)
+        self.headers = headers or {}  # URL path -> extra response headers (GET and HEAD)
+        self.not_found_headers = not_found_headers  # URL path -> extra headers of its JSON 404
         self.drops = drops  # this many downloads are cut off half-way
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header); HEAD requests as "HEAD path"
 
     def url(self, path: str) -> str:
         return self.origin + path
@@ -47,6 +58,36 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
+    def do_HEAD(self) -> None:
+        """What GET would answer, without the body (a 404's JSON body included)."""
+        with self.server.lock:
+            self.server.requests.append((f"HEAD {self.path}", None))
+        data = self.server.files.get(self.path)
+        if data is None:
+            self._not_found(body=False)
+            return
+        self.send_response(200)
+        self._extra_headers()
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+
+    def _extra_headers(self) -> None:
+        for name, value in self.server.headers.get(self.path, {}).items():
+            self.send_header(name, value)
+
+    def _not_found(self, body: bool = True) -> None:
+        if self.server.not_found is None:
+            self.send_error(404, "Not Found")
+            return
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        for name, value in (self.server.not_found_headers or (lambda _: {}))(self.path).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(self.server.not_found)))
+        self.end_headers()
+        if body:
+            self.wfile.write(self.server.not_found)
+
     def do_GET(self) -> None:
         rng = self.headers.get("Range")
         with self.server.lock:
@@ -55,11 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.drops -= drop
         data = self.server.files.get(self.path)
         if data is None and self.server.not_found is not None:
-            self.send_response(404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(self.server.not_found)))
-            self.end_headers()
-            self.wfile.write(self.server.not_found)
+            self._not_found()
             return
         if data is None:
             self.send_error(404, "Not Found")
@@ -72,6 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         self.send_response(206 if rng else 200)
+        self._extra_headers()
         if rng:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.send_header("Content-Length", str(len(data) - start))

@@ -4,6 +4,9 @@
 for a model repository, against the endpoint in MODELSCOPE_ENDPOINT:
   GET /api/v1/models/{id}/repo/files?Revision={rev}&Recursive=True   a JSON listing: each file's path, size, sha256
   GET /api/v1/models/{id}/repo?Revision={rev}&FilePath={path}        one file's bytes
+and for a data set (`repo_type="dataset"`), a listing by pages of 200 files, then the files:
+  GET /api/v1/datasets/{id}/repo/tree?Revision={rev}&Recursive=True&PageNumber=1&PageSize=200
+  GET /api/v1/datasets/{id}/repo?Revision={rev}&FilePath={path}
 (plus GET /api/v1/repos/internalAccelerationInfo, a cloud-region probe; a 404 there means "not inside a cloud").
 The library checks each downloaded file against the listing's sha256 (a damaged one is retried, then fails
 naming it). Anything else, and any other revision, gets the hub's JSON 404. The routes are exact URLs, served
@@ -22,12 +25,14 @@ from support.http_files import FileServer
 NOT_FOUND = json.dumps({"Code": 10010205001, "Message": "not found", "Success": False}).encode()
 
 
-def _api(repo_id: str, what: str, **query: str) -> str:
-    return f"/api/v1/models/{repo_id}/{what}?{urlencode(query)}"
+def _api(repo_id: str, what: str, kind: str = "models", **query: str) -> str:
+    return f"/api/v1/{kind}/{repo_id}/{what}?{urlencode(query)}"
 
 
-def routes(repo_id: str, revision: str, files: dict[str, bytes]) -> dict[str, bytes]:
-    """URL path -> body for one repository (relative path -> bytes) at one revision."""
+def routes(repo_id: str, revision: str, files: dict[str, bytes], repo_type: str = "model") -> dict[str, bytes]:
+    """URL path -> body for one repository (relative path -> bytes) at one revision; `repo_type` model or dataset
+    (fewer than 200 files: one page of listing)."""
+    kind = f"{repo_type}s"
     listing = [
         {
             "Name": path.rsplit("/", 1)[-1],
@@ -39,13 +44,14 @@ def routes(repo_id: str, revision: str, files: dict[str, bytes]) -> dict[str, by
         }
         for path, data in sorted(files.items())
     ]
-    served = {
-        _api(repo_id, "repo/files", Revision=revision, Recursive="True"): json.dumps(
-            {"Code": 200, "Success": True, "Data": {"Files": listing}}
-        ).encode()
-    }
+    body = json.dumps({"Code": 200, "Success": True, "Data": {"Files": listing}}).encode()
+    if repo_type == "model":
+        served = {_api(repo_id, "repo/files", Revision=revision, Recursive="True"): body}
+    else:
+        page = {"Revision": revision, "Recursive": "True", "PageNumber": "1", "PageSize": "200"}
+        served = {_api(repo_id, "repo/tree", kind, **page): body}
     for path, data in files.items():
-        served[_api(repo_id, "repo", Revision=revision, FilePath=path)] = data
+        served[_api(repo_id, "repo", kind, Revision=revision, FilePath=path)] = data
     return served
 
 
