@@ -1,6 +1,7 @@
 """`ptune doctor`: before a long run, check this machine against what params.yaml needs, each problem with
 what to do. Disk where the model, the fetch's store and the DVC cache go; GPU and its memory; the stack's
-versions; git-lfs; the DVC remote (reachable, and not on the disk that disappears with the instance)."""
+versions; git-lfs; where the model and the data come from (a hub's package and cache, a folder, a checksum); the
+DVC remote (reachable, and not on the disk that disappears with the instance)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,72 @@ def _git_lfs(params: Params) -> list[Finding]:
     if needed:
         return [Finding("git-lfs", False, "not installed, and fetch_weights.source is git_lfs", todo)]
     return [Finding("git-lfs", True, f"not installed (not needed by this params file; {todo} for git_lfs)")]
+
+
+def _hub_source(topic: str, section: str, source: str, repo: str, revision: str, repo_type: str) -> Finding:
+    """A hub source, checked without asking the hub: its package, and whether the cache holds the revision."""
+    from .sources import hub
+
+    kind = "Hugging Face hub" if source == "hf_hub" else "ModelScope"
+    offline = source == "hf_hub" and hub.hf_offline()
+    try:
+        folder = hub.cached(source, repo, revision, repo_type)
+    except PtuneError as exc:
+        return Finding(topic, False, f"{section}.source {source}: {exc}", "`pip install -e '.[modelscope]'`")
+    pin = "" if re.fullmatch(r"[0-9a-f]{40}", revision) else f"; {revision!r} is a branch or tag, not a commit: pin one"
+    what = f"{repo}@{revision} ({kind} {hub.noun(repo_type)})"
+    if folder is not None:
+        return Finding(topic, True, f"{what}: in the hub's cache ({folder}), so a run also works offline{pin}")
+    if offline:
+        return Finding(
+            topic,
+            False,
+            f"{what}: not in the hub's cache, and HF_HUB_OFFLINE is set: the run cannot fetch it",
+            "unset HF_HUB_OFFLINE where the hub (or a mirror, HF_ENDPOINT) can be reached",
+        )
+    return Finding(
+        topic, True, f"{what}: not in the hub's cache yet; the run downloads it from {hub.endpoint(source)}{pin}"
+    )
+
+
+def _sources(params: Params) -> list[Finding]:
+    """Where the base model and the data come from, each checked the same way, without the network."""
+    w, d = params.fetch_weights, params.fetch_data
+    out = []
+    if w.source in ("hf_hub", "modelscope"):
+        out.append(_hub_source("weights", "fetch_weights", w.source, w.repo, w.revision, "model"))
+    if d.source in ("hf_hub", "modelscope"):
+        out.append(_hub_source("data", "fetch_data", d.source, d.repo, d.revision, "dataset"))
+    elif d.source == "path":
+        folder = Path(d.path).expanduser()
+        missing = [name for name in (d.train_file, d.dev_file) if not (folder / name).is_file()]
+        if missing:
+            out.append(
+                Finding(
+                    "data",
+                    False,
+                    f"fetch_data.path {folder} holds no {', '.join(missing)}",
+                    "point fetch_data.path at the folder that holds them, or name them in fetch_data.train_file / "
+                    "dev_file",
+                )
+            )
+        else:
+            out.append(Finding("data", True, f"{folder}: {d.train_file} and {d.dev_file}"))
+    elif d.source == "url" and not d.sha256:
+        out.append(
+            Finding(
+                "data",
+                False,
+                f"fetch_data.url {d.url} has no sha256: the first run downloads it, stops and prints its sha256",
+                "set fetch_data.sha256 once you have checked it; or fetch ADGEN pinned by a hub revision in one step "
+                "(fetch_data.source: hf_hub, repo: HasturOfficial/adgen, docs/pipeline.md)",
+            )
+        )
+    elif d.source == "url":
+        out.append(Finding("data", True, f"{d.url} (sha256 {d.sha256[:12]}...)"))
+    else:
+        out.append(Finding("data", True, "embedded: generated here, nothing to fetch"))
+    return out
 
 
 def _gpu(params: Params) -> list[Finding]:
@@ -247,7 +314,14 @@ def _remote(repo) -> list[Finding]:
 def check(params: Params) -> list[Finding]:
     repo = _dvc_repo()
     try:
-        return [*_disk(params, repo), *_gpu(params), *_versions(), *_git_lfs(params), *_remote(repo)]
+        return [
+            *_disk(params, repo),
+            *_gpu(params),
+            *_versions(),
+            *_git_lfs(params),
+            *_sources(params),
+            *_remote(repo),
+        ]
     finally:
         repo.close()
 
