@@ -19,7 +19,13 @@ prompts with two pieces of code. `preprocess.prompt_format` chooses the format:
 One truncation rule everywhere: the message is kept, and whole earlier rounds are dropped, oldest first, until the
 prompt fits its budget (training and dev data: `preprocess.max_source_length`; serving: the model's context less the
 prefix and the answer). A message that does not fit even alone is cut at the end of its content in training and dev
-data, the template around it kept (the reference cuts its prompts this way), and refused by a server.
+data, the template around it kept (the reference cuts its prompts this way), and refused by a server. Finding how
+many rounds to drop takes a few tokenizations of the prompt, not one per round: the rounds' lengths say where to
+look, the prompt's own tokens decide (see `Prompter.fit`).
+
+Texts that people wrote (the message, the history, a system message) are plain text: a control token of the
+tokenizer typed in them (`<|user|>`, `<|im_start|>`) is encoded as the characters it is made of, never as the token
+a template writes, so no message can forge a turn of another role. Only the format's own text yields control tokens.
 
 The answer's end is the format's end-of-turn token (the chat template's token after an assistant message, e.g. Qwen's
 <|im_end|>; the tokenizer's EOS otherwise): training appends it to every target and generation stops on it.
@@ -27,6 +33,7 @@ The answer's end is the format's end-of-turn token (the chat template's token af
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +50,9 @@ _PLACEHOLDER = re.compile(r"\{(content|round|history|question|answer|system)\}")
 # Stands for the content while the text around it is found (truncation) and for the answer while the chat
 # template's frame around an assistant message is found. Characters no prompt or answer holds.
 _SLOT = "\x00ptune-slot\x00"
+# Stand for the texts people wrote while a prompt is rendered, to find where each one lies in the prompt's text.
+_TEXT = "\x00ptune-text-{}\x00"
+_TEXTS = re.compile("\x00ptune-text-(\\d+)\x00")
 
 
 class PromptError(PtuneError):
@@ -151,6 +161,15 @@ def for_base(cfg, base) -> "Prompter":
     return Prompter(format_for(cfg, tokenizer, backend.name), tokenizer, backend)
 
 
+def _control_tokens(tokenizer, backend) -> dict[int, str]:
+    """The tokenizer's control tokens (special added tokens), by id, where texts can be kept from forming them: a
+    fast (Rust) tokenizer of the transformers backend, which says where each token came from. ChatGLM-6B's own
+    tokenizer (chatglm backend) cannot: its texts are encoded as before."""
+    if backend.name != backends.TRANSFORMERS or not getattr(tokenizer, "is_fast", False):
+        return {}
+    return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
 def _fill(template: str, values: dict[str, str]) -> str:
     # One pass, not str.format or chained replace: prompts hold braces of their own, and a value that happens
     # to contain "{content}" must stay as it is.
@@ -196,6 +215,7 @@ class Prompter:
         self.tokenizer = tokenizer
         self.backend = backend
         self._specials = backend.prompt_specials(tokenizer)
+        self._controls = _control_tokens(tokenizer, backend)
         self._lead, self._end = self._assistant_frame()
 
     # -- text ------------------------------------------------------------------------------------------------
@@ -226,46 +246,165 @@ class Prompter:
     # -- ids -------------------------------------------------------------------------------------------------
     def ids(self, turn: Turn) -> list[int]:
         """The prompt's token ids, exactly as the format defines them (no truncation)."""
-        return self.backend.encode_text(self.tokenizer, self.text(turn)) + self._specials
+        text = self.text(turn)
+        return self._encode(text, self._written(turn, text)) + self._specials
+
+    def _written(self, turn: Turn, text: str) -> list[tuple[int, int, int]] | None:
+        """Where the texts people wrote lie in `text` (the prompt of `turn`): (which, start, end) character spans,
+        `which` 0 for the message. [] when the tokenizer has no control tokens (nothing to keep them from); None
+        when the format does not show the texts as given (a chat template that edits them)."""
+        if not self._controls:
+            return []
+        written: list[str] = []
+
+        def slot(value: str) -> str:
+            if not value:  # an empty text stays empty: templates may treat it differently
+                return value
+            written.append(value)
+            return _TEXT.format(len(written) - 1)
+
+        framed = Turn(
+            slot(turn.content),
+            None if turn.history is None else tuple((slot(q), slot(a)) for q, a in turn.history),
+            None if turn.system is None else slot(turn.system),
+        )
+        template = self.text(framed)
+        spans, parts, pos, length = [], [], 0, 0
+        for m in _TEXTS.finditer(template):
+            which = int(m.group(1))
+            parts += [template[pos : m.start()], written[which]]
+            start = length + m.start() - pos
+            length = start + len(written[which])
+            spans.append((which, start, length))
+            pos = m.end()
+        parts.append(template[pos:])
+        return spans if "".join(parts) == text else None
+
+    def _encode(self, text: str, written: list[tuple[int, int, int]] | None) -> list[int]:
+        """Token ids of prompt text whose written texts lie at `written` (Prompter._written): a control token that
+        overlaps one of them becomes the ids of its characters as plain text; all other ids are the tokenizer's."""
+        if not written:
+            if written is None and self._forged(text):
+                raise PromptError(
+                    f"the message contains {self._forged(text)}, a control token of this model, and this chat "
+                    "template edits the texts it is given, so it cannot be kept plain text; remove it",
+                    "messages",
+                )
+            return self.backend.encode_text(self.tokenizer, text)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = sorted((s, e) for _, s, e in written)
+        starts = [s for s, _ in spans]
+        out: list[int] = []
+        for token, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            # A control token matched in the text itself (not, say, a byte-fallback token for a character) that
+            # overlaps a written text: the span starting last before its end is the only one that can.
+            i = bisect.bisect_left(starts, b) - 1
+            if token in self._controls and text[a:b] == self._controls[token] and i >= 0 and spans[i][1] > a:
+                out += self.tokenizer(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            else:
+                out.append(token)
+        return out
+
+    def _forged(self, text: str) -> str | None:
+        """A control token in `text` (for the rare template whose written texts cannot be located)."""
+        for token in self._controls.values():
+            if token in text:
+                return token
+        return None
 
     def fit(self, turn: Turn, budget: int, cut: bool = False, chat: bool = False) -> tuple[list[int], int]:
         """Token ids of `turn` in at most `budget` tokens, and how many of its latest history rounds they keep.
 
-        Whole rounds are dropped, oldest first. If the message alone does not fit, `cut` cuts the end of its content
-        (data); otherwise TooLong is raised (serving). `chat`: an empty history is no history, as model.chat has it.
+        Whole rounds are dropped, oldest first: the prompt kept is that of the fewest dropped rounds that fits. If
+        the message alone does not fit, `cut` cuts the end of its content (data); otherwise TooLong is raised
+        (serving). `chat`: an empty history is no history, as model.chat has it.
+
+        A prompt only shrinks as rounds are dropped, so the fewest that fit are found by search, not by trying
+        each count in turn (which tokenized the whole conversation once per round: quadratic in its length). The
+        rounds' own token counts estimate where the answer lies, the prompts' exact lengths decide it: the whole
+        conversation, each round alone and the message alone are tokenized once, then typically two prompts near
+        the estimate (at worst a binary search's few).
         """
         history = turn.history
         n = len(history or ())
-        ids: list[int] = []
-        for k in range(n + 1):
-            kept = None if history is None else history[k:]
-            if chat and not kept:
-                kept = None
-            ids = self.ids(replace(turn, history=kept))
-            if len(ids) <= budget:
-                return ids, n - k
+        prompts: dict[int, list[int]] = {}
+
+        def dropping(k: int) -> list[int]:
+            if k not in prompts:
+                kept = None if history is None else history[k:]
+                if chat and not kept:
+                    kept = None
+                prompts[k] = self.ids(replace(turn, history=kept))
+            return prompts[k]
+
+        if len(dropping(0)) <= budget:
+            return prompts[0], n
+        if n and len(dropping(n)) <= budget:
+            k = self._fewest_dropped(history, budget, len(prompts[0]), len(prompts[n]), dropping)
+            return prompts[k], n - k
         alone = replace(turn, history=None if history is None or chat else ())
         if not cut:
-            raise TooLong(len(ids), budget)
+            raise TooLong(len(prompts[n]), budget)
         return self._cut(alone, budget), 0
+
+    def _fewest_dropped(self, history, budget: int, whole: int, alone: int, dropping) -> int:
+        """The fewest oldest rounds (1 to n) to drop for the prompt to fit, given that none dropped does not fit
+        (`whole` tokens) and all dropped does (`alone`)."""
+        n = len(history)
+        sizes = [len(self.backend.encode_text(self.tokenizer, q + a)) for q, a in history]
+        frame = (whole - alone - sum(sizes)) / n  # each round's share of the template around the texts
+        k, est = 0, float(whole)
+        while k < n and est > budget:
+            est -= sizes[k] + frame
+            k += 1
+        k = min(max(k, 1), n)
+        fits, fails = n, 0  # the search's bounds: dropping `fits` rounds fits, dropping `fails` does not
+        step = 1
+        if len(dropping(k)) <= budget:  # gallop towards fewer dropped rounds
+            fits = k
+            while fits - step > fails:
+                if len(dropping(fits - step)) <= budget:
+                    fits -= step
+                    step *= 2
+                else:
+                    fails = fits - step
+                    break
+        else:  # towards more
+            fails = k
+            while fails + step < fits:
+                if len(dropping(fails + step)) <= budget:
+                    fits = fails + step
+                    break
+                fails += step
+                step *= 2
+        while fits - fails > 1:
+            mid = (fits + fails) // 2
+            if len(dropping(mid)) <= budget:
+                fits = mid
+            else:
+                fails = mid
+        return fits
 
     def _cut(self, turn: Turn, budget: int) -> list[int]:
         """The prompt with its content cut at the end so that it fits; the text around the content is kept."""
         framed = self.text(replace(turn, content=_SLOT))
         head, sep, tail = framed.partition(_SLOT)
+        text = self.text(turn)
+        written = self._written(turn, text)
         if not sep or _SLOT in tail:  # the format does not show the content as given: cut the prompt's end
-            return (
-                self.backend.encode_text(self.tokenizer, self.text(turn))[: budget - len(self._specials)]
-                + self._specials
-            )
-        tail_ids = self.backend.encode_text(self.tokenizer, tail) if tail else []
+            return self._encode(text, written)[: budget - len(self._specials)] + self._specials
+        # The content ends where the tail begins; written texts after it (none in the formats we know) stay whole.
+        end = len(text) - len(tail)
+        before = None if written is None else [(w, s, min(e, end)) for w, s, e in written if s < end]
+        after = None if written is None else [(w, s - end, e - end) for w, s, e in written if e > end]
+        tail_ids = self._encode(tail, after) if tail else []
         room = budget - len(self._specials) - len(tail_ids)
         if room < 1:
             raise PtuneError(
                 f"the prompt format alone takes {len(tail_ids) + len(self._specials)} of the "
                 f"{budget} tokens a prompt may have; raise preprocess.max_source_length"
             )
-        return self.backend.encode_text(self.tokenizer, head + turn.content)[:room] + tail_ids + self._specials
+        return self._encode(text[:end], before)[:room] + tail_ids + self._specials
 
     # -- the answer ------------------------------------------------------------------------------------------
     def _assistant_frame(self) -> tuple[str, int]:

@@ -1,0 +1,164 @@
+"""What the servers refuse before doing any work for a request, in one place.
+
+Every front end (`ptune serve api`, `ptune serve web`, `ptune chat`) reaches the model through the engine, and the
+engine tokenizes a conversation before it generates; a request that is cheap to send must not be expensive to
+refuse. So, before anything parses, tokenizes or queues it:
+
+- `BodyLimit`: a request body over its byte limit gets 413 before anything reads it into memory (both servers).
+- `require_json`: a POST body must say `Content-Type: application/json` (415 otherwise). Browsers send the "simple"
+  types (text/plain, form encodings) from any web page without asking the server first (no CORS preflight), so
+  without this check any page a user of the machine opens could make the API generate; with it, a browser must ask
+  first, and the API grants no other origin.
+- `check_conversation`: at most `max_rounds` history rounds (400) and `max_chars` characters in all (413): bounds the
+  tokenization work of one request, whatever the body limit lets through. Defaults far above real chats (a context
+  of a few thousand tokens holds a few dozen rounds at most); `--max-rounds` and `--max-chars` change them.
+- `check_seed`: a seed torch takes (0 to 2**63 - 1), not a server error later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Far above any prompt a context of a few thousand tokens can take; bounds what one request makes a server read.
+MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_ROUNDS = 64
+DEFAULT_MAX_CHARS = 32_000
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
+class RequestError(ValueError):
+    """A request the engine cannot answer as asked; `status` is the HTTP status a server should return."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_request"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.code = message, param, status, code
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much conversation one request may bring (the servers' --max-rounds and --max-chars)."""
+
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    max_chars: int = DEFAULT_MAX_CHARS
+
+    @property
+    def body_bytes(self) -> int:
+        """The largest request body a server reads: room for max_chars characters as JSON-escaped text."""
+        return max(MAX_BODY_BYTES, 12 * self.max_chars + (64 << 10))
+
+
+def conversation_chars(query: str, history, system: str | None = None) -> int:
+    return len(query) + sum(len(q) + len(a) for q, a in history) + len(system or "")
+
+
+def check_conversation(
+    query: str, history, system: str | None, limits: Limits, history_param: str = "history", query_param: str = "prompt"
+) -> None:
+    """Refuse a conversation over the caps, naming the cap and the server option that raises it. Counting only:
+    no tokenization, so it is safe to run before a request waits for anything."""
+    rounds = len(history)
+    if rounds > limits.max_rounds:
+        raise RequestError(
+            f"the history has {rounds} rounds; this server takes at most {limits.max_rounds} (its --max-rounds "
+            "option); send only the latest rounds (older ones would not fit the model's context anyway)",
+            history_param,
+            code="too_many_rounds",
+        )
+    chars = conversation_chars(query, history, system)
+    if chars > limits.max_chars:
+        raise RequestError(
+            f"the conversation is {chars} characters (message, history and system message); this server takes "
+            f"at most {limits.max_chars} (its --max-chars option); shorten it or send fewer rounds",
+            query_param if len(query) > limits.max_chars else history_param,
+            status=413,
+            code="conversation_too_long",
+        )
+
+
+def latest_rounds(query: str, history, system: str | None, limits: Limits) -> list[tuple[str, str]]:
+    """The latest rounds of a conversation that a front end keeps itself (the terminal chat, the web page) within
+    the caps: the oldest go first, as they would from the prompt. The message itself is checked by
+    check_conversation."""
+    kept: list[tuple[str, str]] = []
+    room = limits.max_chars - len(query) - len(system or "")
+    for q, a in reversed(list(history)[-limits.max_rounds :]):
+        room -= len(q) + len(a)
+        if room < 0:
+            break
+        kept.append((q, a))
+    return kept[::-1]
+
+
+def check_seed(seed: int | None, param: str = "seed") -> None:
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"seed {seed}: must be 0 to {MAX_SEED} (2**63 - 1)", param)
+
+
+def require_json(content_type: str | None) -> None:
+    """A POST body must be declared JSON: refuses what a web page can send cross-origin without a preflight."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise RequestError(
+            f"the request body must be sent with the header `Content-Type: application/json`, not "
+            f"{content_type!r}" + (" (none given)" if not content_type else "") + "; e.g. curl -H "
+            "'Content-Type: application/json' -d '{...}'",
+            "Content-Type",
+            status=415,
+            code="unsupported_media_type",
+        )
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses it."""
+
+    # The rest of a refused body is read and dropped up to this many bytes before the 413 goes out: a server that
+    # closes with unread bytes resets the connection, and the client then loses the answer (or gets a broken pipe
+    # while still sending). Past it the connection is cut, as for any abuse.
+    DRAIN_BYTES = 64 << 20
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send, more=True)
+        seen = 0
+
+        class TooLarge(Exception):
+            pass
+
+        last = {}
+
+        async def counted():
+            nonlocal seen, last
+            message = await receive()
+            last = message
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except TooLarge:
+            await self._too_large(scope, receive, send, more=last.get("more_body", False))
+
+    async def _too_large(self, scope, receive, send, more: bool):
+        from fastapi.responses import JSONResponse
+
+        dropped = 0
+        while more and dropped <= self.DRAIN_BYTES:
+            message = await receive()
+            dropped += len(message.get("body", b""))
+            more = message["type"] == "http.request" and message.get("more_body", False)
+        message = f"the request body is over {self.max_bytes} bytes"
+        body = {
+            "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "body_too_large"},
+            "status": 413,
+        }
+        await JSONResponse(body, status_code=413)(scope, receive, send)
