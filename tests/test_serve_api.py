@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -138,7 +139,8 @@ def test_eight_concurrent_requests_each_get_their_own_answer(api, serving_projec
 
 
 def _raw(api, path: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(api.url + path, data=data, method="POST", headers={**AUTH, **(headers or {})})
+    headers = {**AUTH, "Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(api.url + path, data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -220,3 +222,146 @@ def test_exposed_host_and_share_are_warned_about(serving_project):
     from ptune.serve.commands import BUNDLE_MANIFEST
 
     assert BUNDLE_MANIFEST == MANIFEST
+
+
+def test_docs_are_closed_with_a_key_and_server_errors_say_nothing_inside(api):
+    """With --api-key (the fixture's PTUNE_API_KEY), /docs and /openapi.json are gone; a seed torch cannot take is a
+    400 naming `seed` (it was a 500 carrying the exception's text)."""
+    for path in ("/docs", "/openapi.json"):
+        assert api.get(path, check=False)[0] == 404
+    for seed in (2**70, 2**63, -1):
+        status, error = api.post(
+            "/", {"prompt": "类型#裤", "seed": seed, "max_new_tokens": 1}, headers=AUTH, check=False
+        )
+        assert status == 400 and error["error"]["param"] == "seed" and "must be 0 to" in error["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        _client(api).chat.completions.create(
+            model="ptune", messages=[{"role": "user", "content": "x"}], seed=2**64, max_tokens=1
+        )
+    assert "Traceback" not in api.output()
+
+
+def test_a_500_carries_a_request_id_and_no_details(api):
+    """A generation that fails inside (a temperature so small that sampling divides by zero) answers a generic 500
+    with a request id; the exception and its traceback are in the server's log under that id, not in the answer."""
+    body = {"prompt": "类型#裤", "temperature": 1e-300, "top_p": 1.0, "seed": 1, "max_new_tokens": 4}
+    mark = api.lines
+    status, error = api.post("/", body, headers=AUTH, check=False)
+    assert status == 500, error
+    message = error["error"]["message"]
+    ident = re.search(r"request id (\w+)", message).group(1)
+    assert "Error" not in message and "tensor" not in message
+    time.sleep(0.5)  # the log line may trail the answer
+    assert f"request {ident} failed" in api.output(since=mark) and "Traceback" in api.output(since=mark)
+
+
+def test_cross_origin_simple_requests_are_refused(api):
+    """What any web page can make a browser send without a preflight (text/plain, a form) gets 415, not an answer."""
+    body = json.dumps({"prompt": "类型#裤", "max_new_tokens": 1}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        status, error = _raw(api, "/", body, {"Content-Type": content_type, "Origin": "http://evil.example"})
+        assert status == 415, error
+        assert "Content-Type: application/json" in error["error"]["message"]
+    req = urllib.request.Request(api.url + "/v1/chat/completions", data=body, method="POST", headers=AUTH)
+    req.remove_header("Content-type")  # urllib would add a form type
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(req, timeout=60)
+    assert exc.value.code == 415
+    assert _raw(api, "/", body)[0] == 200
+
+
+def _rounds(n: int, chars: int) -> list[list[str]]:
+    """n history rounds of about `chars` characters in all."""
+    each = max(1, chars // (2 * n))
+    return [["类型#裤" * (each // 4) + str(i), "好" * each] for i in range(n)]
+
+
+def test_long_histories_are_capped_and_truncated_quickly(api):
+    """The issue's attack: a long history was re-tokenized once per dropped round (1,500 rounds: 22.7 s). At the
+    caps (64 rounds, 32,000 characters) a request answers promptly; past them it is refused at once."""
+    t0 = time.perf_counter()
+    history = _rounds(64, 31_000)
+    status, body = api.post("/", {"prompt": "类型#裤", "history": history, "max_new_tokens": 1}, headers=AUTH)
+    at_cap = time.perf_counter() - t0
+    assert status == 200 and at_cap < 30, at_cap
+    t0 = time.perf_counter()
+    status, error = api.post("/", {"prompt": "x", "history": _rounds(65, 1000)}, headers=AUTH, check=False)
+    assert status == 400 and error["error"]["code"] == "too_many_rounds" and "--max-rounds" in error["error"]["message"]
+    status, error = api.post("/", {"prompt": "x", "history": _rounds(10, 40_000)}, headers=AUTH, check=False)
+    assert status == 413 and "--max-chars" in error["error"]["message"] and error["error"]["param"] == "history"
+    status, error = api.post("/", {"prompt": "x" * 40_000}, headers=AUTH, check=False)
+    assert status == 413 and error["error"]["param"] == "prompt"
+    messages = [{"role": r, "content": "好"} for _ in range(65) for r in ("user", "assistant")]
+    with pytest.raises(openai.BadRequestError, match="--max-rounds"):
+        _client(api).chat.completions.create(model="ptune", messages=[*messages, {"role": "user", "content": "x"}])
+    assert time.perf_counter() - t0 < 30
+
+
+def test_busy_and_over_the_caps_are_refused_before_any_tokenization(serving_project):
+    """The request counts as pending before its prompt is tokenized: past --max-pending (and past the caps) the
+    tokenizer is never called."""
+    from ptune.serve.engine import Busy, Engine, Limits, RequestError
+
+    from support.serving import _bundle
+
+    bundle = _bundle(str(serving_project.root), False)
+    calls = []
+    tokenizer = bundle.tokenizer
+    original = type(tokenizer)
+    tokenizer.__class__ = type(
+        "Watched", (original,), {"__call__": lambda self, *a, **k: calls.append(a) or original.__call__(self, *a, **k)}
+    )
+    try:
+        engine = Engine(bundle, "ptune", "test", max_pending=0)
+        with pytest.raises(Busy):
+            engine.start("类型#裤", [("好", "好")] * 60)
+        engine = Engine(bundle, "ptune", "test", limits=Limits(max_rounds=2))
+        with pytest.raises(RequestError, match="--max-rounds"):
+            engine.start("类型#裤", [("好", "好")] * 3)
+        assert calls == [] and engine.pending == 0
+        engine.start("类型#裤", [("好", "好")] * 2, engine.settings(max_new_tokens=1)).wait()
+        assert calls and engine.pending == 0
+    finally:
+        tokenizer.__class__ = original
+
+
+def test_a_non_streaming_client_that_goes_away_stops_its_generation(api):
+    """A non-streaming request whose client closes the connection stops generating within a decoding step or so
+    (it used to run to max_tokens with nobody waiting): the server's pending count drops at once, and its log says
+    how few tokens were generated."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(api.url).hostname, urlsplit(api.url).port
+    long = {"model": "ptune", "messages": [{"role": "user", "content": "类型#裤"}], "max_tokens": 480}
+    long.update(temperature=2.0, top_p=1.0)
+    # A seed whose answer runs to max_tokens when nobody goes away (found by asking: sampling is seeded).
+    for seed in range(40):
+        status, body = api.post("/v1/chat/completions", {**long, "seed": seed}, headers=AUTH)
+        if body["choices"][0]["finish_reason"] == "length":
+            break
+    else:
+        pytest.fail("no seed in 0..39 gave a 480-token answer")
+    full = body["usage"]["completion_tokens"]
+    data = json.dumps({**long, "seed": seed}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode()
+    mark = api.lines
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(head + data)
+        deadline = time.monotonic() + 30
+        while api.get("/health")[1]["pending"] == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
+    t0 = time.monotonic()
+    while api.get("/health")[1]["pending"] != 0:
+        assert time.monotonic() - t0 < 30, "the generation went on after its client left"
+        time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while "generation cancelled" not in api.output(since=mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled = re.findall(r"generation cancelled after (\d+) new tokens", api.output(since=mark))
+    assert len(cancelled) == 1, api.output(since=mark)[-3000:]
+    assert int(cancelled[0]) < full, (cancelled[0], full)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 
 import pexpect
@@ -96,3 +97,52 @@ def test_a_bundle_of_the_old_format_is_refused_saying_how_to_rebuild_it(serving_
         assert proc.returncode == 2, proc.stderr
         assert "bundle format 1" in proc.stderr and "dvc repro deploy" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_a_bundle_cannot_consent_to_its_own_code(serving_project, tmp_path):
+    """A forged bundle whose base records trust_remote_code: true and ships a configuration_*.py: serving it runs
+    none of that code without the user's --trust-remote-code (it used to, on the record's word); with the flag, it
+    is the user's decision and the code runs."""
+    from ptune.model import legacy_env
+
+    legacy = legacy_env.venv_dir() / "bin" / "python"
+    if not legacy.is_file():
+        pytest.skip(f"no legacy environment ({legacy}): `make legacy` creates it")
+    marker = tmp_path / "pwned"
+    forged = tmp_path / "forged"
+    base = forged / "base"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text(
+        json.dumps({"model_type": "chatglm", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}), encoding="utf-8"
+    )
+    (base / "configuration_x.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\nclass XConfig(PretrainedConfig):\n    model_type = 'chatglm'\n",
+        encoding="utf-8",
+    )
+    (base / "tokenizer_config.json").write_text("{}", encoding="utf-8")
+    record = {"backend": "chatglm", "trust_remote_code": True, "allow_pickle": False}
+    (base / "ptune_source.json").write_text(json.dumps(record), encoding="utf-8")
+    import torch
+    from safetensors.torch import save_file
+
+    (forged / "prefix").mkdir()
+    save_file({"transformer.prefix_encoder.embedding.weight": torch.zeros(4, 8)}, forged / "prefix/model.safetensors")
+    manifest = json.loads((serving_project.root / "models/deploy/bundle.json").read_text(encoding="utf-8"))
+    manifest.update(base_model=str(base), backend="chatglm", prefix="prefix")
+    (forged / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    env = {**serving_project.env, legacy_env.PYTHON_VAR: str(legacy)}
+    project = type(serving_project)(serving_project.root, env)
+    for cmd in (
+        ["-m", "ptune.cli", "chat", "--bundle", str(forged)],
+        ["-m", "ptune.cli", "serve", "api", "--port", "0", "--bundle", str(forged)],
+        ["-m", "ptune.bundle", str(forged), "你好"],
+    ):
+        proc = project.run(sys.executable, *cmd, check=False, timeout=300)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "--trust-remote-code" in proc.stderr and "configuration_x.py" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not marker.exists(), cmd
+    # The user's flag is consent: the code runs (and this forged model then fails to load, as it must).
+    project.run(sys.executable, "-m", "ptune.cli", "chat", "--bundle", str(forged), "--trust-remote-code", check=False)
+    assert marker.read_text() == "ran"

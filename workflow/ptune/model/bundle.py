@@ -7,9 +7,10 @@ models/deploy/
   prefix/        the trained prefix (prefix.safetensors + prefix_config.json), copied from models/ptuning
   README.md      how to start it
 
-`python -m ptune.bundle DIR PROMPT` loads a bundle in a fresh process and prints one answer with its latency
-as JSON: the deploy stage's smoke test. A bundle of a chatglm base runs in the legacy environment (legacy_env);
-the command switches to it by itself.
+`python -m ptune.bundle DIR PROMPT [--trust-remote-code]` loads a bundle in a fresh process and prints one answer
+with its latency as JSON. A bundle of a chatglm base runs in the legacy environment (legacy_env); the command switches
+to it by itself. Its base's Python code runs only with the user's consent (trust.user_trusts), never because the
+bundle or the base says so.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from ..config import GenerationConfig
 from ..data.prompts import Prompter, PromptFormat, Turn
 from ..errors import PtuneError
-from . import backends, legacy_env
+from . import backends, legacy_env, trust
 from .generation import generation_kwargs
 from .loading import device
 
@@ -46,10 +47,14 @@ class Bundle:
     backend: object
 
     @classmethod
-    def load(cls, directory: str | Path, with_prefix: bool = True) -> "Bundle":
+    def load(cls, directory: str | Path, with_prefix: bool = True, trust_remote_code: bool = False) -> "Bundle":
+        """`trust_remote_code`: the user's consent (trust.user_trusts) to run the Python code of a chatglm base;
+        without it such a bundle is refused before any of that code is imported."""
         manifest = read_manifest(directory)
         base = Path(manifest["base_model"])
         backend = backends.for_base(base)
+        if backend.name == backends.CHATGLM:
+            trust.require_consent(base, trust_remote_code, f"the bundle {directory}")
         model, encoder = backend.load_for_inference(
             base, Path(directory) / manifest["prefix"], device(), manifest.get("quantization", "none")
         )
@@ -103,15 +108,18 @@ def read_manifest(directory: str | Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    directory, prompt = argv
+    flag = trust.TRUST_FLAG in argv
+    directory, prompt = [a for a in argv if a != trust.TRUST_FLAG]
     try:
-        if read_manifest(directory).get("backend") == backends.CHATGLM and not legacy_env.is_current():
+        manifest = read_manifest(directory)
+        if manifest.get("backend") == backends.CHATGLM and not legacy_env.is_current():
             legacy_env.reexec("ptune.bundle", argv)
+        t0 = time.perf_counter()
+        consent = trust.user_trusts(manifest["base_model"], flag, "params.yaml")
+        bundle = Bundle.load(directory, trust_remote_code=consent)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    bundle = Bundle.load(directory)
     t1 = time.perf_counter()
     answer = bundle.answer(prompt)
     t2 = time.perf_counter()

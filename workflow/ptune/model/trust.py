@@ -9,6 +9,12 @@ Both can run arbitrary code on this machine, so both are off unless params.yaml 
 
 fetch_weights checks the folder and records both settings in models/base/ptune_source.json; the code that would run
 remote code reads the record again (require_remote_code), so a models/base from before the check is not trusted.
+
+Serving (`ptune serve web|api --bundle DIR`, `ptune chat --bundle DIR`, `python -m ptune.bundle DIR`) loads whatever
+base model the bundle names, and a bundle is easy to copy or download: a record inside it proves nothing, since whoever
+made the folder wrote it. There the decision is the user's own (`user_trusts`): the `--trust-remote-code` flag, or
+their params (`fetch_weights.trust_remote_code: true`) when the base is the project's own models/base, which
+fetch_weights fetched under those params. `require_consent` refuses without it, before any of the code is imported.
 """
 
 from __future__ import annotations
@@ -17,12 +23,15 @@ import json
 import logging
 from pathlib import Path
 
+import yaml
+
 from ..errors import PtuneError
-from ..paths import SOURCE_RECORD
+from ..paths import BASE, SOURCE_RECORD
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+TRUST_FLAG = "--trust-remote-code"
 
 
 def _weights(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -84,3 +93,35 @@ def require_remote_code(base: Path) -> None:
             "fetch_weights.trust_remote_code: true; set it in params.yaml if you trust the model, and "
             "rerun fetch_weights (dvc repro / snakemake do)"
         )
+
+
+def user_trusts(base: str | Path, flag: bool, params: str | Path | None) -> bool:
+    """Whether the user consents to running the Python code of `base` when serving: their `flag`, or their params
+    file's fetch_weights.trust_remote_code when `base` is the project's own models/base (what fetch_weights fetched
+    under that consent). Never a record inside `base` or a bundle: whoever made the folder wrote those."""
+    if flag:
+        return True
+    if params is None or Path(base).resolve() != BASE.resolve():
+        return False
+    try:
+        raw = yaml.safe_load(Path(params).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False
+    section = raw.get("fetch_weights") if isinstance(raw, dict) else None
+    return isinstance(section, dict) and section.get("trust_remote_code") is True
+
+
+def require_consent(base: Path, consent: bool, what: str) -> None:
+    """Before serving a base whose Python code would run (chatglm backend): the user's consent (user_trusts)."""
+    if consent:
+        return
+    try:
+        modules = ", ".join(_remote_code(base)) or "its .py files"
+    except (OSError, ValueError):
+        modules = "its .py files"
+    raise PtuneError(
+        f"{what} names the base model {base}, whose Python code ({modules}) would run with your account's rights "
+        f"(ChatGLM-6B's remote code); a record inside a folder is not your consent, since whoever made the folder "
+        f"wrote it. Read the code, and pass {TRUST_FLAG} if you trust it (for the project's own models/base, "
+        "fetch_weights.trust_remote_code: true in params.yaml is enough)"
+    )

@@ -7,18 +7,26 @@
 
 Every error is JSON, `{"error": {"message", "type", "param", "code"}, "status"}` (OpenAI's shape), with a 4xx
 status for a bad request: validation 400, missing or wrong API key 401, unknown model or path 404, a body over
-MAX_BODY_BYTES 413, busy 503.
+MAX_BODY_BYTES or a conversation over --max-chars 413, a body that is not `Content-Type: application/json` 415, busy
+503 (what is refused before any work, and why: limits.py). A server error is 500 with a request id and no details;
+the details go to the server's log under that id. With an API key, the interactive docs (/docs, /openapi.json) are
+off: they would describe the API to anyone who can reach it.
+
+A client that goes away stops its generation at the next decoding step, streaming or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -26,9 +34,13 @@ from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, Reply, RequestError
+from .limits import MAX_BODY_BYTES, BodyLimit, check_conversation, require_json
 
-# Far above any prompt a context of a few thousand tokens can take; bounds what one request makes us tokenize.
-MAX_BODY_BYTES = 1 << 20
+__all__ = ["MAX_BODY_BYTES", "BodyLimit", "create_app"]
+
+log = logging.getLogger(__name__)
+# How often a non-streaming request looks whether its client is still there while its answer is generated.
+DISCONNECT_POLL_S = 0.05
 
 
 class SeedRequest(BaseModel):
@@ -134,58 +146,9 @@ def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]
     return pending, history, system
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses it."""
-
-    # The rest of a refused body is read and dropped up to this many bytes before the 413 goes out: a server that
-    # closes with unread bytes resets the connection, and the client then loses the answer (or gets a broken pipe
-    # while still sending). Past it the connection is cut, as for any abuse.
-    DRAIN_BYTES = 64 << 20
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large(scope, receive, send, more=True)
-        seen = 0
-
-        class TooLarge(Exception):
-            pass
-
-        last = {}
-
-        async def counted():
-            nonlocal seen, last
-            message = await receive()
-            last = message
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except TooLarge:
-            await self._too_large(scope, receive, send, more=last.get("more_body", False))
-
-    async def _too_large(self, scope, receive, send, more: bool):
-        dropped = 0
-        while more and dropped <= self.DRAIN_BYTES:
-            message = await receive()
-            dropped += len(message.get("body", b""))
-            more = message["type"] == "http.request" and message.get("more_body", False)
-        response = error_response(413, f"the request body is over {self.max_bytes} bytes", code="body_too_large")
-        await response(scope, receive, send)
-
-
 async def json_body(request: Request) -> Any:
-    """The body as JSON whatever its Content-Type says, as ChatGLM's api.py reads it (`curl -d` works)."""
+    """The body as JSON; it must say so (`Content-Type: application/json`, limits.require_json)."""
+    require_json(request.headers.get("content-type"))
     raw = await request.body()
     try:
         return json.loads(raw)
@@ -200,9 +163,36 @@ def parse(model: type[BaseModel], raw: Any):
         raise RequestValidationError(exc.errors()) from None
 
 
+def server_error(exc: BaseException, message: str = "the server failed to answer") -> dict:
+    """A 500's body: a request id to quote, the details (exception and traceback) in the server's log only."""
+    ident = uuid.uuid4().hex[:12]
+    log.error("request %s failed", ident, exc_info=exc)
+    return error_body(500, f"{message} (request id {ident}; the server's log has the details)", code="server_error")
+
+
+async def answered(request: Request, reply: Reply) -> Reply:
+    """Wait for a non-streaming answer without holding a worker thread; a client that goes away meanwhile stops
+    its generation (at the next decoding step, or before it starts if it still waits for its turn)."""
+    while not reply.done:
+        if await request.is_disconnected():
+            reply.cancel()
+            while not reply.done:
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            break
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    return reply.result()
+
+
 def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="ptune API", version="1", docs_url="/docs", redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    docs = api_key is None
+    app = FastAPI(
+        title="ptune API",
+        version="1",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.add_middleware(BodyLimit, max_bytes=engine.limits.body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -216,7 +206,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def failed(request: Request, exc: Exception):
-        return error_response(500, f"the server failed to answer: {type(exc).__name__}: {exc}")
+        return JSONResponse(server_error(exc), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -256,26 +246,20 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         _check_model(engine, model_id)
         return _model_card(engine)
 
+    # The generating endpoints are async too: they wait for their answer on the event loop, watching the client
+    # (a worker thread tokenizes; the engine's own thread generates).
     @app.post("/", dependencies=auth)
-    def seed(raw: Any = Depends(json_body)) -> dict:
+    async def seed(request: Request, raw: Any = Depends(json_body)) -> dict:
         body = parse(SeedRequest, raw)
         history = [(q, a) for q, a in body.history]
-        max_new = body.max_new_tokens
-        if body.max_length is not None:
-            if max_new is not None:
-                raise RequestError("give max_length (prompt + answer) or max_new_tokens, not both", "max_length")
-            # ChatGLM's max_length counts the prompt too.
-            prompt_len = len(engine.prompt_ids(body.prompt, history, 1)[0])
-            max_new = body.max_length - prompt_len
-            if max_new < 1:
-                raise RequestError(
-                    f"max_length {body.max_length} leaves no room for an answer after the {prompt_len}-token prompt",
-                    "max_length",
-                )
+        if body.max_length is not None and body.max_new_tokens is not None:
+            raise RequestError("give max_length (prompt + answer) or max_new_tokens, not both", "max_length")
         settings = engine.settings(
-            max_new_tokens=max_new, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+            max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
         )
-        reply = engine.complete(body.prompt, history, settings)
+        # ChatGLM's max_length counts the prompt too: the engine measures it once the request counts as pending.
+        reply = await run_in_threadpool(engine.start, body.prompt, history, settings, None, body.max_length)
+        await answered(request, reply)
         return {
             "response": reply.text,
             "history": [list(p) for p in history] + [[body.prompt, reply.text]],
@@ -284,7 +268,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    def chat(raw: Any = Depends(json_body)):
+    async def chat(request: Request, raw: Any = Depends(json_body)):
         body = parse(ChatRequest, raw)
         _check_model(engine, body.model)
         if body.n != 1:
@@ -292,13 +276,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if body.stop is not None:
             raise RequestError("stop sequences are not supported; leave `stop` out", "stop")
         query, history, system = messages_to_turn(body.messages)
+        check_conversation(query, history, system, engine.limits, "messages", "messages")
         settings = engine.settings(
             max_new_tokens=body.max_completion_tokens or body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
         )
-        reply = engine.start(query, history, settings, system)  # a bad request raises here, before any byte is sent
+        # A bad request raises here, before any byte is sent.
+        reply = await run_in_threadpool(engine.start, query, history, settings, system)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -307,7 +293,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        reply.wait()
+        await answered(request, reply)
         return {
             "id": ident,
             "object": "chat.completion",
@@ -373,7 +359,7 @@ async def _sse(engine: Engine, reply: Reply, ident: str, created: int, include_u
             async for piece in iterate_in_threadpool(iter(reply)):
                 yield event({"content": piece})
         except Exception as exc:  # headers are sent: report the failure in the stream, as OpenAI does
-            yield f"data: {json.dumps(error_body(500, f'generation failed: {exc}'))}\n\n"
+            yield f"data: {json.dumps(server_error(exc, 'generation failed'))}\n\n"
             return
         yield event({}, _finish(reply))
         if include_usage:

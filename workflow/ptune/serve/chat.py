@@ -7,6 +7,7 @@ at the prompt quits.
 from __future__ import annotations
 
 from .engine import Engine, RequestError
+from .limits import latest_rounds
 
 PROMPT = "\nYou: "
 SPEAKER = "ptune: "
@@ -32,7 +33,7 @@ def run(engine: Engine) -> int:
         if not query:
             continue
         try:
-            reply = engine.start(query, history)
+            reply = engine.start(query, latest_rounds(query, history, None, engine.limits))
         except RequestError as exc:
             print(f"(not sent: {exc.message})", flush=True)
             continue

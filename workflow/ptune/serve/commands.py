@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import PtuneError
 from ..paths import DEPLOY
+from .limits import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROUNDS, Limits
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,29 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="requests running or waiting at once; more are refused as busy (default: %(default)s)",
     )
     group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a ChatGLM-6B base ships (a bundle's base other than the project's models/base, "
+        "whose consent is params.yaml's fetch_weights.trust_remote_code); a record inside a folder never counts",
+    )
+    group.add_argument(
         "--log-prompts",
         action="store_true",
         help="log each request's prompt token ids (JSON, on stderr): what the model reads",
+    )
+    caps = parser.add_argument_group("what one request may bring (refused past them, before any work)")
+    caps.add_argument(
+        "--max-rounds",
+        type=int,
+        default=DEFAULT_MAX_ROUNDS,
+        help="earlier rounds of a conversation; the terminal and the web page send their latest ones "
+        "(default: %(default)s)",
+    )
+    caps.add_argument(
+        "--max-chars",
+        type=int,
+        default=DEFAULT_MAX_CHARS,
+        help="characters of a conversation: message, history and system message (default: %(default)s)",
     )
     gen = parser.add_argument_group("generation defaults (a request may override them; unset: the bundle's)")
     gen.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens")
@@ -169,10 +190,15 @@ def check_source(args: argparse.Namespace) -> None:
 
 
 def load_engine(args: argparse.Namespace):
+    from ..model import trust
+    from ..model.bundle import read_manifest
     from .engine import Engine, RequestError
 
-    if args.max_pending < 1:
-        raise PtuneError(f"--max-pending {args.max_pending}: must be 1 or more")
+    for option, value in (("--max-pending", args.max_pending), ("--max-rounds", args.max_rounds)):
+        if value < 1:
+            raise PtuneError(f"{option} {value}: must be 1 or more")
+    if args.max_chars < 1:
+        raise PtuneError(f"--max-chars {args.max_chars}: must be 1 or more")
     if args.model:
         from .. import config
 
@@ -181,7 +207,9 @@ def load_engine(args: argparse.Namespace):
         engine = Engine.from_model(args.model, params.preprocess, params.deploy, args.max_pending)
     else:
         log.info("loading bundle %s%s", args.bundle, " (base model only)" if args.base_only else "")
-        engine = Engine.from_bundle(args.bundle, args.base_only, args.max_pending)
+        consent = trust.user_trusts(read_manifest(args.bundle)["base_model"], args.trust_remote_code, args.params)
+        engine = Engine.from_bundle(args.bundle, args.base_only, args.max_pending, trust_remote_code=consent)
+    engine.limits = Limits(args.max_rounds, args.max_chars)
     engine.log_prompts = args.log_prompts
     try:
         engine.set_defaults(args.max_new_tokens, args.do_sample, args.top_p, args.temperature, args.seed)

@@ -7,11 +7,16 @@ reproducible. Waiting requests are counted; past `max_pending` the engine refuse
 let a queue grow without bound.
 
 Each answer streams through a transformers `TextIteratorStreamer` fed by our prefixed `generate`, which runs in
-a worker thread; a reader may stop it at any time (`Reply.cancel`), e.g. when a client goes away.
+a worker thread; a reader may stop it at any time (`Reply.cancel`), e.g. when a client goes away: generation stops
+at the next decoding step.
+
+A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
+that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -30,6 +35,7 @@ from ..model.bundle import Bundle
 from ..model.checks import context_length
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
+from .limits import Limits, RequestError, check_conversation, check_seed
 
 log = logging.getLogger(__name__)
 # `--log-prompts` writes each request's prompt token ids here, as vLLM's request log does: to see what the model reads.
@@ -38,12 +44,7 @@ prompt_log = logging.getLogger("ptune.prompts")
 History = Sequence[tuple[str, str]]
 
 
-class RequestError(ValueError):
-    """A request the engine cannot answer as asked; `status` is the HTTP status a server should return."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str = "invalid_request"):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code = message, param, status, code
+__all__ = ["Busy", "Engine", "Limits", "Reply", "RequestError", "Settings"]
 
 
 class Busy(RequestError):
@@ -110,6 +111,17 @@ class Reply:
     def cancel(self) -> None:
         self._cancel.set()
 
+    @property
+    def done(self) -> bool:
+        """Whether the generation has ended: `text` and the counts are final (see `result`)."""
+        return self._done.is_set()
+
+    def result(self) -> "Reply":
+        """Once `done`: self, or the generation's error raised (for readers that wait without reading the stream)."""
+        if self._error is not None:
+            raise self._error
+        return self
+
     def wait(self) -> "Reply":
         """Consume the stream to the end; returns self with `text` and the counts set."""
         for _ in self:
@@ -120,11 +132,14 @@ class Reply:
 class Engine:
     """A loaded model that answers chat turns one at a time."""
 
-    def __init__(self, bundle: Bundle, name: str, description: str, max_pending: int = 32):
+    def __init__(
+        self, bundle: Bundle, name: str, description: str, max_pending: int = 32, limits: Limits | None = None
+    ):
         self.bundle = bundle
         self.name = name
         self.description = description
         self.max_pending = max_pending
+        self.limits = limits or Limits()
         self.defaults = bundle.generation
         self.default_seed: int | None = None
         self.backend = bundle.backend  # tokenizes and generates as the stages did
@@ -139,9 +154,12 @@ class Engine:
         self._pending = 0
 
     @classmethod
-    def from_bundle(cls, directory: str | Path, base_only: bool = False, max_pending: int = 32) -> "Engine":
-        """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone."""
-        bundle = Bundle.load(directory, with_prefix=not base_only)
+    def from_bundle(
+        cls, directory: str | Path, base_only: bool = False, max_pending: int = 32, trust_remote_code: bool = False
+    ) -> "Engine":
+        """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
+        `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base (Bundle.load)."""
+        bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code)
         what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
         return cls(bundle, "ptune-base" if base_only else "ptune", f"bundle `{directory}` ({what})", max_pending)
 
@@ -194,13 +212,9 @@ class Engine:
             do_sample = d.do_sample if temperature is None and top_p is None else temperature != 0
         if temperature == 0:
             do_sample = False
-        room = self.context_length - self.prefix_length - 1
-        if max_new_tokens is not None and not 1 <= max_new_tokens <= room:
-            raise RequestError(
-                f"max_new_tokens {max_new_tokens}: must be 1 to {room} (the model's context of "
-                f"{self.context_length} tokens less the prefix and one prompt token)",
-                "max_new_tokens",
-            )
+        if max_new_tokens is not None:
+            self._check_max_new_tokens(max_new_tokens)
+        check_seed(seed)
         if top_p is not None and not 0 < top_p <= 1:
             raise RequestError(f"top_p {top_p}: must be > 0 and <= 1", "top_p")
         if temperature is not None and temperature < 0:
@@ -212,6 +226,15 @@ class Engine:
             temperature=d.temperature if not temperature else temperature,
             seed=self.default_seed if seed is None else seed,
         )
+
+    def _check_max_new_tokens(self, max_new_tokens: int) -> None:
+        room = self.context_length - self.prefix_length - 1
+        if not 1 <= max_new_tokens <= room:
+            raise RequestError(
+                f"max_new_tokens {max_new_tokens}: must be 1 to {room} (the model's context of "
+                f"{self.context_length} tokens less the prefix and one prompt token)",
+                "max_new_tokens",
+            )
 
     def prompt_ids(
         self, query: str, history: History, max_new_tokens: int, system: str | None = None
@@ -248,17 +271,42 @@ class Engine:
             raise RequestError(str(exc), exc.param) from None
 
     def start(
-        self, query: str, history: History = (), settings: Settings | None = None, system: str | None = None
+        self,
+        query: str,
+        history: History = (),
+        settings: Settings | None = None,
+        system: str | None = None,
+        max_length: int | None = None,
     ) -> Reply:
-        """Check and tokenize the request now (raising RequestError), then generate in a worker thread."""
+        """Check and tokenize the request now (raising RequestError), then generate in a worker thread.
+
+        The caps are checked first (counting characters only), then the request counts as pending (Busy past
+        max_pending), and only then is its prompt tokenized. `max_length`: prompt and answer together, as ChatGLM's
+        api.py counts (the answer gets what the prompt leaves), instead of the settings' max_new_tokens.
+        """
         settings = settings or self.settings()
-        ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system)
-        if self.log_prompts:
-            prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
+        check_conversation(query, history, system, self.limits)
         with self._count_lock:
             if self._pending >= self.max_pending:
                 raise Busy(self._pending)
             self._pending += 1
+        try:
+            if max_length is not None:
+                prompt_len = len(self.prompt_ids(query, history, 1, system)[0])
+                if max_length - prompt_len < 1:
+                    raise RequestError(
+                        f"max_length {max_length} leaves no room for an answer after the {prompt_len}-token prompt",
+                        "max_length",
+                    )
+                self._check_max_new_tokens(max_length - prompt_len)
+                settings = dataclasses.replace(settings, max_new_tokens=max_length - prompt_len)
+            ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system)
+        except BaseException:
+            with self._count_lock:
+                self._pending -= 1
+            raise
+        if self.log_prompts:
+            prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
         tokenizer = self.bundle.tokenizer
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
@@ -277,6 +325,7 @@ class Engine:
             with self._generate_lock:
                 if reply._cancel.is_set():
                     reply.finish_reason = "cancelled"
+                    log.info("generation cancelled after 0 new tokens (before its turn came)")
                     return
                 kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
                 kwargs.update(
@@ -289,6 +338,7 @@ class Engine:
             reply.text = bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
             if reply._cancel.is_set():
                 reply.finish_reason = "cancelled"
+                log.info("generation cancelled after %d new tokens", len(new))
             elif new and new[-1] in self.stop_ids:
                 reply.finish_reason = "stop"
             elif len(new) >= settings.max_new_tokens:

@@ -39,7 +39,8 @@ class ApiProcess:
         self.load_s = 0.0
         self._proc: subprocess.Popen | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
-        self._tail: deque[str] = deque(maxlen=60)
+        self._tail: deque[str] = deque(maxlen=400)
+        self.lines = 0  # lines of output so far (output(since=...))
 
     def __enter__(self) -> "ApiProcess":
         self.start()
@@ -89,13 +90,18 @@ class ApiProcess:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
             self._tail.append(line.rstrip("\n"))
+            self.lines += 1
             self._lines.put(line)
         self._proc.wait()
         self._lines.put(None)
 
-    def output(self) -> str:
-        """The server's last lines of output (stdout and stderr)."""
-        return "\n".join(self._tail)
+    def output(self, since: int | None = None) -> str:
+        """The server's last lines of output (stdout and stderr); `since`: only those after the first `since` lines
+        (a value of `lines`)."""
+        tail = list(self._tail)
+        if since is not None:
+            tail = tail[max(0, len(tail) - (self.lines - since)) :]
+        return "\n".join(tail)
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM (uvicorn shuts down gracefully), then SIGKILL after `timeout`; returns the exit status."""

@@ -14,8 +14,10 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from .engine import Engine, RequestError  # noqa: E402
+from .limits import BodyLimit, latest_rounds  # noqa: E402
 
 Pairs = list[list[str]]
 
@@ -36,7 +38,8 @@ def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, tempe
         yield pairs, display(pairs)
         return
     question = pairs[-1][0]
-    history = [(q, a) for q, a in pairs[:-1]]
+    # The page keeps the whole conversation; the engine gets its latest rounds within the caps (limits.py).
+    history = latest_rounds(question, [(q, a) for q, a in pairs[:-1]], None, engine.limits)
     try:
         if seed.strip() and not seed.strip().lstrip("-").isdigit():
             raise RequestError(f"seed {seed.strip()!r}: a whole number, or empty", "seed")
@@ -67,6 +70,11 @@ def build(engine: Engine) -> gr.Blocks:
     def ask(message: str, pairs: Pairs):
         if not message.strip():
             return message, pairs, display(pairs)
+        if len(message) > engine.limits.max_chars:  # the page's own max_length is the browser's: check here
+            raise gr.Error(
+                f"the message is {len(message)} characters; this server takes at most {engine.limits.max_chars} "
+                "(its --max-chars option)"
+            )
         pairs = pairs + [[message, None]]
         return "", pairs, display(pairs)
 
@@ -92,6 +100,7 @@ def build(engine: Engine) -> gr.Blocks:
                 scale=6,
                 elem_id="message",
                 autofocus=True,
+                max_length=engine.limits.max_chars,
             )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
         clear = gr.Button("Clear history", elem_id="clear")
@@ -128,5 +137,7 @@ def run(engine: Engine, host: str, port: int, share: bool, auth: tuple[str, str]
         footer_links=[],
         enable_monitoring=False,
         mcp_server=False,
+        # Gradio reads request bodies whole; the API's limit applies to its page too (413 past it).
+        app_kwargs={"middleware": [Middleware(BodyLimit, max_bytes=engine.limits.body_bytes)]},
     )
     return 0
