@@ -20,6 +20,7 @@ from ptune import config as ptune_config
 ptune_config.load("params.yaml")
 from ptune.remote.dvc_remote import check_survival, push_each_stage
 from ptune.remote import pods
+from ptune.state import stopping
 
 configfile: "params.yaml"
 report: "workflow/report/workflow.rst"
@@ -108,6 +109,13 @@ for _name, _stage in DVC_STAGES.items():
         params: stage=_name  # bound now: a loop variable in `shell` would run the last stage for every rule
         resources: **_stage.get("meta", {}).get("resources", {})
         shell: "dvc --wait-for-lock repro --single-item --pull {params.stage} && touch {output}" + _PUSH
+
+
+# SIGTERM, SIGINT and SIGHUP reach the running stages: left to itself, Snakemake answers SIGTERM by waiting for the
+# running jobs to end (a training: hours), and dies of SIGHUP leaving them running. Passed on, train and evaluate
+# save their progress and stop at once, and Snakemake exits when they have (ptune/state/stopping.py).
+onstart:
+    stopping.forward_to_stages()
 
 
 # The end of every run says, loudly, when nothing it made would survive the instance (a remote on the same disk).

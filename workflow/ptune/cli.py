@@ -14,6 +14,7 @@ from .errors import PtuneError
 from .model import backends, legacy_env
 from .paths import BASE, MODEL_STAGES, STAGES
 from .serve import commands as serve_commands
+from .state.stopping import Stopped
 
 STAGE_HELP = {
     "fetch_weights": "put the base model and tokenizer in models/base/",
@@ -28,10 +29,11 @@ STAGE_HELP = {
 
 def run_stage(stage: str, params_path: str) -> None:
     from . import config
-    from .state import determinism, faults, locks, stagelog
+    from .state import determinism, faults, locks, stagelog, stopping
 
     params = config.load(params_path)  # bad params fail before anything is recorded or locked
     faults.arm(stage)
+    stopping.install(stage)  # SIGTERM, SIGINT, SIGHUP: a clean stop, with progress kept where it can be
     with locks.stage_lock(stage):
         stagelog.record_start(stage)
         determinism.configure_threads()
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # on request (SIGTERM, SIGINT, SIGHUP): not an error, not a success either
+        print(f"ptune: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -37,6 +37,7 @@ FIGURES = {
     "rouge_l": REPORTS / "figures/rouge_l.png",
 }
 METRICS_CSV = REPORTS / "plots/metrics.csv"
+LIVE_DIR = REPORTS / "live"  # live metrics while a stage runs (reporting/live.py): one folder per stage
 
 # Git-ignored working files: the stage log, locks, and the resume state of each stage.
 PTUNE_DIR = Path(".ptune")
@@ -50,6 +51,10 @@ SOURCE_RECORD = "ptune_source.json"
 
 def timings(stage: str) -> Path:
     return TIMINGS_DIR / f"{stage}.json"
+
+
+def live(stage: str) -> Path:
+    return LIVE_DIR / stage
 
 
 # What each stage reads (dvc.yaml's deps) and writes (its outs, metrics and plots).
@@ -66,8 +71,8 @@ OUTPUTS: dict[str, tuple[Path, ...]] = {
     "fetch_weights": (BASE, timings("fetch_weights")),
     "fetch_data": (RAW, timings("fetch_data")),
     "preprocess": (PROCESSED, timings("preprocess")),
-    "train": (PREFIX, timings("train"), TRAIN_LOG),
-    "evaluate": (PREDICTIONS, timings("evaluate"), METRICS),
+    "train": (PREFIX, timings("train"), live("train"), TRAIN_LOG),
+    "evaluate": (PREDICTIONS, timings("evaluate"), live("evaluate"), METRICS),
     "deploy": (DEPLOY, DEPLOY_CHECK, timings("deploy")),
     "report": (REPORT_HTML, REPORT_MD, *FIGURES.values(), METRICS_CSV, TIMINGS),
 }

@@ -4,7 +4,9 @@ Outputs: reports/metrics.json and reports/predictions.jsonl (content, label, bas
 batches are journalled under .ptune/state/evaluate/, so a killed run resumes where it stopped and, with the
 same seeds, ends with the same bytes as an uninterrupted one. With `devices: N` the length-sorted batches are
 dealt out among N processes (batch b to process b mod N, each with its own model copy); each journals its
-batches, and the launching process merges them in dev-set order: the same bytes as one process.
+batches, and the launching process merges them in dev-set order: the same bytes as one process. Progress goes to
+reports/live/evaluate/ as batches finish (reporting/live.py). SIGTERM, SIGINT or SIGHUP drop the batch being
+generated and stop (state/stopping.py): the journal keeps the finished ones, and the rerun resumes there.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from ..errors import PtuneError
 from ..model import backends
 from ..model.checks import context_window
 from ..model.generation import generate_all, in_prompt_order, length_sorted_batches
-from ..paths import BASE, METRICS, PREDICTIONS, PREFIX
+from ..paths import BASE, METRICS, PREDICTIONS, PREFIX, live
 from ..paths import PROCESSED as DATA
+from ..reporting import live as live_metrics
 from ..reporting import metrics
-from ..state import atomic, multiprocess
+from ..state import atomic, multiprocess, stopping
 from ..state.determinism import seed_everything
 from ..state.resume import Journal, ResumeState
 
@@ -69,8 +72,21 @@ def check_context(params: Params, prompt_ids: list) -> None:
     )
 
 
+def _stopped(stop: stopping.Stopped, state: ResumeState, n_batches: int) -> stopping.Stopped:
+    """`stopped.json` beside the journals, and the message: how many batches of each model are kept."""
+    done = {name: len(Journal.read_all(_journals(state, name))) for name in MODELS}
+    stopping.record(state.dir, batches_done=done, batches=n_batches)
+    kept = ", ".join(f"{name} {n} of {n_batches}" for name, n in done.items())
+    return stopping.Stopped(
+        stop.request,
+        f"evaluate: stopped ({stop.request.reason}); batches kept in {state.dir}: {kept}. `dvc repro`, "
+        "`snakemake --cores 1 report` or `ptune evaluate` resumes from there",
+    )
+
+
 def run(params: Params) -> dict:
     cfg = params.evaluate
+    trackers = live_metrics.chosen()  # $PTUNE_TRACKERS: a typo fails before the models load
     seed_everything(cfg.seed)
     dev = load_from_disk(str(DATA))["dev"]
     # The first max_examples of the dev set, in file order: the subset is the same on every run.
@@ -84,10 +100,13 @@ def run(params: Params) -> dict:
     state = ResumeState("evaluate", [BASE, PREFIX, DATA], key)
 
     outputs, speed = {}, {}
+    batches = length_sorted_batches(prompt_ids, cfg.batch_size)
+    progress = None
+    if multiprocess.rank() == 0:  # the launching process makes the folder (an output); its rank 0 logs into it
+        progress = live_metrics.Live(live("evaluate"), names=trackers)
     if cfg.devices > 1 and not multiprocess.in_worker():
         # The workers generate their shares of the batches into their journals; this process merges them.
         per_rank = multiprocess.launch("evaluate", params, cfg.devices)
-        batches = length_sorted_batches(prompt_ids, cfg.batch_size)
         for name in MODELS:
             outputs[name] = in_prompt_order(batches, Journal.read_all(_journals(state, name)), len(prompt_ids))
             # The processes generate side by side: their rates add up.
@@ -102,24 +121,43 @@ def run(params: Params) -> dict:
             BASE, PREFIX, multiprocess.local_device(), cfg.quantization, allow_pickle=params.fetch_weights.allow_pickle
         )
         stop_ids = prompter.stop_ids(model.generation_config.eos_token_id)
-        for name, enc in zip(MODELS, (None, encoder)):
+        mine = batches[rank::n]  # this process's batches, for each model
+        for m, (name, enc) in enumerate(zip(MODELS, (None, encoder))):
             journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
             already = set(journal.done)
             t0 = time.perf_counter()
-            outputs[name] = generate_all(
-                model,
-                enc,
-                tokenizer,
-                prompt_ids,
-                cfg,
-                cfg.batch_size,
-                cfg.seed,
-                desc=name,
-                backend=backend,
-                journal=journal,
-                shard=(rank, n),
-                stop_ids=stop_ids,
-            )
+
+            def on_batch(k: int, examples: int, m=m, t0=t0) -> None:
+                """Live progress (rank 0): step = this process's batches done over both models."""
+                if progress is not None:
+                    progress.log(
+                        m * len(mine) + k,
+                        {
+                            "examples": m * sum(map(len, mine)) + examples,
+                            "fraction_done": round((m * len(mine) + k) / (2 * len(mine)), 6),
+                            "examples_per_s": round(examples / max(time.perf_counter() - t0, 1e-9), 3),
+                        },
+                    )
+
+            try:
+                with stopping.deferred():
+                    outputs[name] = generate_all(
+                        model,
+                        enc,
+                        tokenizer,
+                        prompt_ids,
+                        cfg,
+                        cfg.batch_size,
+                        cfg.seed,
+                        desc=name,
+                        backend=backend,
+                        journal=journal,
+                        shard=(rank, n),
+                        stop_ids=stop_ids,
+                        on_batch=on_batch,
+                    )
+            except stopping.Stopped as stop:
+                raise _stopped(stop, state, len(batches)) from None
             generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
             speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
         where = str(model.device)
@@ -130,13 +168,16 @@ def run(params: Params) -> dict:
     for name, preds in outputs.items():
         result[name], result["empty_predictions"][name] = metrics.corpus_scores(preds, labels)
 
-    with atomic.atomic_file(PREDICTIONS) as fh:
-        for content, label, base, ptuned in zip(dev["content"], labels, outputs["base"], outputs["ptuned"]):
-            fh.write(
-                json.dumps({"content": content, "label": label, "base": base, "ptuned": ptuned}, ensure_ascii=False)
-                + "\n"
-            )
-    atomic.write_json(METRICS, result)
-    state.finish()
+    # A stop requested while the outputs are written lets them finish: the stage then ends complete.
+    with stopping.deferred():
+        with atomic.atomic_file(PREDICTIONS) as fh:
+            for content, label, base, ptuned in zip(dev["content"], labels, outputs["base"], outputs["ptuned"]):
+                fh.write(
+                    json.dumps({"content": content, "label": label, "base": base, "ptuned": ptuned}, ensure_ascii=False)
+                    + "\n"
+                )
+        atomic.write_json(METRICS, result)
+        progress.close()
+        state.finish()
     # examples/s of what this run generated (not what it read back from the journal), for reports/timings/.
     return {"examples_per_s": speed, "device": where, "devices": cfg.devices}

@@ -1,9 +1,12 @@
 """Stage train: learn a P-tuning v2 prefix on data/processed/train with the base frozen; save only the prefix.
 
 One loop to read top to bottom: load, (resume), step, log, checkpoint, save. Outputs: models/ptuning/
-(prefix.safetensors + prefix_config.json) and reports/train_log.csv (step,loss,learning_rate,samples_per_s).
-Checkpoints go to .ptune/state/train/<key>/ (outside the declared outputs, which DVC and Snakemake delete
-before a rerun): a killed run resumes from the last one and ends with the prefix an uninterrupted run makes.
+(prefix.safetensors + prefix_config.json), reports/train_log.csv (step,loss,learning_rate,samples_per_s; rewritten
+whole, atomically, at each row, so it can be watched while it grows) and reports/live/train/ (the same rows
+through the trackers $PTUNE_TRACKERS names, reporting/live.py). Checkpoints go to .ptune/state/train/<key>/
+(outside the declared outputs, which DVC and Snakemake delete before a rerun): a killed run resumes from the last
+one and ends with the prefix an uninterrupted run makes. SIGTERM, SIGINT or SIGHUP end the step being computed,
+write a checkpoint at it and stop (state/stopping.py): the rerun resumes from that very step.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from ..config import Params, TrainConfig
 from ..errors import PtuneError
 from ..model import backends, device_info
 from ..model.loading import assert_frozen, device
-from ..paths import BASE, TRAIN_LOG
+from ..paths import BASE, TRAIN_LOG, live
 from ..paths import PREFIX as OUT
 from ..paths import PROCESSED as DATA
 from ..remote import checkpoints
 from ..remote.dvc_remote import checkpoint_push_every
-from ..state import atomic, checkpoint, faults, multiprocess
+from ..reporting import live as live_metrics
+from ..state import atomic, checkpoint, faults, multiprocess, stopping
 from ..state.determinism import seed_everything
 from ..state.resume import ResumeState
 
@@ -121,8 +125,34 @@ def optimizer_step(
     return step_loss
 
 
+LOG_HEADER = ("step", "loss", "learning_rate", "samples_per_s")
+
+
+def write_log(rows: list) -> None:
+    """reports/train_log.csv with every row so far: the whole file anew, atomically (never appended to: after a DVC
+    run it may be a hard link into DVC's cache), so that a reader, or a kill, only ever meets whole rows."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(LOG_HEADER)
+    writer.writerows(rows)
+    atomic.write_text(TRAIN_LOG, buf.getvalue())
+
+
+def live_values(row) -> dict[str, float]:
+    """One train_log.csv row as the live trackers get it."""
+    return {name: float(value) for name, value in zip(LOG_HEADER[1:], row[1:])}
+
+
 def save_checkpoint(
-    state: ResumeState, step: int, encoder, optim, scaler, rows: list, keep: int, rng_per_rank: list
+    state: ResumeState,
+    step: int,
+    encoder,
+    optim,
+    scaler,
+    rows: list,
+    keep: int,
+    rng_per_rank: list,
+    window_losses: list[float] = (),
 ) -> None:
     """Everything resuming needs (safetensors, never a pickle; the RNG states of every process); the oldest beyond
     `keep` removed. Called on rank 0 only: the prefix and optimizer are the same on every rank after each step."""
@@ -134,6 +164,7 @@ def save_checkpoint(
         scaler=scaler.state_dict() if scaler is not None else None,
         log_rows=rows,
         rng_per_rank=rng_per_rank,
+        window_losses=window_losses,
     )
     for old in sorted(state.dir.glob(f"checkpoint-*{CKPT_SUFFIX}"))[:-keep]:
         old.unlink()
@@ -156,6 +187,28 @@ def _check_context(model, train, cfg: TrainConfig) -> None:
         )
 
 
+def _stop(
+    state: ResumeState, step: int, cfg: TrainConfig, encoder, optim, scaler, rows, window, saved, push_every, tracker
+):
+    """Stop on request after `step` (state/stopping.py): a checkpoint at that step (unless the step just wrote
+    one), `stopped.json` beside it, the live metrics closed; then raise stopping.Stopped."""
+    name = state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}")
+    if not saved:
+        save_checkpoint(
+            state, step, encoder, optim, scaler, rows, cfg.save_total_limit, [checkpoint.rng_state()], window
+        )
+    stopping.record(state.dir, step=step, max_steps=cfg.max_steps, checkpoint=name.name)
+    tracker.close()
+    if push_every:  # the instance may be going away: send the checkpoint where the next one can find it
+        checkpoints.push_quietly("train")
+    request = stopping.requested()
+    raise stopping.Stopped(
+        request,
+        f"train: stopped ({request.reason}) after step {step} of {cfg.max_steps}; {name} holds it. `dvc repro`, "
+        "`snakemake --cores 1 report` or `ptune train` resumes from that step",
+    )
+
+
 def run(params: Params) -> dict:
     cfg = params.train
     # Checks that need no model come first: a wrong setting fails at once, not after minutes of loading.
@@ -172,6 +225,7 @@ def run(params: Params) -> dict:
         return {**multiprocess.launch("train", params, cfg.devices)[0], "devices": cfg.devices}
 
     push_every = checkpoint_push_every()  # read first: a bad value should fail before hours of work, not after
+    trackers = live_metrics.chosen()  # $PTUNE_TRACKERS, for the same reason
     seed_everything(cfg.seed)  # the same seed on every rank: the prefix (and its dropout) starts equal everywhere
     acc = multiprocess.accelerator()
     dev, world, rank = acc.device, acc.num_processes, acc.process_index
@@ -222,7 +276,7 @@ def run(params: Params) -> dict:
     key_params = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
     with acc.main_process_first():  # rank 0 removes stale state before the others look
         state = ResumeState("train", [BASE, DATA], key_params)
-    start, rows = 0, []
+    start, rows, resumed_window = 0, [], []
     if (ckpt_path := latest_checkpoint(state)) is not None:
         # Onto the CPU: RNG states must be CPU tensors, and load_state_dict moves the rest to the device.
         ckpt = checkpoint.load_training(ckpt_path, rank)  # restores this rank's RNG states too
@@ -230,7 +284,7 @@ def run(params: Params) -> dict:
         optim.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt["scaler"] is not None:
             scaler.load_state_dict(ckpt["scaler"])
-        start, rows = ckpt["step"], ckpt["log_rows"]
+        start, rows, resumed_window = ckpt["step"], ckpt["log_rows"], ckpt["window_losses"]
         log.info("resuming from %s: step %d of %d", ckpt_path, start, cfg.max_steps)
     acc.wait_for_everyone()  # every rank has read the checkpoint before rank 0 may write (and prune) the next
 
@@ -238,7 +292,12 @@ def run(params: Params) -> dict:
     shared = acc.prepare_model(encoder)
     shared.train()
     t_start = time.perf_counter()
-    t_log, samples_since, window_losses, saved = t_start, 0, [], 0
+    t_log, samples_since, window_losses, saved = t_start, 0, list(resumed_window), 0
+    tracker = None
+    if acc.is_main_process:
+        # The curve so far (the checkpoint's rows), then each new row as it is made: no step twice after a resume.
+        write_log(rows)
+        tracker = live_metrics.Live(live("train"), ((r[0], live_values(r)) for r in rows), trackers)
     quiet = {"disable": True} if rank != 0 else {}  # one progress bar, rank 0's
     bar = tqdm(
         range(start, cfg.max_steps),
@@ -249,66 +308,79 @@ def run(params: Params) -> dict:
         mininterval=2,
         **quiet,
     )
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for group in optim.param_groups:
-            group["lr"] = lr
-        micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world, collate=backend.collate)
-        samples_since += sum(len(b["input_ids"]) for b in micro_batches) * world
-        step_loss = optimizer_step(
-            model,
-            shared,
-            micro_batches,
-            optim,
-            scaler,
-            autocast,
-            cfg.max_grad_norm,
-            no_sync=lambda: acc.no_sync(shared),
-            backend=backend,
-        )
-        # The mean over ranks (float64: one process keeps its loss bit for bit); every rank checks the same value.
-        step_loss = acc.reduce(torch.tensor(step_loss, dtype=torch.float64, device=dev), "mean").item()
-        if not math.isfinite(step_loss) or step_loss == 0.0:
-            hint = (
-                " fp16 overflows here: use bf16 (or fp32)"
-                if cfg.precision == "fp16"
-                else " lower train.learning_rate or check the data"
+    # From here a stop request ends the step being computed and is saved (state/stopping.py); before, while
+    # loading, there is nothing to save and it stops at once.
+    with stopping.deferred():
+        for step in bar:
+            lr = lr_at(step, cfg)
+            for group in optim.param_groups:
+                group["lr"] = lr
+            micro_batches = micro_batches_at(step, train, cfg, pad_id, dev, rank, world, collate=backend.collate)
+            samples_since += sum(len(b["input_ids"]) for b in micro_batches) * world
+            step_loss = optimizer_step(
+                model,
+                shared,
+                micro_batches,
+                optim,
+                scaler,
+                autocast,
+                cfg.max_grad_norm,
+                no_sync=lambda: acc.no_sync(shared),
+                backend=backend,
             )
-            raise PtuneError(
-                f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
-                f"to {OUT}; checkpoints before this step are kept in {state.dir}"
-            )
-        window_losses.append(step_loss)
-        faults.point("step")
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
-        if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
-            elapsed = time.perf_counter() - t_log
-            # loss: the mean over the steps since the last row. samples/s is the one column that varies
-            # between reruns; reports compare the others.
-            mean_loss = sum(window_losses) / len(window_losses)
-            rows.append((step + 1, round(mean_loss, 6), f"{lr:.6g}", round(samples_since / max(elapsed, 1e-9), 2)))
-            t_log, samples_since, window_losses = time.perf_counter(), 0, []
-        if (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
-            rng = gather_object([checkpoint.rng_state()])  # every rank's generators (one CUDA generator per GPU)
-            if acc.is_main_process:
-                save_checkpoint(state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit, rng)
-                faults.point("checkpoint")
-                saved += 1
-                if push_every and saved % push_every == 0:  # so that a fresh instance can resume (docs/surviving.md)
-                    checkpoints.push_quietly("train")
+            # The mean over ranks (float64: one process keeps its loss bit for bit); every rank checks the same value.
+            step_loss = acc.reduce(torch.tensor(step_loss, dtype=torch.float64, device=dev), "mean").item()
+            if not math.isfinite(step_loss) or step_loss == 0.0:
+                hint = (
+                    " fp16 overflows here: use bf16 (or fp32)"
+                    if cfg.precision == "fp16"
+                    else " lower train.learning_rate or check the data"
+                )
+                raise PtuneError(
+                    f"train: the loss is {step_loss} at step {step + 1};{hint}. Nothing was saved "
+                    f"to {OUT}; checkpoints before this step are kept in {state.dir}"
+                )
+            window_losses.append(step_loss)
+            faults.point("step")
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if (step + 1) % cfg.logging_steps == 0 or step + 1 == cfg.max_steps:
+                elapsed = time.perf_counter() - t_log
+                # loss: the mean over the steps since the last row. samples/s is the one column that varies
+                # between reruns; reports compare the others.
+                mean_loss = sum(window_losses) / len(window_losses)
+                rows.append((step + 1, round(mean_loss, 6), f"{lr:.6g}", round(samples_since / max(elapsed, 1e-9), 2)))
+                t_log, samples_since, window_losses = time.perf_counter(), 0, []
+                if acc.is_main_process:
+                    write_log(rows)
+                    tracker.log(step + 1, live_values(rows[-1]))
+            periodic = (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps
+            if periodic:
+                rng = gather_object([checkpoint.rng_state()])  # every rank's generators (one CUDA generator per GPU)
+                if acc.is_main_process:
+                    save_checkpoint(
+                        state, step + 1, encoder, optim, scaler, rows, cfg.save_total_limit, rng, window_losses
+                    )
+                    faults.point("checkpoint")
+                    saved += 1
+                    if (
+                        push_every and saved % push_every == 0
+                    ):  # so that a fresh instance can resume (docs/surviving.md)
+                        checkpoints.push_quietly("train")
+            if stopping.requested() is not None:  # SIGTERM, SIGINT or SIGHUP during this step (one process only)
+                _stop(state, step + 1, cfg, encoder, optim, scaler, rows, window_losses, periodic, push_every, tracker)
 
-    train_s = time.perf_counter() - t_start
+        train_s = time.perf_counter() - t_start
 
-    if acc.is_main_process:
-        with atomic.atomic_dir(OUT) as tmp:
-            backend.save_prefix(model, encoder, tmp, BASE)
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["step", "loss", "learning_rate", "samples_per_s"])
-        writer.writerows(rows)
-        atomic.write_text(TRAIN_LOG, buf.getvalue())
-        state.finish()
-    acc.wait_for_everyone()
+        # A request that comes while the outputs are written lets them finish: the stage then ends complete.
+        if acc.is_main_process:
+            with atomic.atomic_dir(OUT) as tmp:
+                backend.save_prefix(model, encoder, tmp, BASE)
+            write_log(rows)
+            tracker.close()
+            state.finish()
+        acc.wait_for_everyone()
+    if stopping.requested() is not None:
+        log.warning("a stop was requested while the outputs were written; they are complete, so train finished")
     # Every micro-batch holds batch_size rows (or the whole set when it is smaller): see batch_indices.
     per_step = cfg.gradient_accumulation_steps * min(per_device, len(train)) * world
     return {

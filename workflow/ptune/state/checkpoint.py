@@ -75,9 +75,12 @@ def save_training(
     scaler: dict | None,
     log_rows: list,
     rng_per_rank: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+    window_losses: list[float] = (),
 ) -> None:
     """Write one training checkpoint atomically (temp file, then rename); `rng_per_rank[r]` is rank r's
-    `rng_state()`, so that every process of a multi-device run resumes its own random streams."""
+    `rng_state()`, so that every process of a multi-device run resumes its own random streams. `window_losses`:
+    the losses of the steps since the last log row (a checkpoint between two rows, as a stop on request makes),
+    so that the resumed run's next row is the mean an uninterrupted run logs."""
     opt_tensors, opt_meta = _split_optimizer(optimizer)
     tensors = {**{f"prefix.{k}": v for k, v in prefix.items()}, **opt_tensors}
     for rank, (rng_tensors, _) in enumerate(rng_per_rank):
@@ -88,6 +91,7 @@ def save_training(
         "scaler": scaler,
         "rng": [m for _, m in rng_per_rank],
         "log_rows": log_rows,
+        "window_losses": list(window_losses),
     }
     blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={META_KEY: json.dumps(meta)})
     with atomic.atomic_file(path, "wb") as fh:
@@ -119,4 +123,5 @@ def load_training(path: Path, rank: int = 0) -> dict[str, Any]:
         "optimizer": optimizer,
         "scaler": meta["scaler"],
         "log_rows": [tuple(r) for r in meta["log_rows"]],
+        "window_losses": [float(x) for x in meta.get("window_losses", [])],  # older checkpoints have none
     }

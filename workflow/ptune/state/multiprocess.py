@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -90,8 +91,11 @@ def check_devices(key: str, n: int) -> None:
 
 def launch(stage: str, params, n: int) -> list[dict]:
     """Run `stage` in n worker processes and wait for them; returns what each rank's `run` returned."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
+
+    from . import stopping
 
     check_devices(f"{stage}.devices", n)
     with tempfile.TemporaryDirectory(prefix=f"ptune-{stage}-") as tmp:
@@ -114,14 +118,28 @@ def launch(stage: str, params, n: int) -> list[dict]:
         log.info("%s: launching %d processes (%s threads each)", stage, n, threads)
         saved = {k: os.environ.get(k) for k in ("PTUNE_NUM_THREADS", "OMP_NUM_THREADS")}
         os.environ["PTUNE_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = threads
+        # The launcher puts its own handlers in (they send the signal on to the workers, which end at once): ours
+        # come back after it.
+        handlers = {s: signal.getsignal(s) for s in stopping.SIGNALS}
         try:
             run(args)
+        except SignalException as exc:
+            request = stopping.note(int(exc.sigval))
+            raise stopping.Stopped(
+                request,
+                f"{stage}: stopped ({request.reason}); its {n} processes ended at once (a stop that saves the step "
+                "being computed is for one process): train resumes from its last checkpoint, evaluate from its "
+                "journal",
+            ) from None
         except ChildFailedError:
             errors = sorted(results.glob("error-rank*.txt"))
             if errors:
                 raise PtuneError(errors[0].read_text(encoding="utf-8")) from None
             raise PtuneError(f"{stage}.devices: {n}: a worker process failed; its traceback is above") from None
         finally:
+            for s, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(s, handler)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
