@@ -284,7 +284,12 @@ def test_s3_remote_round_trip_on_loopback(ran_project, s3_server):
     assert status["remote"]["name"] == "store" and status["remote"]["url"] == "s3://ptune-bucket/ptune"
     assert status["remote"]["warning"] is None and not status["remote"]["same_disk"]
     assert {row["remote"] for row in status["stages"].values()} == {"on remote"}
-    assert status["resume_state"]["train"] == {"local": ckpt.name, "remote": ckpt.name}
+    assert status["resume_state"]["train"] == {
+        "local": ckpt.name,
+        "remote": ckpt.name,
+        "running": None,
+        "stopped": None,
+    }
 
     # A fresh instance somewhere else: nothing but the clone and the credentials.
     elsewhere = a.root.parent / "elsewhere"

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..errors import PtuneError
 from ..paths import PTUNE_DIR, STATE_DIR
 from ..state.resume import KEEP_RUNS_ENV, keep_runs, runs_by_age
+from ..state.stopping import RECORD as STOP_RECORD
 from .dvc_remote import open_repo
 from .manifest import MAX_MANIFEST_BYTES, SYNCED_STAGES, Manifest, Run, StateFile, check_manifest, check_stage
 from .manifest import local_path as _local_path
@@ -276,5 +277,7 @@ def local_latest(stage: str) -> str | None:
     state = local_states([stage]).get(stage)
     if state is None:
         return None
-    names = sorted(p.name for p in state.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = sorted(
+        p.name for p in state.iterdir() if p.is_file() and not p.name.startswith(".") and p.name != STOP_RECORD
+    )
     return names[-1] if names else None

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import PtuneError
+from ..state import stopping
 from . import checkpoints
 from .dvc_lock import locked_outs
 from .dvc_remote import open_repo, remote_info, survival_warning
@@ -66,7 +67,8 @@ def _remote_state(outs: list, cloud: dict[str, str] | None) -> str:
 
 
 def _resume_state(remote: str | None, reachable: bool) -> dict:
-    """stage -> the newest resume file here and on the remote (a training killed, or pushed while it ran)."""
+    """stage -> the newest resume file here and on the remote (a training killed, or pushed while it ran), whether
+    the stage is running now (its pid), and how it stopped when it stopped on request (its stopped.json)."""
     manifests = {}
     if reachable:
         try:
@@ -79,11 +81,37 @@ def _resume_state(remote: str | None, reachable: bool) -> dict:
         except Exception:  # resume state is extra; the stage table is the answer
             manifests = {}
     found = {}
-    for stage in sorted(set(checkpoints.local_states(None)) | set(manifests)):
+    local = checkpoints.local_states(None)
+    running = stopping.running_stages()
+    for stage in sorted(set(local) | set(manifests)):
         manifest = manifests.get(stage)
-        files = manifest.runs[0].files if manifest else {}
-        found[stage] = {"local": checkpoints.local_latest(stage), "remote": max(files) if files else None}
+        files = [name for name in (manifest.runs[0].files if manifest else {}) if name != stopping.RECORD]
+        found[stage] = {
+            "local": checkpoints.local_latest(stage),
+            "remote": max(files) if files else None,
+            "running": running.get(stage),
+            # A run that is going on again after a stop has not stopped (its record goes when it finishes).
+            "stopped": None if stage in running else stopping.read_record(local.get(stage)),
+        }
     return found
+
+
+def _stopped_line(stage: str, record: dict) -> str:
+    """What `ptune status` says about a run stopped on request."""
+    if stage == "train" and "step" in record:
+        where = f"after step {record['step']} of {record.get('max_steps', '?')} ({record.get('checkpoint')} holds it)"
+    elif "batches_done" in record:
+        done = record["batches_done"]
+        where = "with " + ", ".join(f"{name} {n} of {record.get('batches', '?')}" for name, n in done.items())
+        where += " batches generated"
+    else:
+        where = "(no progress recorded)"
+    why = record.get("reason")
+    why = "" if why == f"{record.get('signal')} received" else f" ({why})"
+    return (
+        f"  stopped by {record.get('signal')}{why} at {record.get('at')}, {where}; `dvc repro` or "
+        "`snakemake --cores 1 report` resumes it"
+    )
 
 
 def collect(remote: str | None = None) -> dict:
@@ -131,6 +159,10 @@ def render(status: dict) -> str:
         lines.append(
             f"\nresume state of {stage}: {where['local'] or 'none'} here, {where['remote'] or 'none'} on the remote"
         )
+        if where.get("running"):
+            lines.append(f"  running now (pid {where['running']})")
+        if where.get("stopped"):
+            lines.append(_stopped_line(stage, where["stopped"]))
     states = [row["workspace"] for row in status["stages"].values()]
     remotes = [row["remote"] for row in status["stages"].values()]
     hints = []
