@@ -61,6 +61,7 @@ def pipeline(front: str) -> tuple[str, ...]:
 TIMED = (
     "reports/timings",
     "reports/train_log.csv",
+    "reports/live",  # live metrics carry samples/s and examples/s (docs/surviving.md, "Watching a run")
     "reports/deploy_check.json",
     "reports/report.md",
     "reports/report.html",

@@ -261,6 +261,11 @@ def test_dvc_metrics_and_plots_show(ran_project):
         float(r["loss"]) for r in csv.DictReader(open(ran_project.root / "reports/train_log.csv"))
     ]
     assert {r["learning_rate"] for r in plots["learning rate"][0]["content"]["data"]["values"]}
+    # The live metrics (reports/live/, what a running stage has done so far): a row per logged step, a point per batch.
+    throughput = plots["training throughput (live)"][0]["content"]["data"]["values"]
+    assert [int(r["step"]) for r in throughput] == [int(r["step"]) for r in loss]
+    progress = plots["evaluation progress (live)"][0]["content"]["data"]["values"]
+    assert int(progress[-1]["examples"]) == 2 * metrics["n_examples"]
     scores = {r["label"]: float(r["score"]) for r in plots["scores"][0]["content"]["data"]["values"]}
     assert scores["ROUGE-L P-tuned"] == pytest.approx(metrics["ptuned"]["rouge-l"], abs=1e-4)
     assert scores["ROUGE-L base model"] == pytest.approx(metrics["base"]["rouge-l"], abs=1e-4)
