@@ -142,3 +142,33 @@ def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_
         finally:
             browser.close()
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+def test_the_page_refuses_huge_bodies_and_messages(web, serving_project):
+    """A 64 MiB message used to be taken in: now a body over the limit gets 413 before Gradio reads it (no login
+    needed to find out), and a message over --max-chars is refused by the page's own handlers, whatever the
+    browser's max_length let through."""
+    import urllib.error
+
+    import gradio as gr
+
+    from ptune.serve import web as page
+    from ptune.serve.engine import Engine
+
+    from support.serving import _bundle
+
+    for path in ("gradio_api/queue/join", "gradio_api/run/predict"):
+        req = urllib.request.Request(
+            web + path, data=b"x" * (8 << 20), method="POST", headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=60)
+        assert exc.value.code == 413
+    engine = Engine(_bundle(str(serving_project.root), False), "ptune", "test")
+    huge = "类型#裤" * 8001
+    with pytest.raises(gr.Error, match=r"at most 32000 \(its --max-chars"):
+        page.ask(engine, huge, [])
+    d = engine.defaults
+    with pytest.raises(gr.Error, match="--max-chars"):
+        list(page.answer(engine, [[huge, None]], d.max_new_tokens, d.do_sample, d.top_p, d.temperature, ""))
+    assert page.ask(engine, "类型#裤", [])[0] == ""

@@ -63,20 +63,26 @@ def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, tempe
     yield pairs, display(pairs)
 
 
+def ask(engine: Engine, message: str, pairs: Pairs):
+    """The page's Send: the message joins the conversation (the box empties), or is refused past --max-chars (the
+    box's own max_length is the browser's to enforce, so the server checks too)."""
+    if not message.strip():
+        return message, pairs, display(pairs)
+    if len(message) > engine.limits.max_chars:
+        raise gr.Error(
+            f"the message is {len(message)} characters; this server takes at most {engine.limits.max_chars} "
+            "(its --max-chars option)"
+        )
+    pairs = pairs + [[message, None]]
+    return "", pairs, display(pairs)
+
+
 def build(engine: Engine) -> gr.Blocks:
     d = engine.defaults
     room = engine.context_length - engine.prefix_length - 1
 
-    def ask(message: str, pairs: Pairs):
-        if not message.strip():
-            return message, pairs, display(pairs)
-        if len(message) > engine.limits.max_chars:  # the page's own max_length is the browser's: check here
-            raise gr.Error(
-                f"the message is {len(message)} characters; this server takes at most {engine.limits.max_chars} "
-                "(its --max-chars option)"
-            )
-        pairs = pairs + [[message, None]]
-        return "", pairs, display(pairs)
+    def ask_(message: str, pairs: Pairs):
+        return ask(engine, message, pairs)
 
     def respond(pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
         yield from answer(engine, pairs, max_new_tokens, do_sample, top_p, temperature, seed)
@@ -116,7 +122,7 @@ def build(engine: Engine) -> gr.Blocks:
             )
         settings = [max_new_tokens, do_sample, top_p, temperature, seed]
         for trigger in (box.submit, send.click):
-            trigger(ask, [box, pairs], [box, pairs, chatbot], queue=False).then(
+            trigger(ask_, [box, pairs], [box, pairs, chatbot], queue=False).then(
                 respond, [pairs, *settings], [pairs, chatbot]
             )
         clear.click(lambda: ([], [], ""), None, [pairs, chatbot, box], queue=False)
