@@ -24,6 +24,8 @@ from ptune.reporting import live
 from ptune.state.faults import TRACE_ENV
 from ptune.state.stopping import running_stages
 
+from conftest import Project
+
 PREFIX = "models/ptuning/prefix.safetensors"
 TRAIN_LOG = "reports/train_log.csv"
 LIVE_LOSS = "reports/live/train/plots/metrics/loss.tsv"
@@ -162,9 +164,10 @@ def test_stopped_training_resumes_to_the_bytes_of_an_uninterrupted_run_through_e
     """SIGTERM and SIGHUP to Snakemake alone (it passes them on), SIGINT (Ctrl-C) to the stage; TensorBoard too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    p = ran_project
-    _long_training(p)
-    env = {**p.env, live.ENV: "dvclive,tensorboard"}
+    _long_training(ran_project)
+    env = {**ran_project.env, live.ENV: "dvclive,tensorboard"}
+    p = Project(ran_project.root, env)
+    lock = (p.root / "dvc.lock").read_text()  # train with the tiny params' 6 steps: DVC sees the 200 as a change
     p.run("ptune", "train")
     uninterrupted = (p.root / PREFIX).read_bytes()
     reference = [(r["step"], r["loss"], r["learning_rate"]) for r in _rows(p)]
@@ -176,11 +179,13 @@ def test_stopped_training_resumes_to_the_bytes_of_an_uninterrupted_run_through_e
     ]
     for cmd, sig, to_stage in cases:
         what = f"{signal.Signals(sig).name} to {cmd[0]}"
-        # Train must run again, with the same params: no output, and no run-cache entry to restore it from.
+        # Train must run again, with the same params: no output, no dvc.lock entry and no run-cache entry to restore
+        # it from.
         for path in (p.root / ".dvc/cache/runs", p.root / "models/ptuning"):
             shutil.rmtree(path, ignore_errors=True)
+        (p.root / "dvc.lock").write_text(lock)
         (p.root / TRAIN_LOG).unlink(missing_ok=True)
-        stopped, took = _stop_when(p, cmd, lambda: len(_rows(p)) >= 5, sig, to_stage=to_stage, env=env)
+        stopped, took = _stop_when(p, cmd, lambda: len(_rows(p)) >= 5, sig, to_stage=to_stage)
         assert stopped.returncode != 0, f"{what}: finished\n{stopped.stdout[-3000:]}"
         assert f"stopped ({signal.Signals(sig).name} received) after step" in stopped.stdout, stopped.stdout[-3000:]
         assert "Traceback" not in stopped.stdout
@@ -209,6 +214,7 @@ def test_stopped_evaluation_keeps_its_batches_and_resumes_to_identical_outputs(r
     outputs = ("reports/predictions.jsonl", "reports/metrics.json")
     p.run("ptune", "evaluate")
     uninterrupted = {rel: (p.root / rel).read_bytes() for rel in outputs}
+    n = json.loads(uninterrupted["reports/metrics.json"])["n_examples"]  # one batch each (the dev set may be smaller)
     for rel in outputs:
         (p.root / rel).unlink()
 
@@ -221,23 +227,26 @@ def test_stopped_evaluation_keeps_its_batches_and_resumes_to_identical_outputs(r
     assert stopped.returncode == 128 + signal.SIGTERM and "Traceback" not in stopped.stdout, stopped.stdout[-3000:]
     record = _stop_record(p, "evaluate")
     kept = record["batches_done"]
-    assert sum(kept.values()) == batches() >= 3 and record["batches"] == 16
-    assert f"base {kept['base']} of 16" in stopped.stdout
+    assert sum(kept.values()) == batches() >= 3 and record["batches"] == n
+    assert f"base {kept['base']} of {n}" in stopped.stdout
     assert not any((p.root / rel).exists() for rel in outputs)
     assert "evaluate" in p.run("ptune", "status").stdout.split("resume state of")[-1]
-    print(f"SIGTERM to evaluate: gone in {took:.2f} s with {kept} of 16 batches kept")
+    print(f"SIGTERM to evaluate: gone in {took:.2f} s with {kept} of {n} batches kept")
 
     resumed = p.run("ptune", "evaluate")
     assert "resuming" in resumed.stderr
     assert {rel: (p.root / rel).read_bytes() for rel in outputs} == uninterrupted
     steps = _tsv_steps(p.root / "reports/live/evaluate/plots/metrics/examples.tsv")
-    assert steps == sorted(set(steps)) and steps[-1] == 32  # 16 batches of each model, each step once
+    assert steps == sorted(set(steps)) and steps[-1] == 2 * n  # n batches of each model, each step once
 
 
 @pytest.mark.slow
 def test_a_stage_without_progress_to_save_stops_at_once_and_leaves_nothing(ran_project):
     p = ran_project
-    p.set_param("fetch_weights.embedded.pretrain_steps", 100_000)  # hours: it must be stopped, not finish
+    params = p.root / "params.yaml"
+    text = params.read_text(encoding="utf-8")
+    assert "    pretrain_steps: 5\n" in text
+    params.write_text(text.replace("    pretrain_steps: 5\n", "    pretrain_steps: 100000\n"), encoding="utf-8")
     trace = p.root.parent / "trace.tsv"
 
     def pretraining() -> bool:
