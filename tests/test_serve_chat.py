@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -99,15 +100,9 @@ def test_a_bundle_of_the_old_format_is_refused_saying_how_to_rebuild_it(serving_
         assert "Traceback" not in proc.stderr
 
 
-def test_a_bundle_cannot_consent_to_its_own_code(serving_project, tmp_path):
-    """A forged bundle whose base records trust_remote_code: true and ships a configuration_*.py: serving it runs
-    none of that code without the user's --trust-remote-code (it used to, on the record's word); with the flag, it
-    is the user's decision and the code runs."""
-    from ptune.model import legacy_env
-
-    legacy = legacy_env.venv_dir() / "bin" / "python"
-    if not legacy.is_file():
-        pytest.skip(f"no legacy environment ({legacy}): `make legacy` creates it")
+def _forged_bundle(serving_project, tmp_path) -> tuple[Path, Path]:
+    """A bundle whose chatglm base records trust_remote_code: true and ships a configuration_*.py that writes a
+    marker when imported; returns (bundle, marker)."""
     marker = tmp_path / "pwned"
     forged = tmp_path / "forged"
     base = forged / "base"
@@ -131,6 +126,19 @@ def test_a_bundle_cannot_consent_to_its_own_code(serving_project, tmp_path):
     manifest = json.loads((serving_project.root / "models/deploy/bundle.json").read_text(encoding="utf-8"))
     manifest.update(base_model=str(base), backend="chatglm", prefix="prefix")
     (forged / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return forged, marker
+
+
+def test_a_bundle_cannot_consent_to_its_own_code(serving_project, tmp_path):
+    """A forged bundle whose base records trust_remote_code: true and ships a configuration_*.py: serving it runs
+    none of that code without the user's --trust-remote-code (it used to, on the record's word); with the flag, it
+    is the user's decision and the code runs."""
+    from ptune.model import legacy_env
+
+    legacy = legacy_env.venv_dir() / "bin" / "python"
+    if not legacy.is_file():
+        pytest.skip(f"no legacy environment ({legacy}): `make legacy` creates it")
+    forged, marker = _forged_bundle(serving_project, tmp_path)
     env = {**serving_project.env, legacy_env.PYTHON_VAR: str(legacy)}
     project = type(serving_project)(serving_project.root, env)
     for cmd in (
@@ -146,3 +154,18 @@ def test_a_bundle_cannot_consent_to_its_own_code(serving_project, tmp_path):
     # The user's flag is consent: the code runs (and this forged model then fails to load, as it must).
     project.run(sys.executable, "-m", "ptune.cli", "chat", "--bundle", str(forged), "--trust-remote-code", check=False)
     assert marker.read_text() == "ran"
+
+
+def test_a_bundle_cannot_make_ptune_build_the_legacy_environment(serving_project, tmp_path):
+    """The consent check comes before the switch to ChatGLM-6B's environment, which would create it (a pip install)
+    on a machine that has none: a forged bundle is refused with nothing built and none of its code run."""
+    from ptune.model import legacy_env
+
+    forged, marker = _forged_bundle(serving_project, tmp_path)
+    nowhere = tmp_path / "no-legacy-env"
+    env = {k: v for k, v in serving_project.env.items() if k != legacy_env.PYTHON_VAR}
+    project = type(serving_project)(serving_project.root, {**env, legacy_env.VENV_VAR: str(nowhere)})
+    proc = project.run(sys.executable, "-m", "ptune.cli", "chat", "--bundle", str(forged), check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--trust-remote-code" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not nowhere.exists() and not marker.exists()

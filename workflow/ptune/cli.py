@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import PtuneError
-from .model import backends, legacy_env
+from .model import backends, legacy_env, trust
 from .paths import BASE, MODEL_STAGES, STAGES
 from .serve import commands as serve_commands
 from .state.stopping import Stopped
@@ -208,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in MODEL_STAGES:
             _switch_environment(argv)
         elif args.command in ("serve", "chat"):
-            _switch_environment(argv, _served_base(args))
+            base = _served_base(args)
+            if base is not None and backends.needs_legacy_env(base):
+                # Before the switch, which may build the legacy environment (a pip install): a folder's own record
+                # must not make ptune install anything, let alone run the folder's code.
+                consent = trust.user_trusts(base, getattr(args, "trust_remote_code", False), args.params)
+                trust.require_consent(base, consent, f"`ptune {args.command}`")
+            _switch_environment(argv, base)
         if args.command in STAGES:
             run_stage(args.command, args.params)
         elif args.command == "validate":
