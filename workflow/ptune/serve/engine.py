@@ -1,14 +1,17 @@
 """One generation engine under the web demo, the HTTP API and the terminal chat.
 
-It holds one loaded model (a deploy bundle, its base alone, or a plain model directory) and answers one
-conversation turn at a time: requests are serialised by a lock, because one model on one device gains nothing
-from interleaving single-prompt `generate` calls and loses the per-request seeding that makes answers
-reproducible. Waiting requests are counted; past `max_pending` the engine refuses at once (`Busy`) rather than
-let a queue grow without bound.
+It holds one loaded model (a deploy bundle, its base alone, or a plain model directory) and answers the requests
+that arrive together in one batch: a scheduler thread (serve/batching.py) decodes up to `max_batch` requests at
+once and admits waiting ones between decoding steps (continuous batching), each row with its own settings, seed,
+length and cancel event, so that an answer does not depend on who else is asking. Waiting and running requests
+are counted; past `max_pending` the engine refuses at once (`Busy`) rather than let a queue grow without bound.
 
-Each answer streams through a transformers `TextIteratorStreamer` fed by our prefixed `generate`, which runs in
-a worker thread; a reader may stop it at any time (`Reply.cancel`), e.g. when a client goes away: generation stops
-at the next decoding step.
+Each answer streams through a transformers `TextIteratorStreamer` fed token by token by the scheduler; a reader may
+stop it at any time (`Reply.cancel`), e.g. when a client goes away: its row leaves the batch before the next
+decoding step.
+
+The chatglm backend (ChatGLM-6B's remote code generates) and models whose cache cannot be merged across rows are
+served one request at a time: the backend's own `generate` in a worker thread, behind a lock.
 
 A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
 that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
@@ -35,6 +38,7 @@ from ..model.bundle import Bundle
 from ..model.checks import context_length
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
+from .batching import Row, Scheduler
 from .limits import Limits, RequestError, check_conversation, check_seed
 
 log = logging.getLogger(__name__)
@@ -130,10 +134,16 @@ class Reply:
 
 
 class Engine:
-    """A loaded model that answers chat turns one at a time."""
+    """A loaded model that answers chat turns, those that arrive together in one batch."""
 
     def __init__(
-        self, bundle: Bundle, name: str, description: str, max_pending: int = 32, limits: Limits | None = None
+        self,
+        bundle: Bundle,
+        name: str,
+        description: str,
+        max_pending: int = 32,
+        limits: Limits | None = None,
+        max_batch: int = 8,
     ):
         self.bundle = bundle
         self.name = name
@@ -152,20 +162,31 @@ class Engine:
         self._tokenize_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._pending = 0
+        # Continuous batching where the backend is transformers' own; else one at a time (the lock).
+        self.scheduler: Scheduler | None = None
+        if max_batch > 1 and self.backend.name == backends.TRANSFORMERS:
+            self.scheduler = Scheduler(bundle.model, bundle.encoder, self.stop_ids, max_batch)
+        self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
 
     @classmethod
     def from_bundle(
-        cls, directory: str | Path, base_only: bool = False, max_pending: int = 32, trust_remote_code: bool = False
+        cls,
+        directory: str | Path,
+        base_only: bool = False,
+        max_pending: int = 32,
+        trust_remote_code: bool = False,
+        max_batch: int = 8,
     ) -> "Engine":
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
         `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base (Bundle.load)."""
         bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code)
         what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
-        return cls(bundle, "ptune-base" if base_only else "ptune", f"bundle `{directory}` ({what})", max_pending)
+        name = "ptune-base" if base_only else "ptune"
+        return cls(bundle, name, f"bundle `{directory}` ({what})", max_pending, max_batch=max_batch)
 
     @classmethod
     def from_model(
-        cls, directory: str | Path, preprocess, generation: GenerationConfig, max_pending: int = 32
+        cls, directory: str | Path, preprocess, generation: GenerationConfig, max_pending: int = 32, max_batch: int = 8
     ) -> "Engine":
         """A plain transformers model directory (e.g. models/base before any deploy), no prefix; its prompts in the
         format of the preprocess section (config.PreprocessConfig) of the params file."""
@@ -179,7 +200,7 @@ class Engine:
         tokenizer = load_tokenizer(directory)
         fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
         bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
-        return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending)
+        return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending, max_batch=max_batch)
 
     def set_defaults(
         self,
@@ -308,8 +329,13 @@ class Engine:
         if self.log_prompts:
             prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
         tokenizer = self.bundle.tokenizer
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
+        if self.scheduler is not None:
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+            reply = Reply(streamer, cancel, len(ids), used)
+            self._submit(reply, ids, settings)
+            return reply
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         reply = Reply(streamer, cancel, len(ids), used)
         threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True, name="ptune-generate").start()
         return reply
@@ -319,7 +345,43 @@ class Engine:
     ) -> Reply:
         return self.start(query, history, settings, system).wait()
 
+    def _submit(self, reply: Reply, ids: list[int], settings: Settings) -> None:
+        """Queue the request for the scheduler; its tokens stream to the reply as its row decodes them."""
+        streamer = reply._streamer
+
+        def on_token(token: int) -> None:
+            streamer.put(torch.tensor([token]))
+
+        def on_done(new: list[int], error: BaseException | None) -> None:
+            try:
+                self._finish(reply, new, settings, error)
+            finally:
+                with self._count_lock:
+                    self._pending -= 1
+                reply._done.set()
+                streamer.end()
+
+        kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
+        self.scheduler.submit(
+            Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply._cancel, on_token, on_done)
+        )
+
+    def _finish(self, reply: Reply, new: list[int], settings: Settings, error: BaseException | None) -> None:
+        if error is not None:
+            reply._error = error
+            return
+        reply.completion_tokens = len(new)
+        reply.text = self.bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
+        if reply._cancel.is_set():
+            reply.finish_reason = "cancelled"
+            log.info("generation cancelled after %d new tokens", len(new))
+        elif new and new[-1] in self.stop_ids:
+            reply.finish_reason = "stop"
+        elif len(new) >= settings.max_new_tokens:
+            reply.finish_reason = "length"
+
     def _generate(self, reply: Reply, ids: list[int], settings: Settings) -> None:
+        """One at a time (backends that generate through their own code): the backend's generate, behind a lock."""
         bundle = self.bundle
         try:
             with self._generate_lock:

@@ -1,8 +1,9 @@
 """The Gradio chat page: streaming answers, history, generation settings, a clear button.
 
 The conversation lives in a `gr.State` of (question, answer) pairs, the engine's history format; the Chatbot
-only displays it. Gradio's queue runs one answer at a time per page event (its default concurrency limit of 1)
-and shows waiting users their place in the queue; the engine's lock is underneath as for every front end.
+only displays it. Gradio's queue lets up to the engine's batch size (`--max-batch`) of answers run at once (its
+default concurrency limit of 1 would hand the engine one request at a time), so that users who ask together are
+answered in one batch; more wait in the queue, which shows them their place.
 """
 
 from __future__ import annotations
@@ -130,10 +131,15 @@ def build(engine: Engine) -> gr.Blocks:
     return demo
 
 
+def queued(demo: gr.Blocks, engine: Engine) -> gr.Blocks:
+    """Gradio's queue in front of the engine: as many answers at once as the engine batches, at most
+    --max-pending waiting."""
+    return demo.queue(max_size=engine.max_pending, default_concurrency_limit=engine.max_batch)
+
+
 def run(engine: Engine, host: str, port: int, share: bool, auth: tuple[str, str] | None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes, one line each
-    demo = build(engine)
-    demo.queue(max_size=engine.max_pending)
+    demo = queued(build(engine), engine)
     demo.launch(
         server_name=host,
         server_port=port,

@@ -1,0 +1,303 @@
+"""Continuous batching: one scheduler thread owns the model and decodes every active request together.
+
+Requests wait in a queue; between two decoding steps the scheduler admits waiting requests (up to `max_batch`
+rows), runs each new prompt's prefill on its own (batch 1, exactly as a lone `generate` would), and merges its
+keys/values into the running batch's cache, left-padded with the attention mask covering only real positions.
+Each decoding step then runs the model once on the last token of every active row, with per-row position ids.
+
+Every row carries its own settings: greedy or sampled, temperature and top-p (the model's own logits processors,
+built as `generate` builds them for that row alone), its own `torch.Generator` seeded with the request's seed,
+its own max_new_tokens, and its own cancel event. A row that ends (a stop token, its length, a cancel) leaves the
+batch before the next step, so it costs nothing more; the cache's columns no remaining row uses are dropped.
+
+Because a row's prefill is its own and its draws come from its own generator, a request's answer does not depend on
+who else is asking: under greedy decoding it is token-identical alone and in a batch, and a seeded sampled answer
+is the one the bundle gives alone (`Bundle.answer`), as long as the batched decoding step computes the row's
+logits to the same bits (it does on CPU here; tests/test_serve_batching.py checks both).
+
+The prefix's keys/values are computed once, when the scheduler starts, and reused by every prefill (no prefix
+projection per request); in the cache each row holds them as the first `pre_seq_len` positions of its own row,
+since attention needs one (batch, heads, length, dim) tensor per layer.
+
+Models whose cache is not transformers' plain `DynamicLayer` (sliding-window or indexed layers), and backends
+that generate through their own remote code (chatglm), are served one request at a time through the backend's
+`generate` (see Engine).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..model.prefixed import _cache_kwarg
+
+log = logging.getLogger(__name__)
+
+
+class Row:
+    """One request in the scheduler: its prompt, settings and the callbacks that hand its tokens out."""
+
+    def __init__(
+        self,
+        ids: Sequence[int],
+        max_new_tokens: int,
+        generation_kwargs: dict,
+        seed: int | None,
+        cancel: threading.Event,
+        on_token: Callable[[int], None],
+        on_done: Callable[[list[int], BaseException | None], None],
+    ):
+        self.ids = list(ids)
+        self.max_new_tokens = max_new_tokens
+        self.kwargs = generation_kwargs
+        self.seed = seed
+        self.cancel = cancel
+        self.on_token = on_token
+        self.on_done = on_done
+        self.tokens: list[int] = []
+        self.processors = None
+        self.generator: torch.Generator | None = None
+        self.history: torch.Tensor | None = None  # what a lone generate's input_ids would hold (processors read it)
+
+
+class Scheduler:
+    """Owns the model: decodes the active rows together, admitting waiting rows between steps."""
+
+    def __init__(self, model, encoder, stop_ids: Sequence[int], max_batch: int = 8):
+        self.model = model
+        self.encoder = encoder
+        self.stop_ids = set(stop_ids)
+        self.max_batch = max(1, max_batch)
+        self.device = next(model.parameters()).device
+        self._cache_kw = _cache_kwarg(model)
+        self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cv = threading.Condition()
+        self._waiting: deque[Row] = deque()
+        self._thread: threading.Thread | None = None
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._pre = 0
+        pad = model.generation_config.pad_token_id
+        self._stand_in = 0 if pad is None else int(pad)
+        # The running batch: rows, and per row its last token, next position, mask and cache.
+        self.active: list[Row] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self.steps = 0  # decoding steps run (for tests and logs)
+        self.largest_batch = 0
+        if not self.mergeable():
+            self.max_batch = 1
+
+    # -- public ---------------------------------------------------------------------------------------------------
+
+    def submit(self, row: Row) -> None:
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="ptune-scheduler")
+                self._thread.start()
+            self._waiting.append(row)
+            self._cv.notify()
+
+    @property
+    def busy_rows(self) -> int:
+        return len(self.active)
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.no_grad():
+            try:
+                self._prepare_prefix()
+            except BaseException as exc:  # every request gets the error
+                log.exception("preparing the prefix failed")
+                self._prefix_error = exc
+            while True:
+                with self._cv:
+                    while not self._waiting and not self.active:
+                        self._cv.wait()
+                    admit = []
+                    while self._waiting and len(self.active) + len(admit) < self.max_batch:
+                        admit.append(self._waiting.popleft())
+                for row in admit:
+                    self._admit(row)
+                self._drop_cancelled()
+                if self.active:
+                    try:
+                        self._step()
+                    except BaseException as exc:
+                        log.exception("a decoding step failed")
+                        rows, self.active = self.active, []
+                        self._cache = self._mask = self._last = self._pos = None
+                        for row in rows:
+                            row.on_done(row.tokens, exc)
+
+    def _prepare_prefix(self) -> None:
+        self._prefix_error: BaseException | None = None
+        if self.encoder is None:
+            return
+        dtype = next(self.model.parameters()).dtype
+        self._prefix = [(k.detach(), v.detach()) for k, v in self.encoder(1, dtype)]
+        self._pre = self._prefix[0][0].shape[-2]
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        extra = {"logits_to_keep": 1} if self._keep_kw else {}
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{self._cache_kw: cache}, **extra
+        )
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+    def _admit(self, row: Row) -> None:
+        """Prefill the row alone, pick its first token, and merge it into the batch unless it has ended."""
+        try:
+            if self._prefix_error is not None:
+                raise self._prefix_error
+            if row.cancel.is_set():
+                row.on_done([], None)
+                return
+            self._setup(row)
+            n = len(row.ids)
+            cache = DynamicCache(config=self.model.config)
+            if self._prefix is not None:
+                for layer, (k, v) in enumerate(self._prefix):
+                    cache.update(k, v, layer)
+            ids = torch.tensor([row.ids], dtype=torch.long, device=self.device)
+            mask = torch.ones((1, self._pre + n), dtype=torch.long, device=self.device)
+            pos = torch.arange(self._pre, self._pre + n, device=self.device)[None]
+            logits = self._forward(ids, mask, pos, cache)
+            token = self._pick(row, logits)
+        except BaseException as exc:
+            log.exception("prefill failed")
+            row.on_done(row.tokens, exc)
+            return
+        if self._ended(row, token):
+            row.on_done(row.tokens, None)
+            return
+        self._merge(row, cache, mask, token, self._pre + n)
+
+    def _setup(self, row: Row) -> None:
+        """The row's logits processors, as generate builds them for this row alone, and its generator."""
+        # generate's own merge of the model's generation config, the library's defaults and the request's kwargs.
+        cfg, _ = self.model._prepare_generation_config(None, **{**row.kwargs, "max_new_tokens": row.max_new_tokens})
+        self.model._prepare_special_tokens(cfg, device=self.device)
+        row.processors = self.model._get_logits_processor(
+            generation_config=cfg, input_ids_seq_length=self._pre + len(row.ids), device=self.device, model_kwargs={}
+        )
+        row.do_sample = bool(cfg.do_sample)
+        if row.do_sample:
+            row.generator = torch.Generator(device=self.device)
+            if row.seed is None:
+                row.generator.seed()
+            else:
+                row.generator.manual_seed(row.seed)
+        stand_in = [self._stand_in] * self._pre
+        row.history = torch.tensor([stand_in + row.ids], dtype=torch.long, device=self.device)
+
+    def _pick(self, row: Row, logits: torch.Tensor) -> int:
+        """The row's next token from its (1, vocab) logits, as a lone generate picks it; handed to the reader."""
+        scores = row.processors(row.history, logits) if row.processors else logits
+        if row.do_sample:
+            probs = torch.nn.functional.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, num_samples=1, generator=row.generator)[0, 0])
+        else:
+            token = int(torch.argmax(scores, dim=-1)[0])
+        row.tokens.append(token)
+        row.history = torch.cat([row.history, row.history.new_tensor([[token]])], dim=1)
+        row.on_token(token)
+        return token
+
+    def _ended(self, row: Row, token: int) -> bool:
+        return token in self.stop_ids or len(row.tokens) >= row.max_new_tokens or row.cancel.is_set()
+
+    # -- the batch's cache ----------------------------------------------------------------------------------------
+
+    def _merge(self, row: Row, cache: DynamicCache, mask: torch.Tensor, token: int, next_pos: int) -> None:
+        last = torch.tensor([token], dtype=torch.long, device=self.device)
+        pos = torch.tensor([next_pos], dtype=torch.long, device=self.device)
+        if not self.active:
+            self.active = [row]
+            self._cache, self._mask, self._last, self._pos = cache, mask, last, pos
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(mask, width)])
+        for mine, new in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(new.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(new.values, width, -2)])
+        self._last = torch.cat([self._last, last])
+        self._pos = torch.cat([self._pos, pos])
+        self.active.append(row)
+
+    def mergeable(self) -> bool:
+        """Whether rows' caches can be merged (plain DynamicLayer layers); else the batch holds one row."""
+        cache = DynamicCache(config=self.model.config)
+        return all(type(layer) is DynamicLayer for layer in cache.layers) if cache.layers else True
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only these rows of the batch, then drop the leading columns no remaining row attends to."""
+        if len(keep) == len(self.active):
+            return
+        self.active = [self.active[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = self._last = self._pos = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0, 0])
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._last = self._last.index_select(0, index)
+        self._pos = self._pos.index_select(0, index)
+
+    def _drop_cancelled(self) -> None:
+        keep = []
+        for i, row in enumerate(self.active):
+            if row.cancel.is_set():
+                row.on_done(row.tokens, None)
+            else:
+                keep.append(i)
+        self._keep(keep)
+
+    def _step(self) -> None:
+        """One decoding step for every active row; rows that end leave the batch."""
+        batch = len(self.active)
+        self.largest_batch = max(self.largest_batch, batch)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((batch, 1))], dim=1)
+        logits = self._forward(self._last[:, None], self._mask, self._pos[:, None], self._cache)
+        self.steps += 1
+        keep, last = [], []
+        for i, row in enumerate(self.active):
+            try:
+                token = self._pick(row, logits[i : i + 1])
+            except BaseException as exc:
+                log.exception("picking a token failed")
+                row.on_done(row.tokens, exc)
+                continue
+            if self._ended(row, token):
+                row.on_done(row.tokens, None)
+            else:
+                keep.append(i)
+                last.append(token)
+        self._pos = self._pos + 1
+        if keep:
+            self._last = self._last.new_tensor([0] * batch)
+            self._last[keep] = self._last.new_tensor(last)
+        self._keep(keep)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
+    """Zeros on the left of `dim` up to `width` (mask columns, or cache positions the mask hides)."""
+    short = width - t.shape[dim]
+    if short == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = short
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
