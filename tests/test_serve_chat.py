@@ -124,7 +124,8 @@ def _forged_bundle(serving_project, tmp_path) -> tuple[Path, Path]:
     (forged / "prefix").mkdir()
     save_file({"transformer.prefix_encoder.embedding.weight": torch.zeros(4, 8)}, forged / "prefix/model.safetensors")
     manifest = json.loads((serving_project.root / "models/deploy/bundle.json").read_text(encoding="utf-8"))
-    manifest.update(base_model=str(base), backend="chatglm", prefix="prefix")
+    manifest.update(backend="chatglm", prefix="prefix")
+    manifest["base"] = {"source": "path", "backend": "chatglm", "path": str(base), "weights": {}}
     (forged / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
     return forged, marker
 

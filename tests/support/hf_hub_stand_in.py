@@ -14,10 +14,12 @@ their sha256), never through Xet. The routes are exact URLs, served by tests/sup
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+from http.server import BaseHTTPRequestHandler
 
-from support.http_files import FileServer
+from support.http_files import FileServer, LoopbackServer
 
 NOT_FOUND = json.dumps({"error": "not found"}).encode()
 
@@ -79,3 +81,73 @@ def serve(served: dict[str, bytes], headers: dict[str, dict[str, str]]) -> FileS
     """The hub serving `routes` (merged, for several repositories); enter it to start it. Its `url("")` is the
     HF_ENDPOINT to set; its `requests` lists what the library asked for."""
     return FileServer(served, not_found=NOT_FOUND, headers=headers, not_found_headers=_error_code)
+
+
+# The upload side: what `HfApi.create_repo` and `HfApi.create_commit` (huggingface_hub 2.x) send, for files small
+# enough that the stand-in answers "regular" (base64 in the commit itself; the LFS and Xet paths are not served):
+#   POST /api/repos/create                          JSON {name, organization, visibility?, type}
+#   POST /api/validate-yaml                         JSON {content, repoType}: README.md's card, before anything else
+#   POST /api/{type}s/{id}/preupload/{revision}     JSON {files: [{path, sample, size}]} -> each file's upload mode
+#   POST /api/{type}s/{id}/commit/{revision}        NDJSON: a header line, then one {key: file, value: {path,
+#                                                   content (base64), encoding}} line per file
+
+
+class UploadHub(LoopbackServer):
+    """A hub that accepts repositories and commits, recording each request: `requests` holds (path, headers with
+    lower-case names, body),
+    `repos` the created repositories' payloads, `commits` each commit's files (repo -> {path: bytes})."""
+
+    def __init__(self):
+        super().__init__(_UploadHandler)
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.repos: list[dict] = []
+        self.commits: list[tuple[str, dict, dict[str, bytes]]] = []  # (repo id, header, files)
+
+
+class _UploadHandler(BaseHTTPRequestHandler):
+    server: UploadHub
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = self.path.split("?")[0]
+        with self.server.lock:
+            self.server.requests.append((path, {k.lower(): v for k, v in self.headers.items()}, body))
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            self.server.repos.append(payload)
+            repo_id = "/".join(p for p in (payload.get("organization"), payload["name"]) if p)
+            self._answer(200, {"url": f"{self.server.origin}/{repo_id}", "name": repo_id})
+        elif path == "/api/validate-yaml":
+            self._answer(200, {"errors": [], "warnings": []})
+        elif "/preupload/" in path:
+            files = json.loads(body)["files"]
+            self._answer(
+                200,
+                {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+            )
+        elif "/commit/" in path:
+            repo_id = path.removeprefix("/api/models/").split("/commit/")[0]
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            header = next(item["value"] for item in lines if item["key"] == "header")
+            files = {
+                item["value"]["path"]: base64.b64decode(item["value"]["content"])
+                for item in lines
+                if item["key"] == "file"
+            }
+            with self.server.lock:
+                self.server.commits.append((repo_id, header, files))
+            oid = hashlib.sha1(body).hexdigest()
+            self._answer(200, {"commitUrl": f"{self.server.origin}/{repo_id}/commit/{oid}", "commitOid": oid})
+        else:
+            self._answer(404, {"error": "not found"})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import PtuneError
 from .model import backends, legacy_env, trust
-from .paths import BASE, MODEL_STAGES, STAGES
+from .paths import BASE, DEPLOY, MODEL_STAGES, STAGES
 from .serve import commands as serve_commands
 from .state.stopping import Stopped
 
@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     pod.add_argument("stage", choices=STAGES)
     pod.add_argument("record", help="where to write the stage's dvc.lock entry (the rule's output)")
     serve_commands.add_parsers(sub)
+    publish = sub.add_parser(
+        "publish",
+        help="upload the deploy bundle (prefix, model card, bundle.json) to a Hugging Face hub repository",
+        description="Upload the deploy bundle to a Hugging Face model repository, created if missing: the prefix, "
+        "the model card (README.md) and bundle.json; never the base model's weights. The token comes from HF_TOKEN "
+        "or `hf auth login`, the hub from HF_ENDPOINT.",
+    )
+    publish.add_argument("--repo", required=True, metavar="ID", help="the repository, e.g. you/ptune-adgen")
+    publish.add_argument("--private", action="store_true", help="create the repository private")
+    publish.add_argument(
+        "--bundle", default=str(DEPLOY), help="the bundle to upload (default: %(default)s, written by `ptune deploy`)"
+    )
+    publish.add_argument(
+        "--dry-run", action="store_true", help="list the files that would be sent and check them; send nothing"
+    )
     compare = sub.add_parser(
         "compare",
         help="compare DVC experiments: params, scores, training curves",
@@ -109,16 +124,21 @@ def _switch_environment(argv: list[str], base: Path | None = BASE) -> None:
         legacy_env.reexec("ptune.cli", argv)
 
 
-def _served_base(args) -> Path | None:
-    """The base model a serve/chat command loads: --model, or the one its bundle names (None where there is no
-    readable bundle: the command then says what is wrong)."""
+def _served_base(args) -> tuple[Path | None, bool]:
+    """The base model a serve/chat command loads, and whether it runs ChatGLM-6B's code (backend chatglm): --model,
+    or the one its bundle names, where it is on this machine without a download (None where it must be fetched or
+    there is no readable bundle: the command then fetches it, or says what is wrong)."""
     if getattr(args, "model", None):
-        return Path(args.model)
+        base = Path(args.model)
+        return base, backends.needs_legacy_env(base)
+    from .model import origin
+
     try:
         manifest = json.loads((Path(args.bundle) / serve_commands.BUNDLE_MANIFEST).read_text(encoding="utf-8"))
-        return Path(manifest["base_model"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        chatglm = manifest.get("backend") == backends.CHATGLM
+    except (OSError, ValueError, AttributeError):
+        return None, False
+    return origin.local_base(args.bundle, getattr(args, "base", None)), chatglm
 
 
 def _preset(args) -> None:
@@ -208,13 +228,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in MODEL_STAGES:
             _switch_environment(argv)
         elif args.command in ("serve", "chat"):
-            base = _served_base(args)
-            if base is not None and backends.needs_legacy_env(base):
+            base, chatglm = _served_base(args)
+            if chatglm:
                 # Before the switch, which may build the legacy environment (a pip install): a folder's own record
-                # must not make ptune install anything, let alone run the folder's code.
-                consent = trust.user_trusts(base, getattr(args, "trust_remote_code", False), args.params)
-                trust.require_consent(base, consent, f"`ptune {args.command}`")
-            _switch_environment(argv, base)
+                # must not make ptune install anything, let alone run the folder's code. A base still to download
+                # is never the project's own: only the flag consents to it.
+                named = base if base is not None else Path(args.bundle)
+                consent = trust.user_trusts(named, getattr(args, "trust_remote_code", False), args.params)
+                trust.require_consent(named, consent, f"`ptune {args.command}`")
+                if not legacy_env.is_current():
+                    legacy_env.reexec("ptune.cli", argv)
         if args.command in STAGES:
             run_stage(args.command, args.params)
         elif args.command == "validate":
@@ -228,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             return _doctor(args.params)
         elif args.command in ("serve", "chat"):
             return serve_commands.run(args)
+        elif args.command == "publish":
+            from .model import publish
+
+            print(publish.run(Path(args.bundle), args.repo, private=args.private, dry_run=args.dry_run))
         elif args.command == "pod-stage":
             from .remote import pods
 

@@ -1,16 +1,19 @@
 """A deploy bundle: what serving needs to answer as the P-tuned model does, loaded in one call.
 
 models/deploy/
-  bundle.json    base model path (relative to the project root), its backend and config hash, how to load it
+  bundle.json    the base model's record (model/origin.py: its hub repository and commit, or git URL and commit, or
+                 a local path where that is all there is; its backend, config hash and each weight file's sha256),
+                 how to load it
                  (quantization), the prompt format the prefix was trained on (prompts.PromptFormat: the templates
                  or the chat template's text), generation settings
   prefix/        the trained prefix (prefix.safetensors + prefix_config.json), copied from models/ptuning
-  README.md      how to start it
+  README.md      the model card: the hub's YAML front matter (base_model, datasets, tags, model-index), what was
+                 tuned on what, its scores, how to serve it
 
-`python -m ptune.bundle DIR PROMPT [--trust-remote-code]` loads a bundle in a fresh process and prints one answer
-with its latency as JSON. A bundle of a chatglm base runs in the legacy environment (legacy_env); the command switches
-to it by itself. Its base's Python code runs only with the user's consent (trust.user_trusts), never because the
-bundle or the base says so.
+`python -m ptune.bundle DIR PROMPT [--base DIR] [--trust-remote-code] [--allow-pickle]` loads a bundle in a fresh
+process and prints one answer with its latency as JSON. A bundle of a chatglm base runs in the legacy environment
+(legacy_env); the command switches to it by itself. Its base's Python code runs only with the user's consent
+(trust.user_trusts), never because the bundle or the base says so.
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ import torch
 from ..config import GenerationConfig
 from ..data.prompts import Prompter, PromptFormat, Turn
 from ..errors import PtuneError
-from . import backends, legacy_env, trust
+from . import backends, legacy_env, origin, trust
 from .generation import generation_kwargs
 from .loading import device
 
 MANIFEST = "bundle.json"
 # 2: the prompt format (templates or chat template) replaced format 1's prompt_template, which served multi-turn
 # conversations in another format than training's.
-FORMAT_VERSION = 2
+# 3: the base named by its origin (hub repository and commit, git URL and commit) and its weights' sha256, replacing
+# format 2's local path `base_model`, which a bundle copied to another machine could not find.
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -47,11 +52,20 @@ class Bundle:
     backend: object
 
     @classmethod
-    def load(cls, directory: str | Path, with_prefix: bool = True, trust_remote_code: bool = False) -> "Bundle":
+    def load(
+        cls,
+        directory: str | Path,
+        with_prefix: bool = True,
+        trust_remote_code: bool = False,
+        base: str | Path | None = None,
+        allow_pickle: bool = False,
+    ) -> "Bundle":
         """`trust_remote_code`: the user's consent (trust.user_trusts) to run the Python code of a chatglm base;
-        without it such a bundle is refused before any of that code is imported."""
+        without it such a bundle is refused before any of that code is imported. `base`: the user's --base (else
+        the base is found by the bundle's record, or as the serving command already resolved it: origin.resolve);
+        `allow_pickle`: their consent to pickled base weights."""
         manifest = read_manifest(directory)
-        base = Path(manifest["base_model"])
+        base = origin.resolve(directory, manifest, base, allow_pickle_flag=allow_pickle)
         backend = backends.for_base(base)
         if backend.name == backends.CHATGLM:
             trust.require_consent(base, trust_remote_code, f"the bundle {directory}")
@@ -99,6 +113,12 @@ def read_manifest(directory: str | Path) -> dict:
             "was trained on (its multi-turn prompts differed from training's); rebuild it with "
             "`dvc repro deploy` (or `ptune deploy`)"
         )
+    if found == 2:
+        raise PtuneError(
+            f"{manifest_path}: bundle format 2, written before ptune recorded where a bundle's base model comes "
+            "from (it named the local path models/base, which another machine does not have, and did not check the "
+            "base's weights); rebuild it with `dvc repro deploy` (or `ptune deploy`)"
+        )
     if found != FORMAT_VERSION:
         raise PtuneError(
             f"{manifest_path}: bundle format {found!r}, this ptune reads {FORMAT_VERSION}; rebuild it "
@@ -107,15 +127,37 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def _parse(argv: list[str]) -> tuple[str, str, str | None, bool, bool]:
+    """DIR PROMPT [--base DIR] [--trust-remote-code] [--allow-pickle], in any order."""
+    flags = {trust.TRUST_FLAG: False, origin.ALLOW_PICKLE_FLAG: False}
+    base, rest, args = None, [], iter(argv)
+    for arg in args:
+        if arg in flags:
+            flags[arg] = True
+        elif arg == "--base":
+            base = next(args, None)
+            if base is None:
+                raise PtuneError("--base: give the base model's folder")
+        else:
+            rest.append(arg)
+    if len(rest) != 2:
+        raise PtuneError("usage: python -m ptune.bundle DIR PROMPT [--base DIR] [--trust-remote-code] [--allow-pickle]")
+    return rest[0], rest[1], base, flags[trust.TRUST_FLAG], flags[origin.ALLOW_PICKLE_FLAG]
+
+
 def main(argv: list[str]) -> int:
-    flag = trust.TRUST_FLAG in argv
-    directory, prompt = [a for a in argv if a != trust.TRUST_FLAG]
     try:
+        directory, prompt, base_dir, flag, allow_pickle = _parse(argv)
         manifest = read_manifest(directory)
-        if manifest.get("backend") == backends.CHATGLM and not legacy_env.is_current():
-            legacy_env.reexec("ptune.bundle", argv)
+        if manifest.get("backend") == backends.CHATGLM:
+            local = origin.local_base(directory, base_dir)
+            consent = trust.user_trusts(local or manifest["base"].get("repo", ""), flag, "params.yaml")
+            trust.require_consent(local or Path(str(manifest["base"].get("repo"))), consent, f"the bundle {directory}")
+            if not legacy_env.is_current():
+                legacy_env.reexec("ptune.bundle", argv)
         t0 = time.perf_counter()
-        consent = trust.user_trusts(manifest["base_model"], flag, "params.yaml")
+        base = origin.resolve(directory, manifest, base_dir, allow_pickle_flag=allow_pickle, params="params.yaml")
+        consent = trust.user_trusts(base, flag, "params.yaml")
         bundle = Bundle.load(directory, trust_remote_code=consent)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)

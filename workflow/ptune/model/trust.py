@@ -99,8 +99,12 @@ def user_trusts(base: str | Path, flag: bool, params: str | Path | None) -> bool
     """Whether the user consents to running the Python code of `base` when serving: their `flag`, or their params
     file's fetch_weights.trust_remote_code when `base` is the project's own models/base (what fetch_weights fetched
     under that consent). Never a record inside `base` or a bundle: whoever made the folder wrote those."""
-    if flag:
-        return True
+    return flag or params_consent(base, params, "trust_remote_code")
+
+
+def params_consent(base: str | Path, params: str | Path | None, key: str) -> bool:
+    """Whether the user's params file says fetch_weights.`key`: true, counted only when `base` is the project's own
+    models/base (what fetch_weights fetched under those params)."""
     if params is None or Path(base).resolve() != BASE.resolve():
         return False
     try:
@@ -108,7 +112,7 @@ def user_trusts(base: str | Path, flag: bool, params: str | Path | None) -> bool
     except (OSError, yaml.YAMLError):
         return False
     section = raw.get("fetch_weights") if isinstance(raw, dict) else None
-    return isinstance(section, dict) and section.get("trust_remote_code") is True
+    return isinstance(section, dict) and section.get(key) is True
 
 
 def require_consent(base: Path, consent: bool, what: str) -> None:

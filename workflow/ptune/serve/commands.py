@@ -40,6 +40,18 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         "its prompt format (preprocess) and generation settings (deploy) come from --params",
     )
     group.add_argument(
+        "--base",
+        metavar="DIR",
+        help="the bundle's base model from this folder, instead of finding it by the bundle's record (the project's "
+        "models/base, the hub's cache, or a download); its weights must be the ones the bundle records",
+    )
+    group.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load a base whose weights are pickles (*.bin), which can run code when read (for the project's own "
+        "models/base, params.yaml's fetch_weights.allow_pickle is enough); a record inside a folder never counts",
+    )
+    group.add_argument(
         "--max-pending",
         type=int,
         default=32,
@@ -207,7 +219,13 @@ def load_engine(args: argparse.Namespace):
         engine = Engine.from_model(args.model, params.preprocess, params.deploy, args.max_pending)
     else:
         log.info("loading bundle %s%s", args.bundle, " (base model only)" if args.base_only else "")
-        consent = trust.user_trusts(read_manifest(args.bundle)["base_model"], args.trust_remote_code, args.params)
+        from ..model import origin
+
+        # Found (downloaded if need be) and checked once, with the user's --base and consent; loading reuses it.
+        base = origin.resolve(
+            args.bundle, read_manifest(args.bundle), args.base, allow_pickle_flag=args.allow_pickle, params=args.params
+        )
+        consent = trust.user_trusts(base, args.trust_remote_code, args.params)
         engine = Engine.from_bundle(args.bundle, args.base_only, args.max_pending, trust_remote_code=consent)
     engine.limits = Limits(args.max_rounds, args.max_chars)
     engine.log_prompts = args.log_prompts

@@ -75,9 +75,16 @@ def _hf_unreachable(repo_id: str, revision: str, repo_type: str, key: str) -> st
     return None
 
 
-def hf_hub(repo_id: str, revision: str, repo_type: str = MODEL, key: str = "fetch_weights.repo") -> Path:
+def hf_hub(
+    repo_id: str,
+    revision: str,
+    repo_type: str = MODEL,
+    key: str = "fetch_weights.repo",
+    ignore_patterns: list[str] | None = None,
+) -> Path:
     """The local folder of `repo_id` at `revision`, downloaded into the Hugging Face cache if missing: a folder
-    named by the commit (snapshots/<commit>/) of links into the repository's blobs/."""
+    named by the commit (snapshots/<commit>/) of links into the repository's blobs/. `ignore_patterns`: files left
+    out of the download (glob patterns, as snapshot_download takes them)."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -85,7 +92,9 @@ def hf_hub(repo_id: str, revision: str, repo_type: str = MODEL, key: str = "fetc
     unreachable = _hf_unreachable(repo_id, revision, repo_type, key)
     if unreachable is None:
         try:
-            return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision))
+            return Path(
+                snapshot_download(repo_id, repo_type=repo_type, revision=revision, ignore_patterns=ignore_patterns)
+            )
         except LocalEntryNotFoundError as exc:  # the connection dropped after the hub answered
             unreachable = " ".join(str(exc).split())[:300]
         except HfHubHTTPError as exc:
@@ -95,7 +104,11 @@ def hf_hub(repo_id: str, revision: str, repo_type: str = MODEL, key: str = "fetc
                 "HF_TOKEN) after accepting its licence on the hub"
             ) from None
     try:
-        cached = Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True))
+        cached = Path(
+            snapshot_download(
+                repo_id, repo_type=repo_type, revision=revision, local_files_only=True, ignore_patterns=ignore_patterns
+            )
+        )
     except LocalEntryNotFoundError:  # IncompleteSnapshotError too: a download cut short, the hub out of reach
         raise PtuneError(
             f"{key}: {repo_id}@{revision} is not in the Hugging Face cache ({hf_cache()}), or only part of it, and "

@@ -2,7 +2,8 @@
 
 The check starts `ptune serve api` on the bundle (a fresh process, a free loopback port), asks the smoke prompt
 through the seed-compatible `POST /` and the OpenAI-compatible `/v1/chat/completions`, checks both answers, and
-stops the server. The answer, the server's start-up time and each request's latency go to
+stops the server. The bundle names its base by origin (model/origin.py) and carries a model card (model/card.py).
+The answer, the server's start-up time and each request's latency go to
 reports/deploy_check.json (the one place besides reports/timings* where wall times are allowed). A bundle that
 fails its check is never published: the check runs on the temporary directory before it is renamed into place.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 from ..config import GenerationConfig, Params
 from ..data import prompts
 from ..errors import PtuneError
+from ..model import card, origin
 from ..model.bundle import FORMAT_VERSION, MANIFEST
 from ..paths import BASE, METRICS, PREFIX
 from ..paths import DEPLOY as OUT
@@ -24,22 +26,28 @@ from ..paths import DEPLOY_CHECK as CHECK
 from ..serve.process import ApiProcess
 from ..state import atomic
 
-LAUNCH = """# ptune deploy bundle
 
-Base model: `{base}` · prefix: `prefix/` (pre_seq_len {pre_seq_len}) · prompt format: {prompt_format} (bundle.json,
-`prompt`: every server builds the prompts the prefix was trained on from it)
-
-Evaluated on {n_examples} dev examples: {scores}
-
-Talk to it from the project root:
-
-    ptune chat --bundle {bundle}          # in the terminal
-    ptune serve web --bundle {bundle}     # a Gradio page on http://127.0.0.1:7860
-    ptune serve api --bundle {bundle}     # HTTP on http://127.0.0.1:8000: POST / and /v1/chat/completions
-    python -m ptune.bundle {bundle} '{prompt}'   # one answer, printed as JSON
-
-Restore it on a fresh instance with `dvc pull` (the base model and this bundle are DVC outputs).
-"""
+def _facts(params: Params, prefix_cfg: dict, base: dict, backend: str, fmt: str, metrics: dict) -> card.CardFacts:
+    data = params.fetch_data
+    hub_data = data.source == "hf_hub" and bool(data.repo)
+    named = {
+        "hf_hub": f"the Hugging Face data set {data.repo}",
+        "modelscope": f"the ModelScope data set {data.repo}",
+        "embedded": "ptune's generated ADGEN-shaped data set (embedded)",
+    }.get(data.source, f"ADGEN-shaped data ({data.source} source)")
+    ref = params.report.reference
+    reference = None if ref is None else {"name": ref.name, **{m: ref.score(m) for m in card.METRICS}}
+    return card.CardFacts(
+        base=base,
+        backend=backend,
+        pre_seq_len=prefix_cfg["pre_seq_len"],
+        prompt_format=fmt,
+        metrics=metrics,
+        dataset=data.repo if hub_data else "",
+        dataset_name=named,
+        reference=reference,
+        smoke_prompt=params.deploy.smoke_prompt,
+    )
 
 
 def run(params: Params) -> None:
@@ -49,15 +57,16 @@ def run(params: Params) -> None:
     allow_pickle = params.fetch_weights.allow_pickle
     prefix_cfg = backend.describe_prefix(PREFIX, BASE, allow_pickle)
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
-    scores = ", ".join(f"{k.upper()} {v:.2f}" for k, v in sorted(metrics["ptuned"].items()))
     generation = GenerationConfig.of(cfg)
+    base = origin.record(BASE, prefix_cfg["base_config_sha256"])
+    facts = _facts(params, prefix_cfg, base, backend.name, prompter.format.kind, metrics)
     with atomic.atomic_dir(OUT) as tmp:
         backend.copy_prefix(PREFIX, tmp / "prefix", allow_pickle)
         atomic.write_json(
             tmp / MANIFEST,
             {
                 "format": FORMAT_VERSION,
-                "base_model": str(BASE),
+                "base": base,
                 "backend": backend.name,
                 "quantization": params.evaluate.quantization,  # served as it was evaluated
                 "base_config_sha256": prefix_cfg["base_config_sha256"],
@@ -67,18 +76,7 @@ def run(params: Params) -> None:
                 "evaluation": {"n_examples": metrics["n_examples"], "ptuned": metrics["ptuned"]},
             },
         )
-        atomic.write_text(
-            tmp / "README.md",
-            LAUNCH.format(
-                base=BASE,
-                pre_seq_len=prefix_cfg["pre_seq_len"],
-                prompt_format=prompter.format.kind,
-                bundle=OUT,
-                prompt=cfg.smoke_prompt,
-                n_examples=metrics["n_examples"],
-                scores=scores,
-            ),
-        )
+        atomic.write_text(tmp / "README.md", card.render(facts, f"ptune prefix for {origin.describe(base)}", str(OUT)))
         check = smoke_test(tmp, cfg.smoke_prompt, generation)
     atomic.write_json(CHECK, {"bundle": str(OUT), "prompt": cfg.smoke_prompt, **check})
 
