@@ -61,11 +61,13 @@ class Bundle:
         allow_pickle: bool = False,
     ) -> "Bundle":
         """`trust_remote_code`: the user's consent (trust.user_trusts) to run the Python code of a chatglm base;
-        without it such a bundle is refused before any of that code is imported. `base`: the user's --base (else
-        the base is found by the bundle's record, or as the serving command already resolved it: origin.resolve);
-        `allow_pickle`: their consent to pickled base weights."""
+        without it such a bundle is refused before any of that code is imported. `base`: the folder
+        origin.resolve already found and checked for this bundle (the serving commands resolve it first, with the
+        user's --base and consent); None: resolve it here, with `allow_pickle` as the user's consent to pickles."""
         manifest = read_manifest(directory)
-        base = origin.resolve(directory, manifest, base, allow_pickle_flag=allow_pickle)
+        if base is None:
+            base = origin.resolve(directory, manifest, None, allow_pickle_flag=allow_pickle)
+        base = Path(base)
         backend = backends.for_base(base)
         if backend.name == backends.CHATGLM:
             trust.require_consent(base, trust_remote_code, f"the bundle {directory}")
@@ -158,7 +160,7 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         base = origin.resolve(directory, manifest, base_dir, allow_pickle_flag=allow_pickle, params="params.yaml")
         consent = trust.user_trusts(base, flag, "params.yaml")
-        bundle = Bundle.load(directory, trust_remote_code=consent)
+        bundle = Bundle.load(directory, trust_remote_code=consent, base=base)
     except PtuneError as exc:
         print(f"ptune: error: {exc}", file=sys.stderr)
         return 2

@@ -34,8 +34,6 @@ ALLOW_PICKLE_FLAG = "--allow-pickle"
 # What names the origin, per source (the rest of ptune_source.json describes how it was fetched or built).
 ORIGIN_KEYS = {"hf_hub": ("repo", "revision"), "modelscope": ("repo", "revision"), "git_lfs": ("repo", "revision")}
 
-_resolved: dict[Path, Path] = {}  # bundle folder -> its base, as the command that serves it resolved it
-
 
 def sha256(path: Path) -> str:
     with path.open("rb") as fh:
@@ -189,17 +187,14 @@ def resolve(
     allow_pickle_flag: bool = False,
     params: str | Path | None = None,
 ) -> Path:
-    """The verified base folder of `bundle` (whose manifest is `manifest`), once per process: the command that
-    serves a bundle resolves it with the user's --base and consent, and loading the bundle later reuses that."""
-    key = Path(bundle).resolve()
-    if override is None and key in _resolved:
-        return _resolved[key]
+    """The verified base folder of `bundle` (whose manifest is `manifest`): found by the user's --base
+    (`override`) or the bundle's record, and checked against the record's weight sha256s with the user's consent to
+    pickles. The serving command calls it once and hands the folder to Bundle.load."""
     rec = manifest["base"]
     what = f"{Path(bundle) / 'bundle.json'}"
     folder = find(Path(bundle), rec, override)
     log.info("base model of %s: %s (%s); checking its weights' sha256", bundle, folder, describe(rec))
     verify(folder, rec, what, allow_pickle_consent(folder, allow_pickle_flag, params))
-    _resolved[key] = folder
     return folder
 
 

@@ -58,6 +58,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         help="requests running or waiting at once; more are refused as busy (default: %(default)s)",
     )
     group.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="requests decoded together (continuous batching; transformers-native models; 1: one at a time) "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="run the Python code a ChatGLM-6B base ships (a bundle's base other than the project's models/base, "
@@ -206,7 +213,11 @@ def load_engine(args: argparse.Namespace):
     from ..model.bundle import read_manifest
     from .engine import Engine, RequestError
 
-    for option, value in (("--max-pending", args.max_pending), ("--max-rounds", args.max_rounds)):
+    for option, value in (
+        ("--max-pending", args.max_pending),
+        ("--max-batch", args.max_batch),
+        ("--max-rounds", args.max_rounds),
+    ):
         if value < 1:
             raise PtuneError(f"{option} {value}: must be 1 or more")
     if args.max_chars < 1:
@@ -216,17 +227,26 @@ def load_engine(args: argparse.Namespace):
 
         params = config.load(args.params)
         log.info("loading model %s", args.model)
-        engine = Engine.from_model(args.model, params.preprocess, params.deploy, args.max_pending)
+        engine = Engine.from_model(
+            args.model, params.preprocess, params.deploy, args.max_pending, max_batch=args.max_batch
+        )
     else:
         log.info("loading bundle %s%s", args.bundle, " (base model only)" if args.base_only else "")
         from ..model import origin
 
-        # Found (downloaded if need be) and checked once, with the user's --base and consent; loading reuses it.
+        # Found (downloaded if need be) and checked once, with the user's --base and consent; loading uses it.
         base = origin.resolve(
             args.bundle, read_manifest(args.bundle), args.base, allow_pickle_flag=args.allow_pickle, params=args.params
         )
         consent = trust.user_trusts(base, args.trust_remote_code, args.params)
-        engine = Engine.from_bundle(args.bundle, args.base_only, args.max_pending, trust_remote_code=consent)
+        engine = Engine.from_bundle(
+            args.bundle,
+            args.base_only,
+            args.max_pending,
+            trust_remote_code=consent,
+            max_batch=args.max_batch,
+            base=base,
+        )
     engine.limits = Limits(args.max_rounds, args.max_chars)
     engine.log_prompts = args.log_prompts
     try:

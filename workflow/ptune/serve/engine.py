@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -38,8 +39,10 @@ from ..model.bundle import Bundle
 from ..model.checks import context_length
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
-from .batching import Row, Scheduler
 from .limits import Limits, RequestError, check_conversation, check_seed
+
+if TYPE_CHECKING:
+    from . import batching
 
 log = logging.getLogger(__name__)
 # `--log-prompts` writes each request's prompt token ids here, as vLLM's request log does: to see what the model reads.
@@ -163,8 +166,12 @@ class Engine:
         self._count_lock = threading.Lock()
         self._pending = 0
         # Continuous batching where the backend is transformers' own; else one at a time (the lock).
-        self.scheduler: Scheduler | None = None
+        self.scheduler: batching.Scheduler | None = None
         if max_batch > 1 and self.backend.name == backends.TRANSFORMERS:
+            # Imported here: the scheduler uses transformers 5's cache classes, which ChatGLM-6B's environment
+            # (transformers 4.33, the chatglm backend, served one request at a time) does not have.
+            from .batching import Scheduler
+
             self.scheduler = Scheduler(bundle.model, bundle.encoder, self.stop_ids, max_batch)
         self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
 
@@ -176,10 +183,12 @@ class Engine:
         max_pending: int = 32,
         trust_remote_code: bool = False,
         max_batch: int = 8,
+        base: Path | None = None,
     ) -> "Engine":
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
-        `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base (Bundle.load)."""
-        bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code)
+        `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base; `base`: the base
+        folder origin.resolve found and checked (Bundle.load)."""
+        bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code, base=base)
         what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
         name = "ptune-base" if base_only else "ptune"
         return cls(bundle, name, f"bundle `{directory}` ({what})", max_pending, max_batch=max_batch)
@@ -360,6 +369,8 @@ class Engine:
                     self._pending -= 1
                 reply._done.set()
                 streamer.end()
+
+        from .batching import Row  # as Scheduler: only where there is a scheduler
 
         kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
         self.scheduler.submit(
