@@ -172,3 +172,50 @@ def test_the_page_refuses_huge_bodies_and_messages(web, serving_project):
     with pytest.raises(gr.Error, match="--max-chars"):
         list(page.answer(engine, [[huge, None]], d.max_new_tokens, d.do_sample, d.top_p, d.temperature, ""))
     assert page.ask(engine, "类型#裤", [])[0] == ""
+
+
+def test_two_pages_asking_together_reach_the_engine_together_and_share_a_batch(serving_project):
+    """Gradio's queue runs one event at a time unless told otherwise: then a second page's question would reach the
+    engine only after the first answer ended. The scheduler is held while both pages ask, so both requests must be
+    inside the engine at once (pending 2), and, released, they are decoded in one batch. No timing is assumed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from ptune.serve import web as page_module
+    from ptune.serve.engine import Engine
+
+    from support.serving import _bundle
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no browser: {CHROMIUM} is missing")
+    engine = Engine(_bundle(str(serving_project.root), False), "ptune", "test")
+    assert engine.scheduler is not None
+    demo = page_module.queued(page_module.build(engine), engine)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, mcp_server=False)
+    prompt = "类型#裤*材质#牛仔布"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                pages = [browser.new_page() for _ in range(2)]
+                for p in pages:
+                    p.goto(f"http://127.0.0.1:{port}/")
+                    expect(p.locator("#message textarea")).to_be_visible(timeout=60_000)
+                with engine.scheduler._cv:  # the scheduler can neither take a request nor decode
+                    for p in pages:
+                        box = p.locator("#message textarea")
+                        box.fill(prompt)
+                        box.press("Enter")
+                    deadline = time.monotonic() + 60
+                    while engine.pending < 2 and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert engine.pending == 2, "the second page's request did not reach the engine"
+                for p in pages:
+                    bots = p.locator('#conversation [data-testid="bot"]')
+                    expect(bots).to_have_count(1, timeout=60_000)
+                    expect(bots.last).not_to_have_text("", timeout=60_000)
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    assert engine.scheduler.largest_batch == 2
