@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                          # serves models/deploy on a free loopback port itself
     python bench/serve_load.py --clients 1,8 --seconds 20 --endpoint stream
+    python bench/serve_load.py --clients 1,8 --max-batch 1     # the baseline: one request at a time
     python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # a server you started
 
 Each client sends one request after another (prompts from data/raw/dev.json, in turn) until the time is up;
@@ -161,6 +162,9 @@ def main() -> int:
     parser.add_argument("--endpoint", choices=("seed", "openai", "stream"), default="openai")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--prompts", default="data/raw/dev.json")
+    parser.add_argument(
+        "--max-batch", type=int, help="the started server's --max-batch (1: one request at a time, the baseline)"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -172,10 +176,11 @@ def main() -> int:
             parser.error(f"--url {args.url}: only a server on this machine (127.0.0.1) may be loaded")
         url = args.url.rstrip("/")
     else:
-        server = ApiProcess(["--bundle", args.bundle])
+        batch = ["--max-batch", str(args.max_batch)] if args.max_batch else []
+        server = ApiProcess(["--bundle", args.bundle, *batch])
         server.start()
         url = server.url
-        print(f"started `ptune serve api --bundle {args.bundle}` on {url} in {server.load_s:.1f} s")
+        print(f"started `ptune serve api --bundle {args.bundle} {' '.join(batch)}` on {url} in {server.load_s:.1f} s")
     failed = 0
     try:
         req = urllib.request.Request(url + "/v1/models", headers=headers)
