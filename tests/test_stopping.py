@@ -153,8 +153,8 @@ def test_trackers_rebuild_their_history_and_never_log_a_step_twice(tmp_path, mon
 
     assert live.chosen("") == ("dvclive",) and live.chosen("none") == ()
     assert live.chosen("TensorBoard, dvclive") == ("tensorboard", "dvclive")
-    with pytest.raises(PtuneError, match="unknown tracker 'wandb'.*dvclive, tensorboard"):
-        live.chosen("dvclive,wandb")
+    with pytest.raises(PtuneError, match="unknown tracker 'neptune'.*dvclive, tensorboard, mlflow, wandb"):
+        live.chosen("dvclive,neptune")
     live.Live(folder, [], names=())  # no tracker: the declared output is still there, empty
     assert folder.is_dir() and not any(folder.iterdir())
 
@@ -259,3 +259,35 @@ def test_a_stage_without_progress_to_save_stops_at_once_and_leaves_nothing(ran_p
     assert not list(p.root.glob("models/.*.tmp-*")) and not list(p.root.glob("models/**/.*.tmp-*"))
     assert running_stages(p.root / ".ptune/locks") == {}
     print(f"SIGTERM to fetch_weights: gone in {took:.2f} s")
+
+
+def test_mlflow_and_wandb_get_the_same_series_as_dvclive(tmp_path, monkeypatch):
+    """The same rows, resumed history included, through MLflow's client (a local file store) and W&B (offline).
+    Neither package is in the test extra: where they are not installed (CI), this test is skipped."""
+    pytest.importorskip("mlflow")
+    wandb = pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store for tests like this
+    monkeypatch.setenv("WANDB_MODE", "offline")  # nothing leaves the machine
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):  # not ~/.cache
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    folder = Path("reports/live/train")
+    tracker = live.Live(folder, [(1, {"loss": 9.0})], names=("mlflow", "wandb"))
+    for step in (2, 3):
+        tracker.log(step, {"loss": 10.0 - step})
+    assert set(tracker.trackers) == {"mlflow", "wandb"}
+    run_id = tracker.trackers["mlflow"].run_id
+    tracker.close()
+    history = MlflowClient(tracking_uri=store).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 9.0), (2, 8.0), (3, 7.0)]
+    (run_file,) = (folder / "wandb").glob("offline-run-*/run-*.wandb")
+    assert run_file.stat().st_size > 0 and wandb.run is None  # written, and the run finished
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(PtuneError, match="MLFLOW_TRACKING_URI is not set"):
+        live.Live(folder, [], names=("mlflow",))

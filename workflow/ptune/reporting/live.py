@@ -8,6 +8,12 @@ default `dvclive`; `none` for no tracker):
                row per step), what `dvc plots show`, DVC's VS Code extension and `tail -f` read
   tensorboard  reports/live/<stage>/tensorboard/ (event files: `tensorboard --logdir reports/live`); needs the
                tensorboard package (`pip install tensorboard`)
+  mlflow       a run named after the stage in the experiment $MLFLOW_EXPERIMENT_NAME (default `ptune`) of the
+               tracking server $MLFLOW_TRACKING_URI, which must be set (`http://host:5000`, `sqlite:///mlflow.db`):
+               ptune contacts nothing the user did not name; needs mlflow (`pip install mlflow-skinny`)
+  wandb        a run named after the stage in the W&B project $WANDB_PROJECT (default `ptune`), files under
+               reports/live/<stage>/wandb/; W&B's own settings apply (`wandb login` or WANDB_API_KEY;
+               WANDB_MODE=offline keeps it on this machine, `wandb sync` sends it later); needs wandb
 
 An environment variable, not a param: params are part of the stages' hashes, and watching a run must not rerun it.
 reports/live/<stage>/ is a declared output of its stage (dvc.yaml), cached and pushed like the others.
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -34,7 +41,7 @@ log = logging.getLogger(__name__)
 
 ENV = "PTUNE_TRACKERS"
 DEFAULT = ("dvclive",)
-TRACKERS = ("dvclive", "tensorboard")
+TRACKERS = ("dvclive", "tensorboard", "mlflow", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 
 Values = Mapping[str, float]
@@ -117,7 +124,66 @@ class _TensorBoard:
         self.writer.close()
 
 
-_MAKERS = {"dvclive": _DvcLive, "tensorboard": _TensorBoard}
+def _missing(name: str, package: str, exc: ImportError) -> PtuneError:
+    return PtuneError(
+        f"{ENV} names {name}, which is not installed here ({exc}); `pip install {package}`, or leave it out of {ENV}"
+    )
+
+
+class _MLflow:
+    """Through MLflow's own client (no fluent API: no process-wide active run); every start is a new run."""
+
+    def __init__(self, folder: Path, history: Iterable[tuple[int, Values]]):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError as exc:
+            raise _missing("mlflow", "mlflow-skinny", exc) from None
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise PtuneError(
+                f"{ENV} names mlflow, but MLFLOW_TRACKING_URI is not set: set it to your tracking server "
+                "(http://host:5000) or a local database (sqlite:///mlflow.db)"
+            )
+        self.client = MlflowClient(tracking_uri=uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "ptune")
+        experiment = self.client.get_experiment_by_name(name)
+        exp_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        self.run_id = self.client.create_run(exp_id, run_name=folder.name).info.run_id
+        for step, values in history:
+            self.log(step, values)
+
+    def log(self, step: int, values: Values) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+class _WandB:
+    """Through wandb's own run object; every start is a new run (steps must rise within a run)."""
+
+    def __init__(self, folder: Path, history: Iterable[tuple[int, Values]]):
+        try:
+            import wandb
+        except ImportError as exc:
+            raise _missing("wandb", "wandb", exc) from None
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "ptune"), name=folder.name, dir=str(folder), reinit="create_new"
+        )
+        for step, values in history:
+            self.log(step, values)
+
+    def log(self, step: int, values: Values) -> None:
+        self.run.log(dict(values), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_MAKERS = {"dvclive": _DvcLive, "tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
 
 
 class Live:
