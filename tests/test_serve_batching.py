@@ -74,3 +74,20 @@ def test_a_cancelled_row_leaves_the_batch_within_a_step(engine, serving_project)
     while (engine.pending or engine.scheduler.busy_rows) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.pending == 0 and engine.scheduler.busy_rows == 0
+
+
+def test_one_at_a_time_gives_the_batched_answers(engine, serving_project):
+    """`--max-batch 1` (and the chatglm backend) generate through the backend's own generate behind a lock: the same
+    greedy and seeded answers, token counts and finish reasons as the scheduler."""
+    from ptune.serve.engine import Engine
+
+    single = Engine(engine.bundle, "ptune", "one at a time", max_pending=32, max_batch=1)
+    assert single.scheduler is None
+    prompt, seed, expected = cases(serving_project.root, 1)[0]
+    for settings in (
+        engine.settings(max_new_tokens=24, do_sample=False),
+        engine.settings(seed=seed, temperature=0.95, top_p=0.7, do_sample=True),
+    ):
+        a, b = single.complete(prompt, settings=settings), engine.complete(prompt, settings=settings)
+        assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
+    assert a.text == expected

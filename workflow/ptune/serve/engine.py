@@ -407,15 +407,7 @@ class Engine:
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
                 new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
-            reply.completion_tokens = len(new)
-            reply.text = bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
-            if reply._cancel.is_set():
-                reply.finish_reason = "cancelled"
-                log.info("generation cancelled after %d new tokens", len(new))
-            elif new and new[-1] in self.stop_ids:
-                reply.finish_reason = "stop"
-            elif len(new) >= settings.max_new_tokens:
-                reply.finish_reason = "length"
+            self._finish(reply, new, settings, None)
         except BaseException as exc:  # handed to the reader, who re-raises it
             log.exception("generation failed")
             reply._error = exc
