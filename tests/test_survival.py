@@ -223,6 +223,58 @@ def test_fresh_instance_resumes_training_from_pushed_checkpoints(ran_project):
         assert torch.allclose(resumed[name], uninterrupted[name]), name
 
 
+@pytest.mark.slow
+def test_a_stopped_run_pushes_its_step_and_a_fresh_instance_resumes_there(ran_project):
+    """SIGTERM (a notebook being stopped) to `ptune train` with pushing on and no periodic checkpoint yet: the stage
+    saves the step it is on, pushes it before it exits, and a fresh clone (`ptune restore`, `dvc repro`) resumes
+    from exactly that step, no step lost, and ends with the uninterrupted run's prefix."""
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    a = ran_project
+    for key, value in (("max_steps", 120), ("save_steps", 10_000), ("logging_steps", 1)):
+        a.set_param(f"train.{key}", value)
+    _commit(a)
+    a.run("dvc", "push")  # the base model and data, for the new instance
+    a.run("ptune", "train")
+    uninterrupted = load_file(str(a.root / PREFIX))
+
+    log = a.root / "reports/train_log.csv"
+    log.unlink()
+    proc = subprocess.Popen(
+        ["ptune", "train"],
+        cwd=a.root,
+        env={**a.env, "PTUNE_CHECKPOINT_PUSH_EVERY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text(encoding="utf-8").splitlines()) > 10:  # header + 10 steps
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    manifest = a.root.parent / "ptune-dvc-storage" / "ptune-state" / "train" / "manifest.json"
+    names = json.loads(manifest.read_text())["files"]
+    (step,) = {int(n.split("-")[1].split(".")[0]) for n in names if n.startswith("checkpoint-")}
+    assert 10 <= step < 120 and "pushed" in err, err[-3000:]
+
+    b = _clone(a, "instance-b")
+    b.run("ptune", "restore")  # stage outputs, run-cache and the stopped run's resume state
+    out = b.run("dvc", "repro", "train")
+    assert "resuming from" in out.stdout + out.stderr
+    assert json.loads((b.root / "reports/timings/train.json").read_text())["resumed_from_step"] == step
+    resumed = load_file(str(b.root / PREFIX))
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.allclose(resumed[name], uninterrupted[name]), name
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -264,12 +264,14 @@ def pull(stages: list[str] | None = None, remote: str | None = None) -> dict[str
     return {stage: store.pull_stage(stage)[1] for stage in wanted}
 
 
-def push_quietly(stage: str) -> None:
-    """Push one stage's resume state from inside a running stage: a failure is logged, never fatal."""
+def push_quietly(stage: str) -> bool:
+    """Push one stage's resume state from inside a running stage: a failure is logged, never fatal. Whether it
+    was pushed."""
     try:
-        push([stage])
+        return bool(push([stage]))
     except Exception as exc:  # a network blip must not end a 4-hour training run
         log.warning("could not push the resume state of %s (training goes on): %s", stage, exc)
+        return False
 
 
 def local_latest(stage: str) -> str | None:

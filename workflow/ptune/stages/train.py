@@ -199,13 +199,14 @@ def _stop(
         )
     stopping.record(state.dir, step=step, max_steps=cfg.max_steps, checkpoint=name.name)
     tracker.close()
-    if push_every:  # the instance may be going away: send the checkpoint where the next one can find it
-        checkpoints.push_quietly("train")
+    # The instance may be going away: send the checkpoint where the next one can find it.
+    pushed = bool(push_every) and checkpoints.push_quietly("train")
+    where = ", pushed to the DVC remote (`ptune restore` brings it to a fresh instance)" if pushed else ""
     request = stopping.requested()
     raise stopping.Stopped(
         request,
-        f"train: stopped ({request.reason}) after step {step} of {cfg.max_steps}; {name} holds it. `dvc repro`, "
-        "`snakemake --cores 1 report` or `ptune train` resumes from that step",
+        f"train: stopped ({request.reason}) after step {step} of {cfg.max_steps}; {name} holds it{where}. "
+        "`dvc repro`, `snakemake --cores 1 report` or `ptune train` resumes from that step",
     )
 
 
