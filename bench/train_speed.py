@@ -42,21 +42,11 @@ from ptune.stages.train import batch_indices, lr_at, micro_batches_at, optimizer
 
 def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:
     """ptune's loop body (train.run's, minus logging and checkpoints): samples/s after `warmup`, last loss."""
-    from ptune.model.loading import load_frozen
     from ptune.state.determinism import seed_everything
 
     seed_everything(cfg.seed)
-    model = load_frozen("models/base", torch.device("cpu"))
-    encoder = PrefixEncoder(
-        prefix_config_for(
-            model,
-            cfg.pre_seq_len,
-            cfg.prefix_projection,
-            cfg.prefix_hidden_size,
-            "models/base",
-            prefix_dropout=cfg.prefix_dropout,
-        )
-    )
+    # The frozen base and the prefix exactly as `ptune train` loads them (fp32 on the CPU).
+    model, encoder = native().load_for_training(Path("models/base"), torch.device("cpu"), torch.float32, cfg)
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     encoder.train()

@@ -15,17 +15,8 @@ import yaml
 
 from ptune.reporting.metrics import METRIC_NAMES, score_one
 
-CHROMIUM = "/usr/bin/chromium"
-# As root in a container, offline: no sandbox, and none of Chromium's own network chatter.
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+from support.serving import CHROMIUM, CHROMIUM_ARGS
+
 SECTIONS = ("Headline", "Training", "Evaluation", "Examples", "Cost", "Deploy", "Provenance")
 # Each h2 with the text of everything after it up to the next h2: works for the report's <section>s and for
 # the flat HTML that rendered Markdown is.
@@ -47,7 +38,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
