@@ -77,6 +77,26 @@ def web(serving_project, tmp_path_factory):
             proc.wait()
 
 
+def set_value(field, value: str, tries: int = 10) -> None:
+    """Type `value` into a field and leave it, so that the page commits it before the message goes out (on a
+    loaded machine an answer was once generated with the default seed instead). Typed again while the field does
+    not hold it: a settings panel that has just opened can still be mounting its fields, and a field that mounts
+    after the typing starts out with its default (seen once in CI: the seed box empty after `fill`)."""
+    from playwright.sync_api import expect
+
+    for _ in range(tries - 1):
+        field.fill(value)
+        field.press("Tab")
+        try:
+            expect(field).to_have_value(value, timeout=2_000)
+            return
+        except AssertionError:
+            continue
+    field.fill(value)
+    field.press("Tab")
+    expect(field).to_have_value(value)
+
+
 def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -94,11 +114,7 @@ def test_chat_page_streams_answers_and_clears_history(web, serving_project, tmp_
             expect(page.get_by_text("P-tuned, prefix of 4 tokens")).to_be_visible()
             page.get_by_text("Generation settings").click()
             seed_box = page.locator("#seed textarea, #seed input").first
-            seed_box.fill(str(seed))
-            # Leave the field, so the page commits the value before the message goes out: on a loaded machine
-            # an answer was once generated with the default seed instead.
-            seed_box.press("Tab")
-            expect(seed_box).to_have_value(str(seed))
+            set_value(seed_box, str(seed))
             page.evaluate(WATCH_ANSWER)
             bots = page.locator('#conversation [data-testid="bot"]')
 

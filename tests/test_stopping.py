@@ -90,9 +90,10 @@ def _stop_when(project, cmd: list[str], ready, sig: int, *, to_stage: bool = Fal
     return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), took
 
 
-def _stop_record(project, stage: str) -> dict:
-    (record,) = (project.root / ".ptune/state" / stage).glob("*/stopped.json")
-    return json.loads(record.read_text(encoding="utf-8"))
+def _stop_record(project, stage: str, output: str = "") -> dict:
+    records = list((project.root / ".ptune/state" / stage).glob("*/stopped.json"))
+    assert len(records) == 1, f"stop records: {records}; the run printed:\n{output[-6000:]}"
+    return json.loads(records[0].read_text(encoding="utf-8"))
 
 
 def test_sigterm_to_dvc_repro_stops_training_after_a_step_and_the_rerun_resumes_there(ran_project):
@@ -101,7 +102,7 @@ def test_sigterm_to_dvc_repro_stops_training_after_a_step_and_the_rerun_resumes_
     killed, took = _stop_when(p, ["dvc", "repro", "train"], lambda: len(_rows(p)) >= 5, signal.SIGTERM)
     # dvc dies of SIGTERM without passing it on; its stage sees it gone, saves its step and stops.
     assert killed.returncode == -signal.SIGTERM, killed.stdout[-3000:]
-    record = _stop_record(p, "train")
+    record = _stop_record(p, "train", killed.stdout)
     step = record["step"]
     assert record["signal"] == "SIGTERM" and "dvc" in record["reason"] and 5 <= step < 200
     assert (p.root / ".ptune/state/train").glob(f"*/checkpoint-{step:08d}.safetensors")
