@@ -19,6 +19,16 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def inference_dtype(dev: torch.device) -> torch.dtype:
+    """The dtype a frozen base is loaded in to generate (evaluate, deploy, serving): bf16 on a CUDA GPU that computes
+    in it natively (compute capability 8.0 and up: A100, L4, H100...), as the reference runs ChatGLM-6B in half
+    precision; fp32 elsewhere. fp32 on such a GPU doubles the memory (a 9 B base: 35 GiB instead of 17.5) and runs the
+    matrix products at a fraction of the bf16 rate. On the CPU nothing changes: the outputs stay byte-identical."""
+    if dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (8, 0):
+        return torch.bfloat16
+    return torch.float32
+
+
 def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
@@ -55,18 +65,20 @@ def _quantization_config(mode: str, dtype: torch.dtype):
 def load_frozen(
     path: str | Path,
     dev: torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     quantization: str = "none",
     key: str = "train.quantization",
 ):
     """The base model in eval mode with every parameter frozen (P-tuning trains only the prefix).
 
-    quantization "4bit" / "8bit": the weights are quantized by bitsandbytes as they load, onto `dev` (a CUDA GPU);
-    only transformers-native architectures (no `trust_remote_code`) load this way.
+    `dtype` None: `inference_dtype(dev)`, what generation loads in (training passes its own). quantization "4bit" /
+    "8bit": the weights are quantized by bitsandbytes as they load, onto `dev` (a CUDA GPU), computing in `dtype`; only
+    transformers-native architectures (no `trust_remote_code`) load this way.
     """
     path = Path(path)
     require_config(path)
     dev = dev or device()
+    dtype = dtype or inference_dtype(dev)
     if quantization != "none":
         check_quantization(quantization, key)
         model = AutoModelForCausalLM.from_pretrained(
