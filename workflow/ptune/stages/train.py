@@ -6,7 +6,8 @@ whole, atomically, at each row, so it can be watched while it grows) and reports
 through the trackers $PTUNE_TRACKERS names, reporting/live.py). Checkpoints go to .ptune/state/train/<key>/
 (outside the declared outputs, which DVC and Snakemake delete before a rerun): a killed run resumes from the last
 one and ends with the prefix an uninterrupted run makes. SIGTERM, SIGINT or SIGHUP end the step being computed,
-write a checkpoint at it and stop (state/stopping.py): the rerun resumes from that very step.
+write a checkpoint at it and stop (state/stopping.py): the rerun resumes from that very step. With train.devices > 1
+the processes agree after each step whether to stop, so that all of them end the same one (state/multiprocess.py).
 """
 
 from __future__ import annotations
@@ -187,25 +188,62 @@ def _check_context(model, train, cfg: TrainConfig) -> None:
         )
 
 
+def _agreed_stop(acc, dev: torch.device) -> stopping.Request | None:
+    """Several processes: the stop request any of them has got (the highest signal number), so that all of them
+    stop after the same step, and none is left waiting in a collective operation for one that has gone."""
+    from accelerate.utils import gather_object
+
+    own = stopping.requested()
+    signum = int(acc.reduce(torch.tensor(own.signum if own else 0, device=dev), "max").item())
+    if not signum:
+        return None  # one that came during the reduction counts at the next step, on every rank
+    # Once, on stopping: the reason of a process that got that signal, the same in every process's message.
+    reasons = gather_object([own.reason if own is not None and own.signum == signum else ""])
+    return stopping.note(signum, next(r for r in reasons if r))
+
+
 def _stop(
-    state: ResumeState, step: int, cfg: TrainConfig, encoder, optim, scaler, rows, window, saved, push_every, tracker
+    state: ResumeState,
+    step: int,
+    cfg: TrainConfig,
+    encoder,
+    optim,
+    scaler,
+    rows,
+    window,
+    saved,
+    push_every,
+    tracker,
+    acc,
 ):
     """Stop on request after `step` (state/stopping.py): a checkpoint at that step (unless the step just wrote
-    one), `stopped.json` beside it, the live metrics closed; then raise stopping.Stopped."""
+    one), `stopped.json` beside it, the live metrics closed; then raise stopping.Stopped. Several processes: every
+    one comes here after the same step; rank 0 writes (and pushes) while the others wait."""
+    world = acc.num_processes
     name = state.path(f"checkpoint-{step:08d}{CKPT_SUFFIX}")
-    if not saved:
-        save_checkpoint(
-            state, step, encoder, optim, scaler, rows, cfg.save_total_limit, [checkpoint.rng_state()], window
-        )
-    stopping.record(state.dir, step=step, max_steps=cfg.max_steps, checkpoint=name.name)
-    tracker.close()
-    # The instance may be going away: send the checkpoint where the next one can find it.
-    pushed = bool(push_every) and checkpoints.push_quietly("train")
+    pushed = False
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rng = None if saved else gather_object([checkpoint.rng_state()])  # every rank's generators
+        log.info("stopping after step %d, as all %d processes agreed", step, world)
+    else:
+        rng = [checkpoint.rng_state()]
+    if acc.is_main_process:
+        if not saved:
+            save_checkpoint(state, step, encoder, optim, scaler, rows, cfg.save_total_limit, rng, window)
+        stopping.record(state.dir, step=step, max_steps=cfg.max_steps, checkpoint=name.name)
+        tracker.close()
+        # The instance may be going away: send the checkpoint where the next one can find it.
+        pushed = bool(push_every) and checkpoints.push_quietly("train")
+    if world > 1:
+        acc.wait_for_everyone()  # the launcher ends the others once one has exited: not before rank 0 is done
     where = ", pushed to the DVC remote (`ptune restore` brings it to a fresh instance)" if pushed else ""
+    processes = f" (all {world} processes)" if world > 1 else ""
     request = stopping.requested()
     raise stopping.Stopped(
         request,
-        f"train: stopped ({request.reason}) after step {step} of {cfg.max_steps}; {name} holds it{where}. "
+        f"train: stopped ({request.reason}) after step {step} of {cfg.max_steps}{processes}; {name} holds it{where}. "
         "`dvc repro`, `snakemake --cores 1 report` or `ptune train` resumes from that step",
     )
 
@@ -367,8 +405,22 @@ def run(params: Params) -> dict:
                         push_every and saved % push_every == 0
                     ):  # so that a fresh instance can resume (docs/surviving.md)
                         checkpoints.push_quietly("train")
-            if stopping.requested() is not None:  # SIGTERM, SIGINT or SIGHUP during this step (one process only)
-                _stop(state, step + 1, cfg, encoder, optim, scaler, rows, window_losses, periodic, push_every, tracker)
+            # SIGTERM, SIGINT or SIGHUP during this step (to this process, or, with several, to any of them)
+            if (stopping.requested() if world == 1 else _agreed_stop(acc, dev)) is not None:
+                _stop(
+                    state,
+                    step + 1,
+                    cfg,
+                    encoder,
+                    optim,
+                    scaler,
+                    rows,
+                    window_losses,
+                    periodic,
+                    push_every,
+                    tracker,
+                    acc,
+                )
 
         train_s = time.perf_counter() - t_start
 

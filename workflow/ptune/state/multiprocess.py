@@ -6,10 +6,20 @@ torch's elastic launcher (what `torchrun` and `accelerate launch --multi_gpu` ru
 machine without one, N processes sharing the CPU cores over gloo). Inside them, `accelerate` sets up the process
 group and the device of each rank. The launching process keeps the stage's bookkeeping (stage log, timings) and
 gets back rank 0's facts, or the error a worker raised.
+
+Stopping (state/stopping.py). Run in the main thread, torch's launcher answers SIGTERM, SIGINT and SIGHUP by passing
+them on to its workers, which end at once. For train (GRACEFUL) it runs in a thread of its own, which leaves ptune's
+handlers in place: the launcher writes the signal into a file that every worker watches (`stop`, beside the params;
+the workers run in sessions of their own, so a terminal's Ctrl-C reaches the launcher alone) and each worker signals
+itself. Train's step loop agrees on a stop across the ranks after every step (a max all-reduce of the signal number,
+so a signal that reached one worker alone counts too): every rank ends the same step, rank 0 writes the checkpoint,
+and all of them exit with 128 + the signal's number, leaving `stopped-rank<r>.json` for the launcher, which ends
+with rank 0's line and that status. evaluate's processes still end at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -20,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -30,6 +41,10 @@ log = logging.getLogger(__name__)
 # Set by the elastic launcher in every worker (and by `torchrun` / `accelerate launch` when a user starts one).
 WORLD_ENV = "WORLD_SIZE"
 RANK_ENV = "RANK"
+# The stages whose workers stop together at a safe point; the others' processes end at once on a signal.
+GRACEFUL = ("train",)
+STOP_FILE = "stop"  # in the results folder: the signal the launcher got, for its workers
+WATCH_S = 0.1  # how often a worker looks for its launcher and the stop file
 
 
 def in_worker() -> bool:
@@ -89,6 +104,78 @@ def check_devices(key: str, n: int) -> None:
         )
 
 
+def _tell_workers(results: Path) -> None:
+    """From here SIGTERM, SIGINT and SIGHUP only ask (stopping.deferred) and are written down for the workers
+    (`_watch_launcher`); one ignored (nohup) stays ignored."""
+    from . import stopping
+
+    def tell(signum: int, frame) -> None:
+        if callable(previous[signum]):
+            previous[signum](signum, frame)  # stopping's handler: notes the request and says so
+        request = stopping.note(signum)  # the first one's, for a repeat
+        tmp = results / f".{STOP_FILE}.tmp"
+        tmp.write_text(json.dumps({"signum": request.signum, "reason": request.reason}), encoding="utf-8")
+        os.replace(tmp, results / STOP_FILE)  # whole: a worker never reads half of it
+
+    previous = {s: signal.getsignal(s) for s in stopping.SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, tell)
+
+
+def _stopped(stage: str, results: Path, n: int, failures: dict):
+    """The workers' stop (stopping.Stopped, rank 0's line), or None when none of them stopped on request."""
+    from . import stopping
+
+    exits = ", ".join(f"rank {r}: {f.exitcode}" for r, f in sorted(failures.items()))
+    log.info("%s: its processes exited with %s", stage, exits)
+    records = {int(f.stem.rsplit("rank", 1)[1]): f for f in results.glob("stopped-rank*.json")}
+    if records:
+        first = json.loads(records[min(records)].read_text(encoding="utf-8"))
+        request = stopping.note(first["signum"], f"{signal.Signals(first['signum']).name} received by a worker")
+        if len(records) < n:
+            log.warning("%s: %d of its %d processes stopped on request, the others otherwise", stage, len(records), n)
+        return stopping.Stopped(request, first["message"])
+    if stopping.requested() is not None:
+        request = stopping.requested()
+        return stopping.Stopped(
+            request,
+            f"{stage}: stopped ({request.reason}); its {n} processes ended before a safe point: train resumes from "
+            "its last checkpoint",
+        )
+    return None
+
+
+class _NoSignalWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to register signal handlers")
+
+
+def _run_in_thread(run, args) -> None:
+    """torch's launcher in a thread of its own, where it leaves the signal handlers alone (it would say so: not
+    here), while the main thread, which Python runs them in, waits for it."""
+    torch_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    outcome: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(args)
+        except BaseException as exc:  # noqa: BLE001 -- raised again in the main thread
+            outcome.append(exc)
+
+    quiet = _NoSignalWarning()
+    torch_log.addFilter(quiet)
+    thread = threading.Thread(target=target, name="ptune-launcher")
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+    finally:
+        torch_log.removeFilter(quiet)
+    if outcome:
+        raise outcome[0]
+
+
 def launch(stage: str, params, n: int) -> list[dict]:
     """Run `stage` in n worker processes and wait for them; returns what each rank's `run` returned."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -98,6 +185,7 @@ def launch(stage: str, params, n: int) -> list[dict]:
     from . import stopping
 
     check_devices(f"{stage}.devices", n)
+    graceful = stage in GRACEFUL
     with tempfile.TemporaryDirectory(prefix=f"ptune-{stage}-") as tmp:
         results = Path(tmp)
         params_file = results / "params.yaml"
@@ -118,23 +206,29 @@ def launch(stage: str, params, n: int) -> list[dict]:
         log.info("%s: launching %d processes (%s threads each)", stage, n, threads)
         saved = {k: os.environ.get(k) for k in ("PTUNE_NUM_THREADS", "OMP_NUM_THREADS")}
         os.environ["PTUNE_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = threads
-        # The launcher puts its own handlers in (they send the signal on to the workers, which end at once): ours
-        # come back after it.
+        # In the main thread torch's launcher puts its own handlers in (they send the signal on to the workers,
+        # which end at once); ours come back after it. A graceful stage keeps ours.
         handlers = {s: signal.getsignal(s) for s in stopping.SIGNALS}
         try:
-            run(args)
+            if graceful:
+                _tell_workers(results)
+                with stopping.deferred():
+                    _run_in_thread(run, args)
+            else:
+                run(args)
         except SignalException as exc:
             request = stopping.note(int(exc.sigval))
             raise stopping.Stopped(
                 request,
-                f"{stage}: stopped ({request.reason}); its {n} processes ended at once (a stop that saves the step "
-                "being computed is for one process): train resumes from its last checkpoint, evaluate from its "
-                "journal",
+                f"{stage}: stopped ({request.reason}); its {n} processes ended at once: the rerun resumes from what "
+                "they saved (evaluate: its journal)",
             ) from None
-        except ChildFailedError:
+        except ChildFailedError as exc:
             errors = sorted(results.glob("error-rank*.txt"))
             if errors:
                 raise PtuneError(errors[0].read_text(encoding="utf-8")) from None
+            if graceful and (stop := _stopped(stage, results, n, exc.failures)) is not None:
+                raise stop from None
             raise PtuneError(f"{stage}.devices: {n}: a worker process failed; its traceback is above") from None
         finally:
             for s, handler in handlers.items():
@@ -148,23 +242,56 @@ def launch(stage: str, params, n: int) -> list[dict]:
         return [json.loads((results / f"facts-rank{r}.json").read_text(encoding="utf-8")) for r in range(n)]
 
 
-def _exit_with_parent() -> None:
+def _watch_launcher(stop_file: Path | None) -> None:
     """A worker whose launcher was killed (SIGKILL, instance stop) exits too, instead of training on as an orphan
-    that would write checkpoints under the feet of the rerun."""
+    that would write checkpoints under the feet of the rerun. A signal its launcher got and wrote into `stop_file`
+    it sends itself (the workers run in sessions of their own: a terminal's Ctrl-C does not reach them)."""
+    from . import stopping
+
     parent = os.getppid()
 
     def watch() -> None:
+        told = stop_file is None
         while os.getppid() == parent:
-            time.sleep(0.2)
+            if not told and stop_file.is_file():
+                told = True
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    stop = json.loads(stop_file.read_text(encoding="utf-8"))
+                    stopping.relay(stop["signum"], stop["reason"])
+            time.sleep(WATCH_S)
         os._exit(3)
 
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def _stopped_worker(results: str, stop) -> NoReturn:
+    """A worker stopped on request: done with signals (torch's launcher sends the others SIGTERM once one has
+    ended), its stop written down for the launcher, exit with 128 + the signal's number at once: what it had to
+    write is written, and tearing down the interpreter, torch and its process group takes a second or more."""
+    from . import stopping
+
+    for s in stopping.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    record = {"signum": stop.request.signum, "message": str(stop)}
+    tmp = Path(results, f".stopped-rank{rank()}.tmp")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(tmp, Path(results, f"stopped-rank{rank()}.json"))
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(stop.exit_code)
 
 
 def worker_main(argv: list[str]) -> int:
     """Entry point of one worker: `python -m ptune.state.multiprocess STAGE PARAMS RESULTS`."""
     stage, params_path, results = argv
-    _exit_with_parent()
+    graceful = stage in GRACEFUL
+    from . import stopping
+
+    if graceful:
+        stopping.install(stage, worker=True)  # before the watch, which may pass a signal on at once
+    _watch_launcher(Path(results, STOP_FILE) if graceful else None)
     from .. import config
     from . import determinism
 
@@ -178,6 +305,17 @@ def worker_main(argv: list[str]) -> int:
     except PtuneError as exc:
         Path(results, f"error-rank{rank()}.txt").write_text(str(exc), encoding="utf-8")
         return 2
+    except stopping.Stopped as stop:
+        _stopped_worker(results, stop)
+    except Exception as exc:
+        if not graceful or (request := stopping.requested()) is None:
+            raise
+        # Another process stopped at once (while loading, before the step loop) during a collective operation
+        # with this one: the error is the stop's doing.
+        log.warning("%s: %s: %s, after the stop request", stage, type(exc).__name__, exc)
+        _stopped_worker(
+            results, stopping.Stopped(request, f"{stage}: stopped ({request.reason}); nothing it was writing was kept")
+        )
     Path(results, f"facts-rank{rank()}.json").write_text(json.dumps(facts or {}), encoding="utf-8")
     return 0
 

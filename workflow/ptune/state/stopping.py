@@ -8,6 +8,8 @@ SIGHUP; Ctrl-C sends SIGINT. `ptune <stage>` handles the three alike:
   is generating (its journal holds every finished one) and exits. Both leave `stopped.json` beside their resume
   state, which `ptune status` shows, and the rerun resumes exactly there.
 - Anywhere else the stage stops at once: temp files are removed, locks released, nothing looks complete.
+- With train.devices > 1 the launcher passes the signal on to its workers, and they agree after each step on
+  whether to stop, so that all of them end the same one (state/multiprocess.py).
 
 Either way the exit status is 128 + the signal's number (130 SIGINT, 143 SIGTERM, 129 SIGHUP) and the last line
 says what was kept: DVC and Snakemake see a failed stage, never a finished one. A repeated signal changes nothing
@@ -79,6 +81,7 @@ class _State:
     request: Request | None = None
     deferring: int = 0
     orphan_reason: str = ""
+    worker: bool = False
 
 
 _STATE = _State()
@@ -125,6 +128,8 @@ def _handler(signum: int, frame) -> None:
     request = note(signum, _STATE.orphan_reason)
     reason = request.reason
     if _STATE.deferring:
+        if _STATE.worker:
+            return  # its launcher said it (state/multiprocess.py)
         _say(
             f"{_STATE.stage}: {reason}: stopping at the next safe point (train: after this step, with a checkpoint; "
             "evaluate: after this batch). SIGKILL stops at once and loses what was not saved"
@@ -133,14 +138,16 @@ def _handler(signum: int, frame) -> None:
     raise Stopped(request, f"{_STATE.stage}: stopped ({reason}); nothing it was writing was kept")
 
 
-def install(stage: str) -> None:
+def install(stage: str, *, worker: bool = False) -> None:
     """Handle SIGTERM, SIGINT and SIGHUP in this process (the CLI, before a stage starts); a signal ignored so far
-    stays ignored. Run by DVC, the stage also stops when the `dvc` process is gone."""
+    stays ignored. Run by DVC, the stage also stops when the `dvc` process is gone. `worker`: one of the processes
+    that `train.devices` > 1 launches (state/multiprocess.py), whose launcher announces the stop and watches dvc."""
     _STATE.stage, _STATE.request, _STATE.deferring, _STATE.orphan_reason = stage, None, 0, ""
+    _STATE.worker = worker
     for signum in SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _handler)
-    if os.environ.get(DVC_STAGE_ENV):
+    if os.environ.get(DVC_STAGE_ENV) and not worker:
         _watch_parent(os.getppid())
 
 
@@ -157,6 +164,14 @@ def _watch_parent(parent: int) -> None:
                 os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
+def relay(signum: int, reason: str) -> None:
+    """Act on a signal that another process got, as if it had come here, with that process's reason: a worker of
+    `train.devices` > 1 for its launcher (state/multiprocess.py). Nothing if a request is here already."""
+    if _STATE.request is None:
+        _STATE.orphan_reason = reason
+        os.kill(os.getpid(), signum)
 
 
 @contextlib.contextmanager
