@@ -96,11 +96,22 @@ def _stop_record(project, stage: str, output: str = "") -> dict:
     return json.loads(records[0].read_text(encoding="utf-8"))
 
 
-def test_sigterm_to_dvc_repro_stops_training_after_a_step_and_the_rerun_resumes_there(ran_project):
+def _shell_that_does_not_exec(folder: Path) -> str:
+    """The environment for `dvc repro` with a $SHELL that stays between dvc and the stage command instead of
+    exec'ing it, as fish does (bash and dash exec a lone command): when dvc dies the stage's parent lives on."""
+    shell = folder / "no-exec-shell"
+    shell.write_text('#!/bin/sh\n# $1 is -c, $2 the command (dvc/stage/run.py)\n/bin/sh -c "$2"\nexit $?\n')
+    shell.chmod(0o755)
+    return str(shell)
+
+
+def test_sigterm_to_dvc_repro_stops_training_after_a_step_and_the_rerun_resumes_there(ran_project, tmp_path):
     p = ran_project
     _long_training(p)
-    killed, took = _stop_when(p, ["dvc", "repro", "train"], lambda: len(_rows(p)) >= 5, signal.SIGTERM)
-    # dvc dies of SIGTERM without passing it on; its stage sees it gone, saves its step and stops.
+    env = {**p.env, "SHELL": _shell_that_does_not_exec(tmp_path)}
+    killed, took = _stop_when(p, ["dvc", "repro", "train"], lambda: len(_rows(p)) >= 5, signal.SIGTERM, env=env)
+    # dvc dies of SIGTERM without passing it on; its stage sees it gone (though its shell lives on), saves its
+    # step and stops.
     assert killed.returncode == -signal.SIGTERM, killed.stdout[-3000:]
     record = _stop_record(p, "train", killed.stdout)
     step = record["step"]

@@ -148,22 +148,62 @@ def install(stage: str, *, worker: bool = False) -> None:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _handler)
     if os.environ.get(DVC_STAGE_ENV) and not worker:
-        _watch_parent(os.getppid())
+        _watch_dvc()
 
 
-def _watch_parent(parent: int) -> None:
+def _stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of a process from /proc, or None when it is gone or /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()  # after the command name, which may hold anything
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), fields[19]
+
+
+def _dvc_process() -> tuple[int, str] | None:
+    """(pid, start time) of the `dvc` process that runs this stage: the nearest ancestor whose environment lacks
+    $DVC_STAGE, which DVC sets for the stage's command only. DVC starts the command through $SHELL; a shell that
+    does not exec it (fish, or a wrapper script) stays between the two, and outlives a killed dvc. None where
+    /proc cannot tell."""
+    pid = os.getppid()
+    for _ in range(8):
+        stat = _stat(pid)
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if stat is None:
+            return None
+        if not any(entry.startswith(DVC_STAGE_ENV.encode() + b"=") for entry in environ):
+            return pid, stat[2]
+        pid = stat[1]
+    return None
+
+
+def _watch_dvc() -> None:
     """`dvc repro` killed by SIGTERM or SIGHUP leaves its stage running with no one to record the result: stop it
-    as if it had got the signal itself (the next `dvc repro` resumes it)."""
+    as if it had got the signal itself (the next `dvc repro` resumes it). Watched: the dvc process itself (gone,
+    or a zombie its own parent has not reaped yet), else this process's parent."""
+    parent = os.getppid()
+    found = _dvc_process()
+
+    def dvc_alive() -> bool:
+        if found is None:
+            return os.getppid() == parent
+        stat = _stat(found[0])
+        return stat is not None and stat[0] != "Z" and stat[2] == found[1]
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while dvc_alive():
             time.sleep(PARENT_POLL_S)
         if _STATE.request is None:
-            _STATE.orphan_reason = f"the process that started it (pid {parent}, dvc) is gone"
+            pid = found[0] if found else parent
+            _STATE.orphan_reason = f"the process that started it (pid {pid}, dvc) is gone"
             with contextlib.suppress(OSError):
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="stop-with-dvc", daemon=True).start()
 
 
 def relay(signum: int, reason: str) -> None:
