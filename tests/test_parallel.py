@@ -18,8 +18,15 @@ EVAL_OUTPUTS = ("reports/predictions.jsonl", "reports/metrics.json")
 
 def _kill_when(project, cmd: list[str], ready) -> None:
     """Start `cmd`, SIGKILL it once `ready()` holds, and check that its worker processes die with it."""
+    # A killed launcher cannot remove its temp folder (nor torch's): put them where pytest cleans up.
+    tmp = project.root.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        cmd, cwd=project.root, env=project.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        cwd=project.root,
+        env={**project.env, "TMPDIR": str(tmp)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
     workers: list[psutil.Process] = []
