@@ -3,7 +3,9 @@ together, and an answer does not depend on who else is asking (greedy: token-ide
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -33,6 +35,7 @@ def test_greedy_answers_are_token_identical_alone_and_in_a_batch(engine, serving
     before = engine.scheduler.largest_batch
     batched = _together(engine, [(p, greedy) for p in prompts])
     assert engine.scheduler.largest_batch >= 2 or before >= 2, "the requests were never decoded together"
+    assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
     assert [r.text for r in batched] == [r.text for r in alone]
     assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
     assert [r.finish_reason for r in batched] == [r.finish_reason for r in alone]
@@ -90,4 +93,100 @@ def test_one_at_a_time_gives_the_batched_answers(engine, serving_project):
     ):
         a, b = single.complete(prompt, settings=settings), engine.complete(prompt, settings=settings)
         assert (a.text, a.completion_tokens, a.finish_reason) == (b.text, b.completion_tokens, b.finish_reason)
+        assert a.token_ids == b.token_ids
     assert a.text == expected
+
+
+def test_more_requests_than_rows_wait_their_turn_and_get_their_lone_answers(engine, serving_project):
+    """Twelve requests at once through a batch of three rows: rows join between steps as others leave, never more
+    than three at once, and every answer (greedy or seeded, of different lengths) is the one it gets alone."""
+    from ptune.serve.engine import Engine
+
+    small = Engine(engine.bundle, "ptune", "three rows", max_pending=32, max_batch=3)
+    prompts = dev_prompts(serving_project.root)[:6]
+    requests = []
+    for i, prompt in enumerate(prompts):
+        requests.append((prompt, small.settings(max_new_tokens=5 + 3 * i, do_sample=False)))
+        requests.append((prompt, small.settings(seed=i, temperature=0.95, top_p=0.7, do_sample=True)))
+    alone = [small.complete(p, settings=s) for p, s in requests]
+    together = _together(small, requests)
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.finish_reason for r in together] == [r.finish_reason for r in alone]
+    assert 2 <= small.scheduler.largest_batch <= 3
+    deadline = time.monotonic() + 30
+    while (small.pending or small.scheduler.busy_rows) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert small.pending == 0 and small.scheduler.busy_rows == 0
+
+
+def test_a_request_cancelled_while_it_waits_never_runs(engine, serving_project):
+    """With the one row busy, a waiting request that is cancelled ends with no token, and the running one is
+    unaffected."""
+    from ptune.serve.engine import Engine
+
+    one = Engine(engine.bundle, "ptune", "one row", max_pending=32, max_batch=1)
+    prompt = dev_prompts(serving_project.root)[0]
+    settings = one.settings(max_new_tokens=200, do_sample=True, seed=7)
+    expected = one.complete(prompt, settings=settings).token_ids
+    running = one.start(prompt, settings=settings)
+    waiting = one.start(prompt, settings=settings)
+    waiting.cancel()
+    assert waiting.wait().token_ids == [] and waiting.finish_reason == "cancelled"
+    assert running.wait().token_ids == expected
+
+
+def test_a_reader_gets_every_token_since_it_last_looked_as_one_piece(engine, serving_project):
+    """The scheduler only hands token ids over; the reader decodes them when it looks: a reader that looks once the
+    answer is done gets it in one piece, the same text as one that reads along, and `wait` decodes nothing."""
+    prompt, seed, expected = cases(serving_project.root, 1)[0]
+    settings = engine.settings(seed=seed, temperature=0.95, top_p=0.7, do_sample=True)
+    along = engine.start(prompt, settings=settings)
+    pieces_along = list(along)
+    late = engine.start(prompt, settings=settings).wait()
+    assert "".join(pieces_along) == along.text == late.text == expected
+    assert list(late) == [expected]
+
+
+def test_async_readers_read_the_same_pieces_and_are_woken_at_the_end(engine, serving_project):
+    """What the HTTP API does on its event loop: `async for` over `pieces()` (no thread per token), and `ended`
+    (no polling for the end: it returns as soon as the answer is done)."""
+    prompt, seed, expected = cases(serving_project.root, 1)[0]
+    settings = engine.settings(seed=seed, temperature=0.95, top_p=0.7, do_sample=True)
+    long = engine.settings(max_new_tokens=300, temperature=2.0, top_p=1.0, do_sample=True, seed=1)
+
+    async def read():
+        streamed = engine.start(prompt, settings=settings)
+        pieces = [piece async for piece in streamed.pieces()]
+        # Pieces at most every 10 s: the first at once, then the rest together when the answer ends.
+        grouped = engine.start(prompt, settings=settings)
+        t0 = time.monotonic()
+        chunks = [piece async for piece in grouped.pieces(every=10)]
+        assert time.monotonic() - t0 < 5 and len(chunks) <= 2 and "".join(chunks) == expected
+        whole = engine.start(prompt, settings=settings)
+        assert await whole.ended()
+        slow = engine.start(prompt, settings=long)
+        short = await slow.ended(0.0001)  # a 300-token answer is not done this soon
+        slow.cancel()
+        assert await slow.ended(30)
+        return pieces, streamed, whole, short, slow
+
+    pieces, streamed, whole, short, slow = asyncio.run(read())
+    assert "".join(pieces) == streamed.text == whole.text == expected
+    assert not short and slow.finish_reason == "cancelled"
+    assert threading.active_count() < 50  # no thread per reader
+
+
+def test_the_scheduler_threads_are_the_users_or_all_but_a_core(monkeypatch):
+    import torch
+
+    from ptune.errors import PtuneError
+    from ptune.serve.batching import THREADS_ENV, scheduler_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert scheduler_threads(torch.device("cpu")) == max(1, torch.get_num_threads() - 1)
+    assert scheduler_threads(torch.device("cuda")) is None
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert scheduler_threads(torch.device("cpu")) == 3
+    monkeypatch.setenv(THREADS_ENV, "0")
+    with pytest.raises(PtuneError, match=THREADS_ENV):
+        scheduler_threads(torch.device("cpu"))

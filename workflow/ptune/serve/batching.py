@@ -28,17 +28,36 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from ..errors import PtuneError
 from ..model.prefixed import _cache_kwarg
 
 log = logging.getLogger(__name__)
+
+
+THREADS_ENV = "PTUNE_SERVE_THREADS"
+
+
+def scheduler_threads(device: torch.device) -> int | None:
+    """torch's threads for the scheduler: $PTUNE_SERVE_THREADS, else on a CPU all but one of the process's (one core
+    is left to the HTTP server, the tokenizer and the readers, which the decoding steps would otherwise wait for),
+    else None (as the process has them)."""
+    value = os.environ.get(THREADS_ENV)
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise PtuneError(f"{THREADS_ENV}={value!r}: must be a whole number of threads, 1 or more")
+        return int(value)
+    if device.type != "cpu":
+        return None
+    return max(1, torch.get_num_threads() - 1)
 
 
 class Row:
@@ -63,23 +82,44 @@ class Row:
         self.on_done = on_done
         self.tokens: list[int] = []
         self.processors = None
+        self.do_sample = False
+        self.plain = False  # greedy with no logits processor: the batch's one argmax picks its token
         self.generator: torch.Generator | None = None
-        self.history: torch.Tensor | None = None  # what a lone generate's input_ids would hold (processors read it)
+        # What a lone generate's input_ids would hold, for the processors that read it: a buffer of the row's whole
+        # length, `length` of it filled (a view of it is handed to the processors; no copy per token).
+        self.history: torch.Tensor | None = None
+        self.length = 0
 
 
 class Scheduler:
     """Owns the model: decodes the active rows together, admitting waiting rows between steps."""
 
-    def __init__(self, model, encoder, stop_ids: Sequence[int], max_batch: int = 8):
+    def __init__(
+        self,
+        model,
+        encoder,
+        stop_ids: Sequence[int],
+        max_batch: int = 8,
+        threads: int | None = None,
+        after_step: Callable[[], None] | None = None,
+    ):
         self.model = model
+        self.threads = threads  # torch's threads in the scheduler thread (None: as the process has them)
+        # Called after each admission and each step (the engine wakes the readers of the tokens and ends handed out
+        # meanwhile: on_token and on_done are called in this thread).
+        self.after_step = after_step or (lambda: None)
         self.encoder = encoder
         self.stop_ids = set(stop_ids)
         self.max_batch = max(1, max_batch)
         self.device = next(model.parameters()).device
         self._cache_kw = _cache_kwarg(model)
         self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # SDPA reads a boolean mask (True: attend); other attention implementations want other masks, built by the
+        # model from the 2D one.
+        self._bool_mask = getattr(model.config, "_attn_implementation", None) == "sdpa"
         self._cv = threading.Condition()
         self._waiting: deque[Row] = deque()
+        self._prefix_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._pre = 0
@@ -91,6 +131,7 @@ class Scheduler:
         self._mask: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
+        self._configs: OrderedDict[tuple, object] = OrderedDict()  # generation configs by request settings
         self.steps = 0  # decoding steps run (for tests and logs)
         self.largest_batch = 0
         if not self.mergeable():
@@ -113,6 +154,8 @@ class Scheduler:
     # -- the loop ---------------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)  # this thread's own (OpenMP's and MKL's counts are per thread)
         with torch.no_grad():
             try:
                 self._prepare_prefix()
@@ -128,6 +171,7 @@ class Scheduler:
                         admit.append(self._waiting.popleft())
                 for row in admit:
                     self._admit(row)
+                    self.after_step()
                 self._drop_cancelled()
                 if self.active:
                     try:
@@ -138,9 +182,9 @@ class Scheduler:
                         self._cache = self._mask = self._last = self._pos = None
                         for row in rows:
                             row.on_done(row.tokens, exc)
+                self.after_step()
 
     def _prepare_prefix(self) -> None:
-        self._prefix_error: BaseException | None = None
         if self.encoder is None:
             return
         dtype = next(self.model.parameters()).dtype
@@ -172,7 +216,8 @@ class Scheduler:
             mask = torch.ones((1, self._pre + n), dtype=torch.long, device=self.device)
             pos = torch.arange(self._pre, self._pre + n, device=self.device)[None]
             logits = self._forward(ids, mask, pos, cache)
-            token = self._pick(row, logits)
+            token = int(torch.argmax(logits, dim=-1)[0]) if row.plain else self._pick(row, logits)
+            self._took(row, token)
         except BaseException as exc:
             log.exception("prefill failed")
             row.on_done(row.tokens, exc)
@@ -184,34 +229,62 @@ class Scheduler:
 
     def _setup(self, row: Row) -> None:
         """The row's logits processors, as generate builds them for this row alone, and its generator."""
-        # generate's own merge of the model's generation config, the library's defaults and the request's kwargs.
-        cfg, _ = self.model._prepare_generation_config(None, **{**row.kwargs, "max_new_tokens": row.max_new_tokens})
-        self.model._prepare_special_tokens(cfg, device=self.device)
+        cfg = self._config(row)
         row.processors = self.model._get_logits_processor(
             generation_config=cfg, input_ids_seq_length=self._pre + len(row.ids), device=self.device, model_kwargs={}
         )
         row.do_sample = bool(cfg.do_sample)
+        row.plain = not row.do_sample and not row.processors
         if row.do_sample:
             row.generator = torch.Generator(device=self.device)
             if row.seed is None:
                 row.generator.seed()
             else:
                 row.generator.manual_seed(row.seed)
-        stand_in = [self._stand_in] * self._pre
-        row.history = torch.tensor([stand_in + row.ids], dtype=torch.long, device=self.device)
+        if row.processors:
+            row.length = self._pre + len(row.ids)
+            row.history = torch.full(
+                (1, row.length + row.max_new_tokens), self._stand_in, dtype=torch.long, device=self.device
+            )
+            row.history[0, self._pre : row.length] = torch.tensor(row.ids, dtype=torch.long)
+
+    def _config(self, row: Row):
+        """generate's own merge of the model's generation config, the library's defaults and the request's kwargs;
+        the same settings give the same config, so it is kept for the next request that names them (it costs a
+        deep copy of the model's config)."""
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in row.kwargs.items()))
+        key += (("max_new_tokens", row.max_new_tokens),)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg, _ = self.model._prepare_generation_config(None, **{**row.kwargs, "max_new_tokens": row.max_new_tokens})
+            self.model._prepare_special_tokens(cfg, device=self.device)
+            self._configs[key] = cfg
+            if len(self._configs) > 64:
+                self._configs.popitem(last=False)
+        else:
+            self._configs.move_to_end(key)
+        return cfg
 
     def _pick(self, row: Row, logits: torch.Tensor) -> int:
-        """The row's next token from its (1, vocab) logits, as a lone generate picks it; handed to the reader."""
-        scores = row.processors(row.history, logits) if row.processors else logits
+        """The row's next token from its (1, vocab) logits, as a lone generate picks it (not for plain rows)."""
+        if row.processors:
+            scores = row.processors(row.history[:, : row.length], logits)
+        else:
+            scores = logits
         if row.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, num_samples=1, generator=row.generator)[0, 0])
         else:
             token = int(torch.argmax(scores, dim=-1)[0])
-        row.tokens.append(token)
-        row.history = torch.cat([row.history, row.history.new_tensor([[token]])], dim=1)
-        row.on_token(token)
         return token
+
+    def _took(self, row: Row, token: int) -> None:
+        """The row's new token: kept, and handed to the reader."""
+        row.tokens.append(token)
+        if row.history is not None:
+            row.history[0, row.length] = token
+            row.length += 1
+        row.on_token(token)
 
     def _ended(self, row: Row, token: int) -> bool:
         return token in self.stop_ids or len(row.tokens) >= row.max_new_tokens or row.cancel.is_set()
@@ -271,12 +344,30 @@ class Scheduler:
         batch = len(self.active)
         self.largest_batch = max(self.largest_batch, batch)
         self._mask = torch.cat([self._mask, self._mask.new_ones((batch, 1))], dim=1)
-        logits = self._forward(self._last[:, None], self._mask, self._pos[:, None], self._cache)
+        mask = self._mask
+        if self._bool_mask and batch > 1 and not bool(mask.all()):
+            # The mask SDPA would get from the model's own mask code for the padded 2D one (a decoding step's query
+            # sees every position its row has): built here, that code is skipped, the same bits come out.
+            mask = mask.bool()[:, None, None, :]
+        logits = self._forward(self._last[:, None], mask, self._pos[:, None], self._cache)
         self.steps += 1
+        # Greedy rows without processors take their tokens from one argmax over the batch (the same index as each
+        # row's own argmax); the others are picked row by row, each with its processors and generator.
+        plain = [i for i, row in enumerate(self.active) if row.plain]
+        if len(plain) == batch:
+            picked = logits.argmax(dim=-1).tolist()
+        else:
+            picked = [None] * batch
+            if plain:
+                for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
+                    picked[i] = token
         keep, last = [], []
         for i, row in enumerate(self.active):
             try:
-                token = self._pick(row, logits[i : i + 1])
+                token = picked[i]
+                if token is None:
+                    token = self._pick(row, logits[i : i + 1])
+                self._took(row, token)
             except BaseException as exc:
                 log.exception("picking a token failed")
                 row.on_done(row.tokens, exc)

@@ -19,17 +19,18 @@ that neither a huge conversation nor many of them at once can keep the server bu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
 from ..config import GenerationConfig
 from ..data import prompts
@@ -84,36 +85,202 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class Reply:
-    """One answer being generated: iterate for text pieces as they come; then read `text` and the counts."""
+class _Pieces(TextStreamer):
+    """transformers' own streaming decode (whole words, CJK characters at once), collecting the text it finalizes."""
 
-    def __init__(self, streamer: TextIteratorStreamer, cancel: threading.Event, prompt_tokens: int, history_used: int):
-        self._streamer = streamer
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.out: list[str] = []
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.out.append(text)
+
+    def feed(self, ids: list[int]) -> str:
+        """Text finalized by these tokens, fed one by one as generate feeds a streamer."""
+        for token in ids:
+            self.put(_One(token))
+        return self.take()
+
+    def take(self) -> str:
+        text, self.out = "".join(self.out), []
+        return text
+
+
+class _One:
+    """One token as `TextStreamer.put` reads a tensor of one (its shape and `tolist`), without making a tensor: a
+    torch call on the HTTP server's event loop would hand the GIL to the scheduler and wait to get it back."""
+
+    shape = (1,)
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def tolist(self) -> list[int]:
+        return [self.token]
+
+
+class _Into:
+    """The streamer handed to the backend's generate (one at a time): new tokens into the reply (the prompt skipped)."""
+
+    def __init__(self, reply: "Reply"):
+        self.reply = reply
+        self.prompt = True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt:
+            self.prompt = False
+            return
+        for token in value.reshape(-1).tolist():
+            self.reply._push(token)
+
+    def end(self) -> None:
+        pass
+
+
+class Reply:
+    """One answer being generated: iterate for text pieces as they come (or `async for` over `pieces()`); then read
+    `text` and the counts.
+
+    The generating thread only appends token ids (`_push`) and wakes whoever waits; the reader decodes them into
+    text in its own thread (or event loop), taking every token that has come since it last looked at once: the
+    scheduler's thread never decodes text, and nobody decodes a reply that is read whole.
+    """
+
+    def __init__(self, tokenizer, cancel: threading.Event, prompt_tokens: int, history_used: int):
+        self._tokenizer = tokenizer
         self._cancel = cancel
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._ids: list[int] = []  # new tokens so far
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[int | None, Callable[[], None]]] = []  # (wake past this many ids or at the end, how)
+        self._ended_future: asyncio.Future | None = None
         self.prompt_tokens = prompt_tokens
         self.history_used = history_used  # how many of the latest history rounds fitted into the context
         self.completion_tokens = 0
         self.finish_reason = "stop"  # "stop" (end of sequence), "length" (max_new_tokens), "cancelled"
         self.text = ""
 
+    # -- the generating side ----------------------------------------------------------------------------------------
+
+    def _push(self, token: int) -> None:
+        for wake in self._add(token):
+            wake()
+
+    def _add(self, token: int) -> list[Callable[[], None]]:
+        """Append a token; the wake-ups now due, for the caller to call (the scheduler calls those of a whole step
+        together: `Wakes`)."""
+        with self._lock:
+            self._ids.append(token)
+            if not self._waiters:
+                return []
+            n = len(self._ids)
+            due = [how for seen, how in self._waiters if seen is not None and n > seen]
+            if due:
+                self._waiters = [w for w in self._waiters if w[0] is None or n <= w[0]]
+            return due
+
+    def _end(self) -> None:
+        for wake in self._ending():
+            wake()
+
+    def _ending(self) -> list[Callable[[], None]]:
+        """The generation has ended (`text`, the counts and any error are set); every wake-up, for the caller to
+        call."""
+        with self._lock:
+            self._done.set()
+            waiters, self._waiters = self._waiters, []
+        return [how for _, how in waiters]
+
+    def _when(self, seen: int | None, how: Callable[[], None]) -> bool:
+        """Have `how` called once there are more than `seen` tokens (None: only at the end) or the reply has ended;
+        False, and nothing registered, if that is already so."""
+        with self._lock:
+            if self._done.is_set() or (seen is not None and len(self._ids) > seen):
+                return False
+            self._waiters.append((seen, how))
+            return True
+
+    # -- readers ------------------------------------------------------------------------------------------------------
+
+    def _texts(self, decoder: _Pieces, seen: int) -> tuple[str, int, bool]:
+        """The text of the tokens past `seen` (all of it once the reply has ended), the tokens seen, and whether it
+        has ended."""
+        ended = self._done.is_set()  # before reading the ids: every token of an ended reply is then there
+        ids = self._ids[seen:]
+        text = decoder.feed(ids)
+        if ended:
+            decoder.end()
+            text += decoder.take()
+        return text, seen + len(ids), ended
+
+    def _raw(self) -> Iterator[str]:
+        decoder, seen = _Pieces(self._tokenizer), 0
+        while True:
+            event = threading.Event()
+            if self._when(seen, event.set):
+                event.wait()
+            text, seen, ended = self._texts(decoder, seen)
+            if text:
+                yield text
+            if ended:
+                return
+
+    async def _araw(self, every: float = 0.0) -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        decoder, seen, sent = _Pieces(self._tokenizer), 0, None
+        while True:
+            woken = loop.create_future()
+            if self._when(seen, _waker(loop, woken)):
+                await woken
+            if sent is not None and every > 0:
+                # Tokens that come within `every` of the last piece go out with it in one piece (the reply's end
+                # is not held back).
+                left = sent + every - loop.time()
+                if left > 0:
+                    await self.ended(left)
+            text, seen, ended = self._texts(decoder, seen)
+            if text:
+                yield text
+                sent = loop.time()
+            if ended:
+                return
+
     def __iter__(self) -> Iterator[str]:
         """Text pieces whose concatenation is `text`: the answer without leading or trailing whitespace."""
-        held = ""  # whitespace that may turn out to be trailing
-        started = False
-        for piece in self._streamer:
-            if not started:
-                piece = piece.lstrip()
-                started = bool(piece)
-            piece = held + piece
-            body = piece.rstrip()
-            held = piece[len(body) :]
-            if body:
+        trim = _Trim()
+        for piece in self._raw():
+            if body := trim(piece):
                 yield body
-        self._done.wait()
         if self._error is not None:
             raise self._error
+
+    async def pieces(self, every: float = 0.0) -> AsyncIterator[str]:
+        """The same text as iterating, for a reader on an event loop (no thread per reader or per token); `every`:
+        after a piece, the next one waits that many seconds at most, with the tokens that came meanwhile (the
+        first piece and the end are never held back)."""
+        trim = _Trim()
+        async for piece in self._araw(every):
+            if body := trim(piece):
+                yield body
+        if self._error is not None:
+            raise self._error
+
+    async def ended(self, timeout: float | None = None) -> bool:
+        """Wait on an event loop until the generation has ended, at most `timeout` seconds; whether it has."""
+        if self._ended_future is None:
+            loop = asyncio.get_running_loop()
+            self._ended_future = loop.create_future()
+            if not self._when(None, _waker(loop, self._ended_future)):
+                return True
+        await asyncio.wait({self._ended_future}, timeout=timeout)  # on a timeout the future stays, for the next call
+        return self.done
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The new tokens so far (all of them once `done`), the stop token included."""
+        return list(self._ids)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -130,10 +297,85 @@ class Reply:
         return self
 
     def wait(self) -> "Reply":
-        """Consume the stream to the end; returns self with `text` and the counts set."""
-        for _ in self:
-            pass
-        return self
+        """Wait for the end of the generation (without decoding its pieces); returns self with `text` and the counts
+        set, or raises its error."""
+        self._done.wait()
+        return self.result()
+
+
+class _LoopWake:
+    """A wake-up the generating thread may call: resolves a future on its event loop (unless cancelled or closed)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
+        self.loop = loop
+        self.future = future
+
+    def __call__(self) -> None:
+        _call_soon(self.loop, _resolve, self.future)
+
+
+def _waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> _LoopWake:
+    return _LoopWake(loop, future)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(*args)
+    except RuntimeError:  # the loop is closed: nobody waits any more
+        pass
+
+
+class Wakes:
+    """The scheduler's tokens and ends of one step handed over together: each row's token is appended at once, and
+    the readers are woken after the step (`flush`), those on one event loop with one call (one wake-up of the HTTP
+    server's loop per step, not one per row)."""
+
+    def __init__(self):
+        self._due: list[Callable[[], None]] = []
+
+    def token(self, reply: "Reply", token: int) -> None:
+        self._due.extend(reply._add(token))
+
+    def end(self, reply: "Reply") -> None:
+        self._due.extend(reply._ending())
+
+    def flush(self) -> None:
+        due, self._due = self._due, []
+        loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for wake in due:
+            if isinstance(wake, _LoopWake):
+                loops.setdefault(wake.loop, []).append(wake.future)
+            else:
+                wake()
+        for loop, futures in loops.items():
+            _call_soon(loop, _resolve_all, futures)
+
+
+def _resolve_all(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        _resolve(future)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Trim:
+    """Pieces without the answer's leading whitespace, holding back whitespace that may turn out to be trailing."""
+
+    def __init__(self):
+        self.held = ""
+        self.started = False
+
+    def __call__(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        piece = self.held + piece
+        body = piece.rstrip()
+        self.held = piece[len(body) :]
+        return body
 
 
 class Engine:
@@ -170,9 +412,14 @@ class Engine:
         if max_batch > 1 and self.backend.name == backends.TRANSFORMERS:
             # Imported here: the scheduler uses transformers 5's cache classes, which ChatGLM-6B's environment
             # (transformers 4.33, the chatglm backend, served one request at a time) does not have.
-            from .batching import Scheduler
+            from .batching import Scheduler, scheduler_threads
 
-            self.scheduler = Scheduler(bundle.model, bundle.encoder, self.stop_ids, max_batch)
+            model = bundle.model
+            threads = scheduler_threads(next(model.parameters()).device)
+            self._wakes = Wakes()
+            self.scheduler = Scheduler(
+                model, bundle.encoder, self.stop_ids, max_batch, threads, after_step=self._wakes.flush
+            )
         self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
 
     @classmethod
@@ -337,15 +584,10 @@ class Engine:
             raise
         if self.log_prompts:
             prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
-        tokenizer = self.bundle.tokenizer
-        cancel = threading.Event()
+        reply = Reply(self.bundle.tokenizer, threading.Event(), len(ids), used)
         if self.scheduler is not None:
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
-            reply = Reply(streamer, cancel, len(ids), used)
             self._submit(reply, ids, settings)
             return reply
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = Reply(streamer, cancel, len(ids), used)
         threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True, name="ptune-generate").start()
         return reply
 
@@ -355,20 +597,20 @@ class Engine:
         return self.start(query, history, settings, system).wait()
 
     def _submit(self, reply: Reply, ids: list[int], settings: Settings) -> None:
-        """Queue the request for the scheduler; its tokens stream to the reply as its row decodes them."""
-        streamer = reply._streamer
+        """Queue the request for the scheduler; its tokens go to the reply as its row decodes them."""
 
-        def on_token(token: int) -> None:
-            streamer.put(torch.tensor([token]))
+        wakes = self._wakes
 
-        def on_done(new: list[int], error: BaseException | None) -> None:
+        def on_done(new: list[int], error: BaseException | None) -> None:  # in the scheduler's thread, as on_token
             try:
                 self._finish(reply, new, settings, error)
             finally:
                 with self._count_lock:
                     self._pending -= 1
-                reply._done.set()
-                streamer.end()
+                wakes.end(reply)
+
+        def on_token(token: int) -> None:  # in the scheduler's thread; its readers are woken after the step
+            wakes.token(reply, token)
 
         from .batching import Row  # as Scheduler: only where there is a scheduler
 
@@ -401,9 +643,8 @@ class Engine:
                     log.info("generation cancelled after 0 new tokens (before its turn came)")
                     return
                 kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
-                kwargs.update(
-                    streamer=reply._streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(reply._cancel)])
-                )
+                stop = StoppingCriteriaList([_Cancelled(reply._cancel)])
+                kwargs.update(streamer=_Into(reply), stopping_criteria=stop)
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
                 new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
@@ -414,6 +655,4 @@ class Engine:
         finally:
             with self._count_lock:
                 self._pending -= 1
-            reply._done.set()
-            # The streamer ends itself after a normal generate; after an error the reader must not wait forever.
-            reply._streamer.text_queue.put(reply._streamer.stop_signal)
+            reply._end()
