@@ -17,6 +17,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -92,6 +93,9 @@ def _check_stop(project, code: int, out: str, sig: int) -> int:
     return step
 
 
+# Slow-marked (`make test-all`): about a minute, and the default suite stands at its 15-minute budget; the default
+# suite keeps the one-process case through `dvc repro` (tests/test_stopping.py).
+@pytest.mark.slow
 def test_a_signal_to_the_launcher_or_to_one_worker_stops_both_processes_after_the_same_step(ran_project, tmp_path):
     p = ran_project
     p.set_param("train.devices", 2)
