@@ -7,8 +7,9 @@
 
 Each client sends one request after another (prompts from data/raw/dev.json, in turn) until the time is up;
 requests still running then are waited for. Only 127.0.0.1 is a target. Endpoints: `seed` (POST /), `openai`
-(/v1/chat/completions) and `stream` (the same with stream: true; also time to first token). Exits 1 if any
-request failed.
+(/v1/chat/completions) and `stream` (the same with stream: true; also time to first token). A 503 (more clients
+than the server's --max-pending) is counted as busy, not as an error, and its client waits the Retry-After it was
+given before asking again. Exits 1 if any request failed.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def load(
     texts: list[str],
     max_new: int | None,
 ) -> dict:
-    results, errors, lock = [], [], threading.Lock()
+    results, errors, busy, lock = [], [], [], threading.Lock()
     counter = itertools.count()
     deadline = time.perf_counter() + seconds
 
@@ -115,7 +116,18 @@ def load(
             prompt = texts[next(counter) % len(texts)]
             try:
                 result = one_request(url, endpoint, prompt, model, headers, max_new)
-            except (OSError, ValueError, KeyError, urllib.error.HTTPError) as exc:
+            except urllib.error.HTTPError as exc:
+                if exc.code != 503:
+                    with lock:
+                        errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                # Busy (more requests than --max-pending): not an error; wait as the server says, as a client should.
+                with lock:
+                    busy.append(1)
+                wait = float(exc.headers.get("Retry-After") or 1)
+                time.sleep(max(0.0, min(wait, deadline - time.perf_counter())))
+                continue
+            except (OSError, ValueError, KeyError) as exc:
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
                 continue
@@ -141,6 +153,7 @@ def load(
         "endpoint": endpoint,
         "requests": len(results),
         "errors": len(errors),
+        "busy": len(busy),
         "wall_s": wall,
         "requests_per_s": len(results) / wall,
         "p50_s": statistics.median(lat) if lat else None,
@@ -189,9 +202,9 @@ def main() -> int:
         one_request(url, args.endpoint, texts[0], model, headers, args.max_new_tokens)  # warm-up
         print(
             "| clients | endpoint | requests | errors | requests/s | p50 s | p95 s | max s | first text p50 s "
-            "| tokens/s |"
+            "| tokens/s | busy (503) |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for clients in levels:
             r = load(url, args.endpoint, clients, args.seconds, model, headers, texts, args.max_new_tokens)
             failed += r["errors"]
@@ -202,7 +215,7 @@ def main() -> int:
             tps = "–" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"
             print(
                 f"| {clients} | {args.endpoint} | {r['requests']} | {r['errors']} | {r['requests_per_s']:.2f} "
-                f"| {f(r['p50_s'])} | {f(r['p95_s'])} | {f(r['max_s'])} | {f(r['ttft_p50_s'])} | {tps} |",
+                f"| {f(r['p50_s'])} | {f(r['p95_s'])} | {f(r['max_s'])} | {f(r['ttft_p50_s'])} | {tps} | {r['busy']} |",
                 flush=True,
             )
             for e in r["first_errors"]:

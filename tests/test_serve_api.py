@@ -4,7 +4,9 @@ at once, and bad requests that must get 4xx JSON while the server stays up."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import sys
 import time
 import urllib.error
@@ -12,10 +14,12 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import psutil
 import pytest
 
 from ptune.serve.process import ApiProcess
 
+from support.processes import alive
 from support.prompt_seam import QUESTIONS, logged_prompts, preprocessed_prompts, third_turn, three_turn_messages
 from support.serving import MAX_NEW_TOKENS, cases
 
@@ -365,3 +369,23 @@ def test_a_non_streaming_client_that_goes_away_stops_its_generation(api):
     cancelled = re.findall(r"generation cancelled after (\d+) new tokens", api.output(since=mark))
     assert len(cancelled) == 1, api.output(since=mark)[-3000:]
     assert int(cancelled[0]) < full, (cancelled[0], full)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_scheduler_process_leaves_with_the_server(serving_project, sig):
+    """On a CPU the server decodes in a child process: it answers through it, and the child does not outlive the
+    server, whether the server is stopped (SIGTERM, as uvicorn, DVC or a terminal stop it) or killed (SIGKILL, as
+    the kernel's OOM killer does, with no chance to stop its child)."""
+    with ApiProcess(["--bundle", "models/deploy"], cwd=serving_project.root, env=serving_project.env) as server:
+        server_pid = server._proc.pid
+        # Its children: the scheduler, and multiprocessing's resource tracker (which ends once nobody holds it).
+        children = psutil.Process(server_pid).children()
+        (child,) = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        status, body = server.post("/", _seed_body("类型#裤", 1))
+        assert status == 200 and body["response"]
+        os.kill(server_pid, sig)
+        deadline = time.monotonic() + 30
+        while any(alive(c.pid) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = [c.pid for c in children if alive(c.pid)]
+        assert not left, f"processes {left} (the scheduler: {child.pid}) outlived the server ({sig.name})"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pexpect
+import psutil
 import pytest
 
 from support.prompt_seam import logged_prompts, preprocessed_prompts
@@ -40,6 +41,8 @@ def test_chat_asks_clears_and_stops(serving_project, tmp_path):
         chat.expect_exact("P-tuned, prefix of 4 tokens")
         chat.expect_exact("You: ")
         assert _ask(chat, prompt) == expected
+        # One reader: the scheduler is a thread here, not a process as under `ptune serve` (test_serve_api).
+        assert not [c for c in psutil.Process(chat.pid).children() if "spawn_main" in " ".join(c.cmdline())]
         second = _ask(chat, prompt)  # with the first round as history
         assert second == reference_answer(serving_project.root, prompt, seed, history=((prompt, expected),))
         _ask(chat, prompt)  # a third turn, after two rounds

@@ -25,6 +25,7 @@ from ptune.state.faults import TRACE_ENV
 from ptune.state.stopping import running_stages
 
 from conftest import Project
+from support.processes import alive
 
 PREFIX = "models/ptuning/prefix.safetensors"
 TRAIN_LOG = "reports/train_log.csv"
@@ -49,14 +50,6 @@ def _tsv_steps(path: Path) -> list[int]:
     return [int(row["step"]) for row in csv.DictReader(path.open(encoding="utf-8"), delimiter="\t")]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_for(what: str, condition, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + DEADLINE_S
     while not condition():
@@ -79,10 +72,10 @@ def _stop_when(project, cmd: list[str], ready, sig: int, *, to_stage: bool = Fal
         sent = time.monotonic()
         os.kill(pid, sig) if to_stage else proc.send_signal(sig)
         deadline = sent + 120
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
         took = time.monotonic() - sent
-        assert not _alive(pid), f"the stage (pid {pid}) did not stop in 120 s"
+        assert not alive(pid), f"the stage (pid {pid}) did not stop in 120 s"
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

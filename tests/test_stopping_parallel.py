@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from support.processes import alive
+
 PREFIX = "models/ptuning/prefix.safetensors"
 TRAIN_LOG = "reports/train_log.csv"
 STEPS = 40
@@ -30,14 +32,6 @@ DEADLINE_S = 300
 def _rows(project) -> list[dict]:
     path = project.root / TRAIN_LOG
     return list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _stop_when(project, ready, sig: int, to_rank: int | None, log_path):
@@ -58,10 +52,10 @@ def _stop_when(project, ready, sig: int, to_rank: int | None, log_path):
         pids = [proc.pid, *workers.values()]
         sent = time.monotonic()
         os.kill(proc.pid if to_rank is None else workers[to_rank], sig)
-        while any(map(_alive, pids)) and time.monotonic() < sent + 120:
+        while any(map(alive, pids)) and time.monotonic() < sent + 120:
             time.sleep(0.01)
         took = time.monotonic() - sent
-        assert not any(map(_alive, pids)), f"still running 120 s after the signal: {[p for p in pids if _alive(p)]}"
+        assert not any(map(alive, pids)), f"still running 120 s after the signal: {[p for p in pids if alive(p)]}"
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:

@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
         from . import chat
 
         check_source(args)
-        return chat.run(load_engine(args))
+        return chat.run(load_engine(args, server=False))
     if args.frontend == "api":
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         warn_if_exposed(args.host, "an API key (--api-key)" if api_key is None else None)
@@ -208,7 +208,9 @@ def check_source(args: argparse.Namespace) -> None:
         )
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, server: bool = True):
+    """The engine of `ptune serve` (`server`: many clients, the scheduler in its own process on a CPU) or of
+    `ptune chat` (one reader: a thread)."""
     from ..model import trust
     from ..model.bundle import read_manifest
     from .engine import Engine, RequestError
@@ -228,7 +230,12 @@ def load_engine(args: argparse.Namespace):
         params = config.load(args.params)
         log.info("loading model %s", args.model)
         engine = Engine.from_model(
-            args.model, params.preprocess, params.deploy, args.max_pending, max_batch=args.max_batch
+            args.model,
+            params.preprocess,
+            params.deploy,
+            args.max_pending,
+            max_batch=args.max_batch,
+            own_process=server,
         )
     else:
         log.info("loading bundle %s%s", args.bundle, " (base model only)" if args.base_only else "")
@@ -246,6 +253,7 @@ def load_engine(args: argparse.Namespace):
             trust_remote_code=consent,
             max_batch=args.max_batch,
             base=base,
+            own_process=server,
         )
     engine.limits = Limits(args.max_rounds, args.max_chars)
     engine.log_prompts = args.log_prompts

@@ -1,17 +1,19 @@
 """One generation engine under the web demo, the HTTP API and the terminal chat.
 
 It holds one loaded model (a deploy bundle, its base alone, or a plain model directory) and answers the requests
-that arrive together in one batch: a scheduler thread (serve/batching.py) decodes up to `max_batch` requests at
-once and admits waiting ones between decoding steps (continuous batching), each row with its own settings, seed,
-length and cancel event, so that an answer does not depend on who else is asking. Waiting and running requests
-are counted; past `max_pending` the engine refuses at once (`Busy`) rather than let a queue grow without bound.
+that arrive together in one batch: a scheduler (serve/batching.py; on a CPU in a child process of its own, else in
+a thread) decodes up to `max_batch` requests at once and admits waiting ones between decoding steps (continuous
+batching), each row with its own settings, seed, length and cancel event, so that an answer does not depend on who
+else is asking. Waiting and running requests are counted; past `max_pending` the engine refuses at once (`Busy`)
+rather than let a queue grow without bound.
 
-Each answer streams through a transformers `TextIteratorStreamer` fed token by token by the scheduler; a reader may
-stop it at any time (`Reply.cancel`), e.g. when a client goes away: its row leaves the batch before the next
-decoding step.
+Each answer's tokens are handed to its `Reply` by the scheduler (token ids only, once per decoding step, with one
+wake-up per event loop); its reader decodes them into text pieces, in its own thread or on the HTTP server's event
+loop (`Reply.pieces`, `Reply.ended`: no thread per reader or per token). A reader may stop it at any time
+(`Reply.cancel`), e.g. when a client goes away: its row leaves the batch before the next decoding step.
 
-The chatglm backend (ChatGLM-6B's remote code generates) and models whose cache cannot be merged across rows are
-served one request at a time: the backend's own `generate` in a worker thread, behind a lock.
+The chatglm backend (ChatGLM-6B's remote code generates) and `max_batch` 1 are served one request at a time: the
+backend's own `generate` in a worker thread, behind a lock.
 
 A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
 that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
@@ -156,6 +158,7 @@ class Reply:
         self._lock = threading.Lock()
         self._waiters: list[tuple[int | None, Callable[[], None]]] = []  # (wake past this many ids or at the end, how)
         self._ended_future: asyncio.Future | None = None
+        self._on_cancel: Callable[[], None] | None = None  # tells a scheduler in another process
         self.prompt_tokens = prompt_tokens
         self.history_used = history_used  # how many of the latest history rounds fitted into the context
         self.completion_tokens = 0
@@ -284,6 +287,8 @@ class Reply:
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     @property
     def done(self) -> bool:
@@ -389,7 +394,10 @@ class Engine:
         max_pending: int = 32,
         limits: Limits | None = None,
         max_batch: int = 8,
+        own_process: bool = True,
     ):
+        """`own_process`: on a CPU, let the scheduler run in a child process (for a server, where the HTTP side's
+        Python would otherwise take turns with the model's; a terminal chat has one reader and keeps a thread)."""
         self.bundle = bundle
         self.name = name
         self.description = description
@@ -408,18 +416,23 @@ class Engine:
         self._count_lock = threading.Lock()
         self._pending = 0
         # Continuous batching where the backend is transformers' own; else one at a time (the lock).
-        self.scheduler: batching.Scheduler | None = None
+        self.scheduler: batching.Scheduler | batching.SchedulerProcess | None = None
         if max_batch > 1 and self.backend.name == backends.TRANSFORMERS:
             # Imported here: the scheduler uses transformers 5's cache classes, which ChatGLM-6B's environment
             # (transformers 4.33, the chatglm backend, served one request at a time) does not have.
-            from .batching import Scheduler, scheduler_threads
+            from .batching import Scheduler, SchedulerProcess, in_a_process, scheduler_threads
 
             model = bundle.model
-            threads = scheduler_threads(next(model.parameters()).device)
+            where = next(model.parameters()).device
             self._wakes = Wakes()
-            self.scheduler = Scheduler(
-                model, bundle.encoder, self.stop_ids, max_batch, threads, after_step=self._wakes.flush
-            )
+            args = (model, bundle.encoder, self.stop_ids, max_batch, scheduler_threads(where))
+            if own_process and in_a_process(where, model, bundle.encoder):
+                try:
+                    self.scheduler = SchedulerProcess(*args, after_step=self._wakes.flush)
+                except Exception:  # e.g. a model that cannot be pickled to the child
+                    log.warning("the scheduler's process did not start; decoding in a thread", exc_info=True)
+            if self.scheduler is None:
+                self.scheduler = Scheduler(*args, after_step=self._wakes.flush)
         self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
 
     @classmethod
@@ -431,6 +444,7 @@ class Engine:
         trust_remote_code: bool = False,
         max_batch: int = 8,
         base: Path | None = None,
+        own_process: bool = True,
     ) -> "Engine":
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
         `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base; `base`: the base
@@ -438,11 +452,20 @@ class Engine:
         bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code, base=base)
         what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
         name = "ptune-base" if base_only else "ptune"
-        return cls(bundle, name, f"bundle `{directory}` ({what})", max_pending, max_batch=max_batch)
+        engine = cls(
+            bundle, name, f"bundle `{directory}` ({what})", max_pending, max_batch=max_batch, own_process=own_process
+        )
+        return engine._ready()
 
     @classmethod
     def from_model(
-        cls, directory: str | Path, preprocess, generation: GenerationConfig, max_pending: int = 32, max_batch: int = 8
+        cls,
+        directory: str | Path,
+        preprocess,
+        generation: GenerationConfig,
+        max_pending: int = 32,
+        max_batch: int = 8,
+        own_process: bool = True,
     ) -> "Engine":
         """A plain transformers model directory (e.g. models/base before any deploy), no prefix; its prompts in the
         format of the preprocess section (config.PreprocessConfig) of the params file."""
@@ -456,7 +479,30 @@ class Engine:
         tokenizer = load_tokenizer(directory)
         fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
         bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
-        return cls(bundle, Path(directory).name, f"model `{directory}` (no prefix)", max_pending, max_batch=max_batch)
+        description = f"model `{directory}` (no prefix)"
+        engine = cls(
+            bundle, Path(directory).name, description, max_pending, max_batch=max_batch, own_process=own_process
+        )
+        return engine._ready()
+
+    def _ready(self) -> "Engine":
+        """Once a scheduler in a child process has loaded (a server is then ready for its first request); if that
+        process ended instead, a thread decodes."""
+        wait = getattr(self.scheduler, "wait_ready", None)
+        if wait is not None and not wait():
+            from .batching import Scheduler, scheduler_threads
+
+            log.warning("the scheduler's process ended at start (its error is above); decoding in a thread")
+            bundle, where = self.bundle, next(self.bundle.model.parameters()).device
+            self.scheduler = Scheduler(
+                bundle.model,
+                bundle.encoder,
+                self.stop_ids,
+                self.scheduler.max_batch,
+                scheduler_threads(where),
+                after_step=self._wakes.flush,
+            )
+        return self
 
     def set_defaults(
         self,
@@ -586,7 +632,12 @@ class Engine:
             prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
         reply = Reply(self.bundle.tokenizer, threading.Event(), len(ids), used)
         if self.scheduler is not None:
-            self._submit(reply, ids, settings)
+            try:
+                self._submit(reply, ids, settings)
+            except BaseException:  # e.g. the scheduler's process has ended: the request is not pending
+                with self._count_lock:
+                    self._pending -= 1
+                raise
             return reply
         threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True, name="ptune-generate").start()
         return reply
@@ -615,9 +666,10 @@ class Engine:
         from .batching import Row  # as Scheduler: only where there is a scheduler
 
         kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
-        self.scheduler.submit(
-            Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply._cancel, on_token, on_done)
-        )
+        row = Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply._cancel, on_token, on_done)
+        scheduler = self.scheduler
+        reply._on_cancel = lambda: scheduler.cancel(row)
+        scheduler.submit(row)
 
     def _finish(self, reply: Reply, new: list[int], settings: Settings, error: BaseException | None) -> None:
         if error is not None:
