@@ -193,29 +193,29 @@ def test_the_scheduler_threads_are_the_users_or_all_but_a_core(monkeypatch):
 
 
 def test_on_a_cpu_the_scheduler_runs_in_its_own_process_and_answers_as_a_thread(engine, serving_project, monkeypatch):
-    """On a CPU the scheduler runs in a child process (the model's Python and the server's then never wait for each
-    other's GIL), on the engine's own weights (shared memory, no copy); `PTUNE_SERVE_PROCESS=0` keeps it in a thread.
-    Both give the same tokens, greedy or seeded, alone or together."""
+    """Asked for (as `ptune serve` asks), on a CPU the scheduler runs in a child process (the model's Python and the
+    server's then never wait for each other's GIL), on the engine's own weights (shared memory, no copy);
+    `PTUNE_SERVE_PROCESS=0` keeps it in a thread. Both give the same tokens, greedy or seeded, alone or together."""
     import gc
 
     from ptune.serve.batching import PROCESS_ENV, Scheduler, SchedulerProcess
     from ptune.serve.engine import Engine
 
-    assert isinstance(engine.scheduler, SchedulerProcess)
-    assert engine.bundle.model.get_input_embeddings().weight.is_shared()
+    assert type(engine.scheduler) is Scheduler  # the fixture's: a thread unless asked
     monkeypatch.setenv(PROCESS_ENV, "0")
-    threaded = Engine(engine.bundle, "ptune", "a thread", max_pending=32, max_batch=8)
-    assert type(threaded.scheduler) is Scheduler
+    assert type(Engine(engine.bundle, "ptune", "a thread", max_batch=8, own_process=True).scheduler) is Scheduler
+    monkeypatch.delenv(PROCESS_ENV)
+    apart = Engine(engine.bundle, "ptune", "a process", max_pending=32, max_batch=8, own_process=True)._ready()
+    assert isinstance(apart.scheduler, SchedulerProcess)
+    assert engine.bundle.model.get_input_embeddings().weight.is_shared()
     todo = cases(serving_project.root, 3)
     requests = [(p, engine.settings(seed=s, temperature=0.95, top_p=0.7, do_sample=True)) for p, s, _ in todo]
     requests += [(p, engine.settings(max_new_tokens=9, do_sample=False)) for p, _, _ in todo]
-    assert [r.token_ids for r in _together(engine, requests)] == [r.token_ids for r in _together(threaded, requests)]
+    assert [r.token_ids for r in _together(apart, requests)] == [r.token_ids for r in _together(engine, requests)]
+    assert apart.complete(todo[0][0], settings=requests[0][1]).text == todo[0][2]
     # An engine that is dropped ends its process.
-    monkeypatch.delenv(PROCESS_ENV)
-    dropped = Engine(engine.bundle, "ptune", "dropped", max_pending=32, max_batch=8)
-    process = dropped.scheduler._process
-    assert dropped.complete(todo[0][0], settings=requests[0][1]).text == todo[0][2]
-    del dropped
+    process = apart.scheduler._process
+    del apart
     gc.collect()
     process.join(timeout=10)
     assert not process.is_alive()
@@ -229,7 +229,7 @@ def test_a_scheduler_process_that_cannot_start_falls_back_to_a_thread(engine, mo
         raise RuntimeError("cannot pickle this model")
 
     monkeypatch.setattr(batching, "SchedulerProcess", refuse)
-    fallback = Engine(engine.bundle, "ptune", "fallback", max_pending=32, max_batch=8)
+    fallback = Engine(engine.bundle, "ptune", "fallback", max_pending=32, max_batch=8, own_process=True)
     assert type(fallback.scheduler) is batching.Scheduler
     assert "decoding in a thread" in caplog.text
     assert fallback.complete("类型#裤", settings=fallback.settings(max_new_tokens=3)).completion_tokens >= 1
@@ -240,7 +240,7 @@ def test_a_scheduler_process_that_dies_fails_its_requests_and_refuses_new_ones(e
     error (the API answers 500), none stays pending, and new requests are refused at once."""
     from ptune.serve.engine import Engine
 
-    doomed = Engine(engine.bundle, "ptune", "doomed", max_pending=32, max_batch=8)
+    doomed = Engine(engine.bundle, "ptune", "doomed", max_pending=32, max_batch=8, own_process=True)._ready()
     prompt = dev_prompts(serving_project.root)[0]
     running = doomed.start(prompt, settings=doomed.settings(max_new_tokens=400, temperature=2.0, top_p=1.0, seed=1))
     next(iter(running))  # it is decoding

@@ -394,10 +394,10 @@ class Engine:
         max_pending: int = 32,
         limits: Limits | None = None,
         max_batch: int = 8,
-        own_process: bool = True,
+        own_process: bool = False,
     ):
-        """`own_process`: on a CPU, let the scheduler run in a child process (for a server, where the HTTP side's
-        Python would otherwise take turns with the model's; a terminal chat has one reader and keeps a thread)."""
+        """`own_process`: on a CPU, run the scheduler in a child process (what `ptune serve` asks for: its HTTP side's
+        Python would otherwise take turns with the model's at one GIL); else, and always on a GPU, in a thread."""
         self.bundle = bundle
         self.name = name
         self.description = description
@@ -444,7 +444,7 @@ class Engine:
         trust_remote_code: bool = False,
         max_batch: int = 8,
         base: Path | None = None,
-        own_process: bool = True,
+        own_process: bool = False,
     ) -> "Engine":
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
         `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base; `base`: the base
@@ -465,7 +465,7 @@ class Engine:
         generation: GenerationConfig,
         max_pending: int = 32,
         max_batch: int = 8,
-        own_process: bool = True,
+        own_process: bool = False,
     ) -> "Engine":
         """A plain transformers model directory (e.g. models/base before any deploy), no prefix; its prompts in the
         format of the preprocess section (config.PreprocessConfig) of the params file."""
