@@ -25,8 +25,9 @@ The prefix's keys/values are computed once, when the scheduler starts, and reuse
 projection per request); in the cache each row holds them as the first `pre_seq_len` positions of its own row,
 since attention needs one (batch, heads, length, dim) tensor per layer.
 
-Where it runs: on a CPU, in a child process of its own (`SchedulerProcess`), on the engine's weights shared through
-shared memory; elsewhere (or with PTUNE_SERVE_PROCESS=0) in a thread (`Scheduler`). Its torch threads: all the
+Where it runs: for `ptune serve` on a CPU, in a child process of its own (`SchedulerProcess`), on the engine's
+weights shared through shared memory; elsewhere (`ptune chat`, a GPU, PTUNE_SERVE_PROCESS=0) in a thread
+(`Scheduler`). Its torch threads: all the
 process's but one, leaving a core to the HTTP server (PTUNE_SERVE_THREADS overrides): on the small models a CPU
 serves, a decoding step is mostly Python, and more threads only add the cost of waking them.
 

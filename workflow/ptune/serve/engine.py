@@ -1,11 +1,11 @@
 """One generation engine under the web demo, the HTTP API and the terminal chat.
 
 It holds one loaded model (a deploy bundle, its base alone, or a plain model directory) and answers the requests
-that arrive together in one batch: a scheduler (serve/batching.py; on a CPU in a child process of its own, else in
-a thread) decodes up to `max_batch` requests at once and admits waiting ones between decoding steps (continuous
-batching), each row with its own settings, seed, length and cancel event, so that an answer does not depend on who
-else is asking. Waiting and running requests are counted; past `max_pending` the engine refuses at once (`Busy`)
-rather than let a queue grow without bound.
+that arrive together in one batch: a scheduler (serve/batching.py; for `ptune serve` on a CPU in a child process of
+its own, else in a thread) decodes up to `max_batch` requests at once and admits waiting ones between decoding
+steps (continuous batching), each row with its own settings, seed, length and cancel event, so that an answer does
+not depend on who else is asking. Waiting and running requests are counted; past `max_pending` the engine refuses
+at once (`Busy`) rather than let a queue grow without bound.
 
 Each answer's tokens are handed to its `Reply` by the scheduler (token ids only, once per decoding step, with one
 wake-up per event loop); its reader decodes them into text pieces, in its own thread or on the HTTP server's event
