@@ -198,8 +198,9 @@ def test_on_a_cpu_the_scheduler_runs_in_its_own_process_and_answers_as_a_thread(
     `PTUNE_SERVE_PROCESS=0` keeps it in a thread. Both give the same tokens, greedy or seeded, alone or together."""
     import gc
 
-    from ptune.serve.batching import PROCESS_ENV, Scheduler, SchedulerProcess
+    from ptune.serve.batching import Scheduler
     from ptune.serve.engine import Engine
+    from ptune.serve.scheduler_process import PROCESS_ENV, SchedulerProcess
 
     assert type(engine.scheduler) is Scheduler  # the fixture's: a thread unless asked
     monkeypatch.setenv(PROCESS_ENV, "0")
@@ -222,17 +223,24 @@ def test_on_a_cpu_the_scheduler_runs_in_its_own_process_and_answers_as_a_thread(
 
 
 def test_a_scheduler_process_that_cannot_start_falls_back_to_a_thread(engine, monkeypatch, caplog):
-    from ptune.serve import batching
+    from ptune.serve import batching, scheduler_process
     from ptune.serve.engine import Engine
 
     def refuse(*args, **kwargs):
         raise RuntimeError("cannot pickle this model")
 
-    monkeypatch.setattr(batching, "SchedulerProcess", refuse)
-    fallback = Engine(engine.bundle, "ptune", "fallback", max_pending=32, max_batch=8, own_process=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(scheduler_process, "SchedulerProcess", refuse)
+        fallback = Engine(engine.bundle, "ptune", "fallback", max_pending=32, max_batch=8, own_process=True)
     assert type(fallback.scheduler) is batching.Scheduler
     assert "decoding in a thread" in caplog.text
     assert fallback.complete("类型#裤", settings=fallback.settings(max_new_tokens=3)).completion_tokens >= 1
+    # A child started early (as `ptune serve` starts it, before loading) that the engine does not use is ended.
+    for unused in ({"own_process": False}, {"own_process": True, "max_batch": 1}):
+        child = scheduler_process.Child()
+        kept = Engine(engine.bundle, "ptune", "no process", **unused, child=child)
+        assert type(kept.scheduler) is not scheduler_process.SchedulerProcess
+        assert not child.process.is_alive()
 
 
 def test_a_scheduler_process_that_dies_fails_its_requests_and_refuses_new_ones(engine, serving_project):

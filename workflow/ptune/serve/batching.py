@@ -25,11 +25,10 @@ The prefix's keys/values are computed once, when the scheduler starts, and reuse
 projection per request); in the cache each row holds them as the first `pre_seq_len` positions of its own row,
 since attention needs one (batch, heads, length, dim) tensor per layer.
 
-Where it runs: for `ptune serve` on a CPU, in a child process of its own (`SchedulerProcess`), on the engine's
-weights shared through shared memory; elsewhere (`ptune chat`, a GPU, PTUNE_SERVE_PROCESS=0) in a thread
-(`Scheduler`). Its torch threads: all the
-process's but one, leaving a core to the HTTP server (PTUNE_SERVE_THREADS overrides): on the small models a CPU
-serves, a decoding step is mostly Python, and more threads only add the cost of waking them.
+Where it runs: for `ptune serve` on a CPU, in a child process of its own (serve/scheduler_process.py), on the
+engine's weights shared through shared memory; elsewhere (`ptune chat`, a GPU, PTUNE_SERVE_PROCESS=0) in a thread.
+Its torch threads: all the process's but one, leaving a core to the HTTP server (PTUNE_SERVE_THREADS overrides): on
+the small models a CPU serves, a decoding step is mostly Python, and more threads only add the cost of waking them.
 
 Models whose cache is not transformers' plain `DynamicLayer` (sliding-window or indexed layers) get batches of one
 row; backends that generate through their own remote code (chatglm) are served one request at a time through the
@@ -41,13 +40,9 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import pickle
-import shutil
 import threading
-import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -74,24 +69,6 @@ def scheduler_threads(device: torch.device) -> int | None:
     if device.type != "cpu":
         return None
     return max(1, torch.get_num_threads() - 1)
-
-
-PROCESS_ENV = "PTUNE_SERVE_PROCESS"
-
-
-def in_a_process(device: torch.device, *modules) -> bool:
-    """Whether the engine runs its scheduler in a child process (SchedulerProcess): on a CPU, where the weights fit
-    twice in /dev/shm, unless $PTUNE_SERVE_PROCESS is 0 (on a GPU the kernels run apart from Python already)."""
-    value = os.environ.get(PROCESS_ENV, "")
-    if value not in ("", "0", "1"):
-        raise PtuneError(f"{PROCESS_ENV}={value!r}: 1 (a child process for the scheduler) or 0 (a thread)")
-    if device.type != "cpu" or value == "0":
-        return False
-    shm = Path("/dev/shm")
-    if not shm.is_dir():  # elsewhere torch shares through files; a failure to start falls back to a thread
-        return True
-    need = sum(t.numel() * t.element_size() for m in modules if m is not None for t in m.state_dict().values())
-    return shutil.disk_usage(shm).free > 2 * need
 
 
 class Row:
@@ -429,216 +406,6 @@ def _left_pad(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:
     shape = list(t.shape)
     shape[dim] = short
     return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-class SchedulerProcess:
-    """The scheduler in a process of its own, for the engine of a server: the model's Python then never waits for the
-    server's (nor the server's for the model's), each process having its own GIL.
-
-    In one process the HTTP server's event loop and the scheduler take turns at the GIL: on a small model, where a
-    decoding step is mostly Python, every request's parsing, routing and answer (and every streamed event) is time
-    the model stands still. Here the child process runs a `Scheduler` on the same model, whose weights it maps from
-    shared memory (torch.multiprocessing: no copy); this side sends each request's prompt ids and settings, and
-    receives, once per decoding step, the step's tokens and the rows that ended, which it hands to each row's
-    callbacks (in its reader thread) before `after_step`. A cancel is sent at once; the child drops the row before its
-    next step, as in one process.
-    """
-
-    def __init__(
-        self,
-        model,
-        encoder,
-        stop_ids: Sequence[int],
-        max_batch: int = 8,
-        threads: int | None = None,
-        after_step: Callable[[], None] | None = None,
-    ):
-        import multiprocessing
-
-        import torch.multiprocessing  # noqa: F401  (tensors pickled to the child go through shared memory)
-
-        self.after_step = after_step or (lambda: None)
-        self.max_batch = max(1, max_batch) if mergeable(model) else 1
-        self._counts = _Counts()
-        self._ready = threading.Event()  # the child has its scheduler (or has ended)
-        self._rows: dict[int, Row] = {}  # rows in the child, by number
-        self._next = 0
-        self._send_lock = threading.Lock()
-        # Held, no request reaches the child (as the thread scheduler's `_cv` keeps them waiting; tests hold it).
-        self._cv = threading.Condition(self._send_lock)
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self._process = context.Process(
-            target=_child,
-            args=(child, model, encoder, list(stop_ids), self.max_batch, threads),
-            daemon=True,
-            name="ptune-scheduler",
-        )
-        self._process.start()
-        child.close()
-        # The reader holds the rows and the connection, not this object: when the engine is dropped, the finalizer
-        # tells the child to exit, and the reader ends on the closed pipe.
-        self._reader = threading.Thread(
-            target=_read,
-            args=(self._conn, self._rows, self._counts, self.after_step, self._ready),
-            daemon=True,
-            name="ptune-scheduler-reader",
-        )
-        self._reader.start()
-        weakref.finalize(self, _stop, self._conn, self._send_lock, self._process)
-
-    def wait_ready(self, timeout: float = 600) -> bool:
-        """Wait until the child has loaded (about as long as importing torch and transformers): a server announces
-        itself ready only then, so its first request does not wait for it. Whether the child is running."""
-        self._ready.wait(timeout)
-        return self._process.is_alive()
-
-    @property
-    def steps(self) -> int:
-        return self._counts.steps
-
-    @property
-    def largest_batch(self) -> int:
-        return self._counts.largest
-
-    @property
-    def busy_rows(self) -> int:
-        return self._counts.batch
-
-    def submit(self, row: Row) -> None:
-        if not self._process.is_alive():
-            raise RuntimeError(f"the scheduler's process has ended (exit code {self._process.exitcode})")
-        with self._send_lock:
-            row.number = self._next
-            self._next += 1
-            self._rows[row.number] = row
-            self._conn.send(("submit", row.number, row.ids, row.max_new_tokens, row.kwargs, row.seed))
-        if row.cancel.is_set():
-            self.cancel(row)
-
-    def cancel(self, row: Row) -> None:
-        """The row's cancel event is set: tell the child, which drops the row before its next step."""
-        if row.number in self._rows:
-            with self._send_lock:
-                self._conn.send(("cancel", row.number))
-
-
-class _Counts:
-    """What the child's last step message said (for tests and logs, as the in-process scheduler's attributes)."""
-
-    def __init__(self):
-        self.steps = 0
-        self.batch = 0
-        self.largest = 0
-
-
-def _read(conn, rows: dict[int, Row], counts: _Counts, after_step: Callable[[], None], ready: threading.Event) -> None:
-    """This side's reader: each step's tokens and ended rows to their callbacks, then `after_step`."""
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            ready.set()
-            gone = [(n, RuntimeError("the scheduler's process has ended")) for n in list(rows)]
-            _hand_over(("step", counts.steps, 0, [], gone), rows, counts)
-            after_step()
-            return
-        if message[0] == "ready":
-            ready.set()
-        else:
-            _hand_over(message, rows, counts)  # a function: no row stays referenced here once it has ended
-            after_step()
-        del message
-
-
-def _hand_over(message: tuple, rows: dict[int, Row], counts: _Counts) -> None:
-    _, counts.steps, counts.batch, tokens, ended = message
-    counts.largest = max(counts.largest, counts.batch)
-    for number, token in tokens:
-        row = rows[number]
-        row.tokens.append(token)
-        row.on_token(token)
-    for number, error in ended:
-        row = rows.pop(number)
-        row.on_done(row.tokens, error)
-
-
-def _stop(conn, lock: threading.Lock, process) -> None:
-    try:
-        with lock:
-            conn.send(("exit",))
-    except (OSError, ValueError):
-        pass
-    process.join(timeout=5)
-
-
-def _child(conn, model, encoder, stop_ids: list[int], max_batch: int, threads: int | None) -> None:
-    """The child process: a Scheduler on the shared model; requests and cancels come in on `conn`, each step's
-    tokens and ended rows go out on it."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's (chat stops an answer with it)
-    rows: dict[int, Row] = {}
-    tokens: list[tuple[int, int]] = []
-    ended: list[tuple[int, BaseException | None]] = []
-    sent = [0]
-
-    def flush() -> None:
-        if not tokens and not ended and scheduler.steps == sent[0]:
-            return
-        message = ("step", scheduler.steps, len(scheduler.active), list(tokens), [(n, _portable(e)) for n, e in ended])
-        tokens.clear()
-        ended.clear()
-        sent[0] = scheduler.steps
-        conn.send(message)
-
-    scheduler = Scheduler(model, encoder, stop_ids, max_batch, threads, after_step=flush)
-    conn.send(("ready",))
-
-    def handle(message: tuple) -> bool:
-        if message[0] == "submit":
-            _, number, ids, max_new_tokens, kwargs, seed = message
-
-            def on_token(token: int) -> None:
-                tokens.append((number, token))
-
-            def on_done(new: list[int], error: BaseException | None) -> None:
-                rows.pop(number, None)
-                ended.append((number, error))
-
-            rows[number] = Row(ids, max_new_tokens, kwargs, seed, threading.Event(), on_token, on_done)
-            scheduler.submit(rows[number])
-        elif message[0] == "cancel":
-            row = rows.get(message[1])
-            if row is not None:
-                row.cancel.set()
-        else:
-            return False
-        return True
-
-    running = True
-    while running:
-        try:
-            messages = [conn.recv()]
-            while conn.poll():
-                messages.append(conn.recv())
-        except (EOFError, OSError):
-            break
-        with scheduler._cv:  # requests that came in together are admitted together
-            for message in messages:
-                running = running and handle(message)
-    os._exit(0)
-
-
-def _portable(error: BaseException | None) -> BaseException | None:
-    """An error as it can cross to the parent (pickled), else a RuntimeError that says what it was."""
-    if error is None:
-        return None
-    try:
-        pickle.dumps(error)
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def mergeable(model) -> bool:
