@@ -389,3 +389,28 @@ def test_the_scheduler_process_leaves_with_the_server(serving_project, sig):
             time.sleep(0.05)
         left = [c.pid for c in children if alive(c.pid)]
         assert not left, f"processes {left} (the scheduler: {child.pid}) outlived the server ({sig.name})"
+
+
+def test_more_clients_than_max_pending_get_503_with_retry_after_and_the_rest_their_answers(serving_project):
+    """Past --max-pending the server says busy at once (503, Retry-After, an OpenAI-shaped error) instead of queueing
+    without bound; the requests it took are answered, and it answers again once they are done."""
+    body = json.dumps({**_seed_body("类型#裤", 1), "temperature": 2.0, "top_p": 1.0, "max_new_tokens": 300}).encode()
+
+    def ask(url: str) -> tuple[int, str | None, dict]:
+        req = urllib.request.Request(url + "/", data=body, method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, None, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Retry-After"), json.loads(exc.read())
+
+    with ApiProcess(["--bundle", "models/deploy", "--max-pending", "2"], cwd=serving_project.root) as server:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(ask, [server.url] * 8))
+        busy = [(retry, answer) for status, retry, answer in got if status == 503]
+        assert sorted({status for status, _, _ in got}) == [200, 503], got
+        assert len(got) - len(busy) >= 2  # the first two (and any that came once one had ended)
+        for retry, answer in busy:
+            assert retry == "1" and answer["error"]["code"] == "server_busy" and "busy" in answer["error"]["message"]
+        assert all(answer["response"] for status, _, answer in got if status == 200)
+        assert ask(server.url)[0] == 200
