@@ -79,6 +79,9 @@ def test_learning_rate_never_reruns_fetch_or_preprocess(ran_project):
     assert "up to date" in ran_project.run("dvc", "status").stdout
 
 
+# Slow-marked for the default suite's 15 minutes: the next test makes the same edit, runs the same `snakemake
+# report` (after a failed one) and checks the same three stages and that DVC then sees nothing to do.
+@pytest.mark.slow
 def test_param_edit_seen_by_snakemake_first(ran_project):
     ran_project.set_param("evaluate.max_examples", 5)
     ran_project.run("snakemake", "--cores", "1", "report")
