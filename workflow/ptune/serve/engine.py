@@ -38,7 +38,7 @@ from ..config import GenerationConfig
 from ..data import prompts
 from ..errors import PtuneError
 from ..model import backends
-from ..model.bundle import Bundle, read_manifest
+from ..model.bundle import Bundle
 from ..model.checks import context_length
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
@@ -384,14 +384,6 @@ class _Trim:
         return body
 
 
-def _early_child(max_batch: int) -> scheduler_process.Child | None:
-    """The scheduler's process, started before the model loads where the engine will want one (it imports torch and
-    transformers meanwhile, on another core)."""
-    if max_batch <= 1 or not scheduler_process.in_a_process(device()):
-        return None
-    return scheduler_process.Child()
-
-
 class Engine:
     """A loaded model that answers chat turns, those that arrive together in one batch."""
 
@@ -408,7 +400,8 @@ class Engine:
     ):
         """`own_process`: on a CPU, run the scheduler in a child process (what `ptune serve` asks for: its HTTP side's
         Python would otherwise take turns with the model's at one GIL); else, and always on a GPU, in a thread. `child`:
-        that process, started while the model loaded (scheduler_process.Child); closed here if not used."""
+        that process, started before the model loaded (`ptune serve` starts it: serve/commands.py); closed here if
+        not used."""
         self.bundle = bundle
         self.name = name
         self.description = description
@@ -431,25 +424,33 @@ class Engine:
         if max_batch > 1 and self.backend.name == backends.TRANSFORMERS:
             # Imported here: the scheduler uses transformers 5's cache classes, which ChatGLM-6B's environment
             # (transformers 4.33, the chatglm backend, served one request at a time) does not have.
-            from .batching import Scheduler, scheduler_threads
+            from .batching import Scheduler
 
             model = bundle.model
-            where = next(model.parameters()).device
             self._wakes = Wakes()
-            args = (model, bundle.encoder, self.stop_ids, max_batch, scheduler_threads(where))
+            where = next(model.parameters()).device
             if own_process and scheduler_process.in_a_process(where, model, bundle.encoder):
                 try:
                     self.scheduler = scheduler_process.SchedulerProcess(
-                        *args, after_step=self._wakes.flush, child=child
+                        *self._scheduler_args(max_batch), after_step=self._wakes.flush, child=child
                     )
                 except Exception:  # e.g. a model that cannot be pickled to the child
                     log.warning("the scheduler's process did not start; decoding in a thread", exc_info=True)
                 child = None  # SchedulerProcess has it (or has closed it)
             if self.scheduler is None:
-                self.scheduler = Scheduler(*args, after_step=self._wakes.flush)
+                self.scheduler = Scheduler(*self._scheduler_args(max_batch), after_step=self._wakes.flush)
         if child is not None:
             child.close()
         self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
+
+    def _scheduler_args(self, max_batch: int) -> tuple:
+        """What a scheduler, in a thread or a process, is built from: the model, its prefix encoder, the stop tokens,
+        the rows and its torch threads."""
+        from .batching import scheduler_threads
+
+        model = self.bundle.model
+        threads = scheduler_threads(next(model.parameters()).device)
+        return (model, self.bundle.encoder, self.stop_ids, max_batch, threads)
 
     @classmethod
     def from_bundle(
@@ -466,21 +467,11 @@ class Engine:
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
         `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base; `base`: the base
         folder origin.resolve found and checked (Bundle.load)."""
-        batched = read_manifest(directory).get("backend", backends.TRANSFORMERS) == backends.TRANSFORMERS
-        if child is None and own_process and batched:
-            child = _early_child(max_batch)
-        try:
-            bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code, base=base)
-            what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
-            name = "ptune-base" if base_only else "ptune"
-            description = f"bundle `{directory}` ({what})"
-            engine = cls(
-                bundle, name, description, max_pending, max_batch=max_batch, own_process=own_process, child=child
-            )
-        except BaseException:
-            if child is not None:
-                child.close()
-            raise
+        bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code, base=base)
+        what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
+        name = "ptune-base" if base_only else "ptune"
+        description = f"bundle `{directory}` ({what})"
+        engine = cls(bundle, name, description, max_pending, max_batch=max_batch, own_process=own_process, child=child)
         return engine._ready()
 
     @classmethod
@@ -501,28 +492,21 @@ class Engine:
                 f"{directory}: a ChatGLM-6B base (backend chatglm) is served from its deploy bundle; "
                 "use --bundle models/deploy --base-only for the base alone"
             )
-        if child is None and own_process:
-            child = _early_child(max_batch)
-        try:
-            model = load_frozen(directory, device())
-            generation = GenerationConfig.of(generation)
-            tokenizer = load_tokenizer(directory)
-            fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
-            bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
-            description = f"model `{directory}` (no prefix)"
-            engine = cls(
-                bundle,
-                Path(directory).name,
-                description,
-                max_pending,
-                max_batch=max_batch,
-                own_process=own_process,
-                child=child,
-            )
-        except BaseException:
-            if child is not None:
-                child.close()
-            raise
+        model = load_frozen(directory, device())
+        generation = GenerationConfig.of(generation)
+        tokenizer = load_tokenizer(directory)
+        fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
+        bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
+        description = f"model `{directory}` (no prefix)"
+        engine = cls(
+            bundle,
+            Path(directory).name,
+            description,
+            max_pending,
+            max_batch=max_batch,
+            own_process=own_process,
+            child=child,
+        )
         return engine._ready()
 
     def _ready(self) -> "Engine":
@@ -530,18 +514,10 @@ class Engine:
         process ended instead, a thread decodes."""
         wait = getattr(self.scheduler, "wait_ready", None)
         if wait is not None and not wait():
-            from .batching import Scheduler, scheduler_threads
+            from .batching import Scheduler
 
             log.warning("the scheduler's process ended at start (its error is above); decoding in a thread")
-            bundle, where = self.bundle, next(self.bundle.model.parameters()).device
-            self.scheduler = Scheduler(
-                bundle.model,
-                bundle.encoder,
-                self.stop_ids,
-                self.scheduler.max_batch,
-                scheduler_threads(where),
-                after_step=self._wakes.flush,
-            )
+            self.scheduler = Scheduler(*self._scheduler_args(self.scheduler.max_batch), after_step=self._wakes.flush)
         return self
 
     def set_defaults(
