@@ -21,11 +21,12 @@ import pytest
 import yaml
 
 from ptune import config
-from ptune.data import adgen
+from ptune.data import adgen, hub_splits
 from ptune.errors import PtuneError
 
 from conftest import REPO, make_project
 from support import hf_hub_stand_in, modelscope_stand_in
+from support.http_files import FileServer
 
 SAMPLE = REPO / "tests" / "fixtures" / "adgen"
 SHARED_DEV = REPO.parent / "shared" / "data" / "adgen" / "dev.json"
@@ -146,6 +147,53 @@ def test_hf_hub_data_set_in_parquet_gives_the_path_sources_bytes_records_its_com
     assert cached.startswith("FOLDER ") and cached.endswith(COMMIT)
     assert f"ERROR fetch_data.repo: {repo}@{ABSENT} is not in the Hugging Face cache" in missing
     assert "HF_ENDPOINT" in missing
+
+
+def test_a_hub_data_sets_readme_cannot_make_fetch_data_read_a_file_outside_it_or_a_url(project, tmp_path):
+    """A README's `configs: data_files:` naming an absolute path, a `../` path and an http URL is not followed: the
+    splits come from the snapshot's own file names, nothing outside it is read, and the URL gets no request."""
+    secret = {"content": "outside-the-repository", "summary": "read from this machine"}
+    (tmp_path / "absolute.json").write_text(json.dumps(secret) + "\n", encoding="utf-8")
+    (tmp_path / "dotdot.json").write_text(json.dumps(secret) + "\n", encoding="utf-8")
+    repo = "ptune-tests/hostile-card"
+    files = {name: (SAMPLE / name).read_bytes() for name in ("train.json", "dev.json")}
+    with FileServer({"/x.json": json.dumps(secret).encode() + b"\n"}) as elsewhere:
+        # The snapshot is tmp_path/hf-home/hub/datasets--ptune-tests--hostile-card/snapshots/<commit>.
+        files["README.md"] = (
+            "---\nconfigs:\n- config_name: default\n  data_files:\n"
+            f"  - split: train\n    path: {tmp_path / 'absolute.json'}\n"
+            "  - split: validation\n    path: ../../../../../dotdot.json\n"
+            f"  - split: test\n    path: {elsewhere.url('/x.json')}\n---\n"
+        ).encode()
+        with hf_hub_stand_in.serve(*hf_hub_stand_in.routes(repo, COMMIT, files)) as hub:
+            project.env = {**project.env, "HF_ENDPOINT": hub.url("")}
+            _fetch_data(project, source="hf_hub", repo=repo, revision=COMMIT, expect="none")
+            proc = project.run("ptune", "fetch_data")
+        assert elsewhere.requests == []
+    assert _raw(project) == {"train.json": files["train.json"], "dev.json": files["dev.json"]}
+    assert "README.md's `configs` are not used" in proc.stderr
+
+
+def test_a_hub_snapshots_data_files_are_read_only_as_plain_files_inside_its_repository(tmp_path):
+    """What the split patterns find is read only when its real path is a file of the repository's folder, and not
+    an archive or compressed file (the json and csv builders would unpack it); a named file likewise."""
+    import gzip
+
+    repo = tmp_path / "repo"
+    snapshot = repo / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "train").write_bytes((SAMPLE / "train.json").read_bytes())
+    (snapshot / "train.json").symlink_to(repo / "blobs" / "train")  # as a Hugging Face snapshot links its files
+    (tmp_path / "outside.json").write_bytes((SAMPLE / "dev.json").read_bytes())
+    (snapshot / "dev.json").symlink_to(tmp_path / "outside.json")
+    (snapshot / "test.json").write_bytes(gzip.compress((SAMPLE / "dev.json").read_bytes()))
+    rows = hub_splits.load(snapshot, {"train": "train"}, "x", within=repo)
+    assert len(rows["train"]) == 100
+    with pytest.raises(PtuneError, match=r"^fetch_data.dev_split: dev.json of x leads to .*outside.json, which is not"):
+        hub_splits.load(snapshot, {"dev": "validation"}, "x", within=repo)
+    with pytest.raises(PtuneError, match=r"test.json of x is a gzip archive or compressed file, not plain json"):
+        hub_splits.load(snapshot, {"dev": "test.json"}, "x", within=repo)
 
 
 def test_modelscope_data_set_in_json_lines_gives_the_path_sources_bytes_and_falls_back_to_the_cache(project):

@@ -4,6 +4,7 @@ ends in the same checked folder; pointer-only clones, busy folders and missing h
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,46 @@ def test_hf_hub_source_works_offline_from_a_filled_cache(pipeline_run, project, 
     project.set_param("fetch_weights.revision", "f" * 40)
     proc = project.run("ptune", "fetch_weights", check=False)
     assert proc.returncode == 2 and "is not in the Hugging Face cache" in proc.stderr and "HF_ENDPOINT" in proc.stderr
+
+
+def _local_model(pipeline_run, folder: Path) -> Path:
+    """A transformers model folder of the user's: the tiny pipeline's base, copied."""
+    shutil.copytree(pipeline_run.root / "models" / "base", folder, ignore=shutil.ignore_patterns("ptune_source.json"))
+    return folder
+
+
+def test_path_source_refuses_links_leading_out_of_the_folder_or_to_a_folder(pipeline_run, project, tmp_path):
+    """A link to a file of this machine, or to a whole folder, is not copied into models/base (which is pushed and
+    bundled): the fetch stops naming each link, before reading anything, and leaves no models/base."""
+    model = _local_model(pipeline_run, tmp_path / "model")
+    (tmp_path / "secret.txt").write_text("a token")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "id_ed25519").write_text("a key")
+    (model / "notes.txt").symlink_to(tmp_path / "secret.txt")
+    (model / "extra").symlink_to(tmp_path / "home")
+    project.set_param("fetch_weights.source", "path")
+    project.set_param("fetch_weights.path", str(model))
+    proc = project.run("ptune", "fetch_weights", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        f"fetch_weights.path {model}: 2 symbolic link(s) lead out of the folder or to a folder: "
+        f"extra -> {tmp_path / 'home'}, notes.txt -> {tmp_path / 'secret.txt'}" in proc.stderr
+    )
+    assert "fetch_weights.source: hf_hub" in proc.stderr
+    assert not (project.root / "models" / "base").exists()
+
+
+@pytest.mark.slow  # a whole fetch_weights run (11 s on 2 busy cores); the default test above checks the refusal
+def test_path_source_copies_a_link_to_a_file_inside_the_folder_as_that_file(pipeline_run, project, tmp_path):
+    model = _local_model(pipeline_run, tmp_path / "model")
+    (model / "README.md").symlink_to("config.json")
+    project.set_param("fetch_weights.source", "path")
+    project.set_param("fetch_weights.path", str(model))
+    project.run("ptune", "fetch_weights")
+    base = project.root / "models" / "base"
+    assert not (base / "README.md").is_symlink()
+    assert (base / "README.md").read_bytes() == (model / "config.json").read_bytes()
+    assert json.loads((base / "ptune_source.json").read_text())["path"] == str(model)
 
 
 # What the source says for each revision, as `ptune fetch_weights` would say it (PtuneError), or the folder it gives.

@@ -87,7 +87,7 @@ def _write_hub(cfg: FetchDataConfig, out: Path) -> None:
             pin,
         )
     what = f"fetch_data.repo {cfg.repo}@{commit}"
-    splits = hub_splits.load(snapshot, {"train": cfg.train_split, "dev": cfg.dev_split}, what)
+    splits = hub_splits.load(snapshot, {"train": cfg.train_split, "dev": cfg.dev_split}, what, within)
     for split, rows in splits.items():
         name = cfg.train_split if split == "train" else cfg.dev_split
         adgen.write(out / f"{split}.json", readers.from_rows(rows, f"{what} {name}", _columns(cfg)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import FetchWeightsConfig, Params
 from ..errors import PtuneError
-from ..model import backends, embedded, trust
+from ..model import backends, trust
 from ..paths import BASE as OUT
 from ..paths import SOURCE_RECORD
 from ..sources import git_lfs, hub, lock
@@ -84,6 +84,37 @@ def _link_or_copy(src: Path, dest: Path, links_within: Path, what: str) -> None:
             shutil.copy2(real, target)
 
 
+def _copy_local(src: Path, dest: Path, what: str) -> None:
+    """A local model folder, copied (not linked: it stays the user's) into models/base.
+
+    A symbolic link in it is followed only to a regular file inside the folder. One that leads out of it, or to a
+    folder, is refused naming it, before anything is read: a link can reach any file of this machine (an SSH key,
+    a token file, a whole home folder), and models/base is read, pushed to the DVC remote and bundled for serving.
+    The git source refuses every link, the hub sources those leaving the hub's cache.
+    """
+    root = src.resolve()
+    bad = []
+    for top, dirs, files in os.walk(src):
+        if ".git" in dirs:
+            dirs.remove(".git")  # not copied (ignore_patterns below skips it at every level)
+        for name in sorted(dirs + files):
+            path = Path(top, name)
+            if path.is_symlink():
+                real = path.resolve()
+                if not real.is_relative_to(root) or not real.is_file():
+                    bad.append(f"{path.relative_to(src)} -> {os.readlink(path)}")
+    if bad:
+        raise PtuneError(
+            f"{what}: {len(bad)} symbolic link(s) lead out of the folder or to a folder: {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}. A link can reach any file of this machine, and models/base is pushed "
+            "to the DVC remote and bundled: put the files themselves in the folder (after checking what they are), "
+            "or, for a snapshot in the Hugging Face cache, use fetch_weights.source: hf_hub with its repo and "
+            "revision (it reads the cache offline)"
+        )
+    check_model_dir(src, what)
+    shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
+
+
 def _move_tree(src: Path, dest: Path) -> None:
     """Move a clone's working tree (not its .git) into `dest`: a rename, so the weights are never copied."""
     for entry in src.iterdir():
@@ -108,8 +139,7 @@ def _fetch(cfg: FetchWeightsConfig, dest: Path) -> dict:
                 f"fetch_weights.path: {cfg.path!r} is not a directory; point it at a transformers "
                 "model directory (config.json, weights, tokenizer files)"
             )
-        check_model_dir(src, f"fetch_weights.path {src}")
-        shutil.copytree(src, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".git"))
+        _copy_local(src, dest, f"fetch_weights.path {src}")
         return {"path": str(src)}
     if not re.fullmatch(r"[0-9a-f]{40}", cfg.revision):
         log.warning(
@@ -161,6 +191,8 @@ def run(params: Params) -> None:
                     "embedded model is a transformers-native GLM; set backend: transformers, or a source "
                     "that gives a ChatGLM-6B model"
                 )
+            from ..model import embedded  # torch and transformers: seconds to import, which other sources need not wait
+
             facts = embedded.build(cfg.embedded, tmp)
         else:
             facts = _fetch(cfg, tmp)
