@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support import hf_hub_stand_in
 
 PROMPT = "类型#上衣*颜色#白色"
@@ -192,3 +194,147 @@ def test_publish_refuses_base_weights_and_a_token_in_the_bundle(serving_project,
     proc = publish()
     assert proc.returncode == 2 and "contains the hub token" in proc.stderr, proc.stderr
     assert FAKE_TOKEN not in proc.stderr
+
+
+SUFFIXLESS = "model-00003-of-00003"  # the last shard of _sharded_base, renamed
+
+
+def _sharded_base(serving_project, dest: Path) -> Path:
+    """The tiny base in three shards and their index, as save_pretrained writes them (huggingface_hub's
+    save_torch_state_dict, which it calls; loading the model class first would cost seconds), beside its config,
+    tokenizer and ptune's record; the last shard renamed without its suffix, and the index pointed at it."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    source = serving_project.root / "models/base"
+    dest.mkdir()
+    save_torch_state_dict(load_file(source / "model.safetensors"), dest, max_shard_size="80KB")
+    for path in source.iterdir():
+        if path.is_file() and path.name != "model.safetensors":
+            shutil.copy2(path, dest / path.name)
+    (dest / f"{SUFFIXLESS}.safetensors").rename(dest / SUFFIXLESS)
+    _point_index(dest, f"{SUFFIXLESS}.safetensors", SUFFIXLESS)
+    return dest
+
+
+def _point_index(base: Path, shard: str, to: str) -> None:
+    """Rewrite the index so that every tensor of `shard` is read from the file named `to`."""
+    index = base / "model.safetensors.index.json"
+    data = json.loads(index.read_text(encoding="utf-8"))
+    data["weight_map"] = {k: to if v == shard else v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data), encoding="utf-8")
+
+
+def test_a_sharded_base_is_checked_by_every_file_its_index_names(serving_project, tmp_path):
+    """A sharded base whose last shard has no weight suffix (transformers loads whatever the index names): the
+    bundle records the index and that shard; a base where that shard is tampered with, or whose index names a file
+    outside its folder, is refused by `python -m ptune.bundle --base DIR` before any weight is read."""
+    from ptune.model import origin
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    bundle = _copy_bundle(serving_project, elsewhere)
+    base = _sharded_base(serving_project, elsewhere / "my-base")
+    manifest = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
+    manifest["base"] = origin.record(base, manifest["base"]["config_sha256"])  # what `ptune deploy` records
+    (bundle / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    shard = base / "model-00003-of-00003"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    shard.write_bytes(bytes(data))
+    tampered = _answer(serving_project, str(bundle), PROMPT, "--base", str(base), "--allow-pickle", cwd=elsewhere)
+    assert tampered.returncode == 2 and "model-00003-of-00003: sha256" in tampered.stderr, tampered.stderr
+
+    outside = elsewhere / "outside.safetensors"
+    shutil.copy2(base / "model-00001-of-00003.safetensors", outside)
+    _point_index(base, "model-00001-of-00003.safetensors", "../outside.safetensors")
+    escaped = _answer(serving_project, str(bundle), PROMPT, "--base", str(base), "--allow-pickle", cwd=elsewhere)
+    assert escaped.returncode == 2 and "Traceback" not in escaped.stderr, escaped.stderr
+    assert "model.safetensors.index.json: weight_map names the shard '../outside.safetensors'" in escaped.stderr
+    assert "not a plain file name" in escaped.stderr
+    assert sorted(manifest["base"]["weights"]) == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003",
+        "model.safetensors.index.json",
+    ]
+
+
+def test_fetch_weights_refuses_a_suffixless_shard_without_consent_to_pickles(serving_project, tmp_path):
+    """fetch_weights' check of its fetched folder (trust.check_folder, as `ptune fetch_weights` calls it): a shard
+    without the .safetensors suffix is unpickled by transformers, so it needs fetch_weights.allow_pickle, and it is
+    not left out as a pickled copy would be (the model needs it)."""
+    from ptune.errors import PtuneError
+    from ptune.model import trust
+
+    base = _sharded_base(serving_project, tmp_path / "fetched")
+    with pytest.raises(PtuneError, match=r"shards without the .safetensors suffix \(model-00003-of-00003\)"):
+        trust.check_folder(base, backend="transformers", trust_remote_code=False, allow_pickle=False, what="x")
+    assert (base / "model-00003-of-00003").is_file()
+    trust.check_folder(base, backend="transformers", trust_remote_code=False, allow_pickle=True, what="x")
+
+
+@pytest.mark.slow
+def test_a_sharded_base_with_a_suffixless_shard_serves_only_with_consent_to_pickles(serving_project, tmp_path):
+    """transformers hands a shard not named *.safetensors to torch.load: such a base is served with --allow-pickle
+    only; with it, the untouched sharded base answers as the original one does."""
+    from ptune.model import origin
+
+    bundle = _copy_bundle(serving_project, tmp_path)
+    base = _sharded_base(serving_project, tmp_path / "my-base")
+    manifest = json.loads((bundle / "bundle.json").read_text(encoding="utf-8"))
+    manifest["base"] = origin.record(base, manifest["base"]["config_sha256"])
+    (bundle / "bundle.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    refused = _answer(serving_project, str(bundle), PROMPT, "--base", str(base), cwd=tmp_path)
+    assert refused.returncode == 2 and "pickles (model-00003-of-00003)" in refused.stderr, refused.stderr
+    assert "--allow-pickle" in refused.stderr
+    served = _answer(serving_project, str(bundle), PROMPT, "--base", str(base), "--allow-pickle", cwd=tmp_path)
+    assert served.returncode == 0, served.stderr
+    at_home = _answer(serving_project, "models/deploy", PROMPT)
+    assert json.loads(served.stdout)["answer"] == json.loads(at_home.stdout)["answer"]
+
+
+def test_publish_sends_only_the_bundles_own_prefix_folder(serving_project, tmp_path):
+    """bundle.json's `prefix` is the bundle's word: `"."`, an absolute path, a prefix/ that is a link to a folder
+    elsewhere or a link inside it would have `ptune publish` upload files from outside the prefix (here a secret
+    beside the bundle). Each is refused naming it, and nothing reaches the (stand-in) hub."""
+    bundle = _copy_bundle(serving_project, tmp_path)
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "id_ed25519").write_text("secret key\n", encoding="utf-8")
+    (bundle / "notes.txt").write_text("not for the hub\n", encoding="utf-8")
+    manifest_path = bundle / "bundle.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    env = {**serving_project.env, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": FAKE_TOKEN}
+    env.pop("HF_HUB_OFFLINE", None)
+
+    def publish(hub):
+        return subprocess.run(
+            [sys.executable, "-m", "ptune.cli", "publish", "--repo", "x/y", "--bundle", str(bundle)],
+            cwd=serving_project.root,
+            env={**env, "HF_ENDPOINT": hub.origin},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    with hf_hub_stand_in.UploadHub() as hub:
+        for prefix in (".", str(private)):
+            manifest_path.write_text(json.dumps({**manifest, "prefix": prefix}), encoding="utf-8")
+            proc = publish(hub)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            assert f"prefix {prefix!r} is not the name of a folder inside the bundle" in proc.stderr
+        manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+        shutil.rmtree(bundle / "prefix")
+        (bundle / "prefix").symlink_to(private, target_is_directory=True)
+        linked = publish(hub)
+        assert linked.returncode == 2 and "prefix 'prefix' is not the name of a folder" in linked.stderr, linked.stderr
+        assert "a folder, not a link" in linked.stderr
+        (bundle / "prefix").unlink()
+        shutil.copytree(serving_project.root / "models/deploy/prefix", bundle / "prefix")
+        (bundle / "prefix" / "more").symlink_to(private, target_is_directory=True)
+        inner = publish(hub)
+        assert inner.returncode == 2 and "prefix/more: a symbolic link" in inner.stderr, inner.stderr
+    assert hub.commits == [] and hub.requests == []

@@ -25,14 +25,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..config import GenerationConfig
 from ..data.prompts import Prompter, PromptFormat, Turn
 from ..errors import PtuneError
 from . import backends, legacy_env, origin, trust
-from .generation import generation_kwargs
-from .loading import device
+
+# torch and the loaders are imported where a model loads: reading and checking a bundle (and the refusals, and
+# `ptune publish`) needs neither.
 
 MANIFEST = "bundle.json"
 # 2: the prompt format (templates or chat template) replaced format 1's prompt_template, which served multi-turn
@@ -67,12 +66,14 @@ class Bundle:
         manifest = read_manifest(directory)
         if base is None:
             base = origin.resolve(directory, manifest, None, allow_pickle_flag=allow_pickle)
+        from .loading import device
+
         base = Path(base)
         backend = backends.for_base(base)
         if backend.name == backends.CHATGLM:
             trust.require_consent(base, trust_remote_code, f"the bundle {directory}")
         model, encoder = backend.load_for_inference(
-            base, Path(directory) / manifest["prefix"], device(), manifest.get("quantization", "none")
+            base, prefix_folder(directory, manifest), device(), manifest.get("quantization", "none")
         )
         return cls(
             backend.load_tokenizer(base),
@@ -88,6 +89,10 @@ class Bundle:
 
     def answer(self, content: str, seed: int = 0, history: Sequence[tuple[str, str]] = ()) -> str:
         """One answer, its prompt built as the server builds it (no engine, no thread, no truncation)."""
+        import torch
+
+        from .generation import generation_kwargs
+
         prompter = self.prompter()
         ids = prompter.ids(Turn.of(content, list(history) or None))  # no history: none at all, as model.chat
         torch.manual_seed(seed)
@@ -127,6 +132,20 @@ def read_manifest(directory: str | Path) -> dict:
             "with `dvc repro deploy` (or `ptune deploy`)"
         )
     return manifest
+
+
+def prefix_folder(directory: str | Path, manifest: dict) -> Path:
+    """The bundle's own prefix folder, as bundle.json's `prefix` names it: a plain folder name inside the bundle (deploy
+    writes "prefix"), a real folder, not a link. bundle.json is the word of whoever made the bundle: `..`, `.` or a
+    link would have serving load, and `ptune publish` upload, files from anywhere on this machine."""
+    name = manifest.get("prefix")
+    folder = Path(directory) / str(name)
+    if not trust.is_plain_name(name) or folder.is_symlink() or not folder.is_dir():
+        raise PtuneError(
+            f"{Path(directory) / MANIFEST}: prefix {name!r} is not the name of a folder inside the bundle (deploy "
+            'writes "prefix", a folder, not a link); rebuild the bundle with `dvc repro deploy` (or `ptune deploy`)'
+        )
+    return folder
 
 
 def _parse(argv: list[str]) -> tuple[str, str, str | None, bool, bool]:

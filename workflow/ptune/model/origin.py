@@ -2,8 +2,10 @@
 
 `deploy` copies from models/base/ptune_source.json what names the base's origin: a hub repository and the commit
 its revision resolved to (sources hf_hub, modelscope), a git URL and commit (git_lfs); a local path only where that is
-all there is (sources path and embedded, which have no origin elsewhere). It adds the sha256 of every weight file:
-the prefix's base_config_sha256 covers the architecture alone, and two checkpoints of one architecture share it.
+all there is (sources path and embedded, which have no origin elsewhere). It adds the sha256 of every file
+transformers may read as weights (trust.weight_files: a sharded checkpoint's index and every shard it names too,
+whatever its name): the prefix's base_config_sha256 covers the architecture alone, and two checkpoints of one
+architecture share it.
 
 Serving (`resolve`) finds the base by that record: the user's `--base DIR` first; else the project's models/base
 when its own record names the same origin; else, for a hub repository, the hub library's cache (downloading the
@@ -29,7 +31,6 @@ from . import trust
 log = logging.getLogger(__name__)
 
 HUB_SOURCES = ("hf_hub", "modelscope")
-WEIGHT_SUFFIXES = (".safetensors", *trust.PICKLE_SUFFIXES)
 ALLOW_PICKLE_FLAG = "--allow-pickle"
 # What names the origin, per source (the rest of ptune_source.json describes how it was fetched or built).
 ORIGIN_KEYS = {"hf_hub": ("repo", "revision"), "modelscope": ("repo", "revision"), "git_lfs": ("repo", "revision")}
@@ -38,15 +39,6 @@ ORIGIN_KEYS = {"hf_hub": ("repo", "revision"), "modelscope": ("repo", "revision"
 def sha256(path: Path) -> str:
     with path.open("rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a model folder (safetensors and pickles), relative to it, sorted; none in .git/.cache."""
-    return sorted(
-        p.relative_to(folder)
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not {".git", ".cache"} & set(p.relative_to(folder).parts)
-    )
 
 
 def record(base: Path, config_sha256: str) -> dict:
@@ -65,7 +57,7 @@ def record(base: Path, config_sha256: str) -> dict:
     if source not in HUB_SOURCES:
         out["path"] = str(base)  # git_lfs, path, embedded: found here, or given with --base on another machine
     out["config_sha256"] = config_sha256
-    out["weights"] = {str(rel): sha256(base / rel) for rel in weight_files(base)}
+    out["weights"] = {str(rel): sha256(base / rel) for rel in trust.weight_files(base)}
     if not out["weights"]:
         raise PtuneError(f"{base}: no weight files (*.safetensors, *.bin); rerun fetch_weights")
     return out
@@ -93,11 +85,7 @@ def _from_hub(rec: dict, key: str) -> Path:
     from ..sources import hub
 
     # Pickled weights the bundle does not name are never downloaded: they would only be read by mistake.
-    ignore = (
-        []
-        if any(Path(w).suffix in trust.PICKLE_SUFFIXES for w in rec["weights"])
-        else [f"*{s}" for s in trust.PICKLE_SUFFIXES]
-    )
+    ignore = [] if any(trust.is_pickle(w) for w in rec["weights"]) else [f"*{s}" for s in trust.PICKLE_SUFFIXES]
     if rec["source"] == "hf_hub":
         return hub.hf_hub(rec["repo"], rec["revision"], key=key, ignore_patterns=ignore)
     return hub.modelscope(rec["repo"], rec["revision"], key=key)
@@ -131,10 +119,11 @@ def find(bundle: Path, rec: dict, override: str | Path | None) -> Path:
 
 
 def verify(folder: Path, rec: dict, what: str, allow_pickle: bool) -> None:
-    """`folder` holds every weight file `rec` names, each with its sha256, and no other weights; pickled ones only
+    """`folder` holds every weight file `rec` names, each with its sha256, and no other weights (trust.weight_files:
+    an index, or a shard it names, that `rec` lacks is refused, as is an index naming a path); pickled ones only
     with `allow_pickle` (the user's consent, see allow_pickle_consent)."""
     expected = rec.get("weights") or {}
-    found = {str(p) for p in weight_files(folder)}
+    found = {str(p) for p in trust.weight_files(folder)}
     missing = sorted(set(expected) - found)
     if missing:
         raise PtuneError(
@@ -145,7 +134,7 @@ def verify(folder: Path, rec: dict, what: str, allow_pickle: bool) -> None:
     if (
         extra
         and all(Path(w).suffix in trust.PICKLE_SUFFIXES for w in extra)
-        and not any(Path(w).suffix in trust.PICKLE_SUFFIXES for w in expected)
+        and not any(trust.is_pickle(w) for w in expected)
     ):
         # A cache filled by another tool may hold the repository's pickled copies too: the loader prefers the
         # safetensors weights, which are checked below, and never reads these.
@@ -153,9 +142,10 @@ def verify(folder: Path, rec: dict, what: str, allow_pickle: bool) -> None:
     elif extra:
         raise PtuneError(
             f"{folder}: weight file(s) {', '.join(extra[:4])} that {what} does not record; it is not the base the "
-            f"prefix was tuned on ({describe(rec)}): pass --base DIR with that model"
+            f"prefix was tuned on ({describe(rec)}): pass --base DIR with that model (a bundle made before ptune "
+            "recorded a sharded base's index files, *.index.json, is rebuilt with `dvc repro deploy`)"
         )
-    pickles = sorted(w for w in expected if Path(w).suffix in trust.PICKLE_SUFFIXES)
+    pickles = sorted(w for w in expected if trust.is_pickle(w))
     if pickles and not allow_pickle:
         raise PtuneError(
             f"{what} names a base whose weights are pickles ({', '.join(pickles[:4])}) in {folder}; unpickling can "

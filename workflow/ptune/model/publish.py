@@ -1,10 +1,12 @@
 """`ptune publish --repo ID [--private]`: the deploy bundle to a Hugging Face model repository, as adapters are shared.
 
 What is sent is a fixed list, never a folder's whole content: bundle.json, README.md (the model card) and the files
-of prefix/. Before anything is sent each is checked: none is a weight file of the base (by the sha256s the bundle
-records), and none contains the hub token in use. The token is huggingface_hub's own (HF_TOKEN, or `hf auth login`);
-ptune never reads it from params nor writes it anywhere. The repository is created if missing (private with
---private), then one commit adds the files (huggingface_hub decides, with the hub, which go through LFS).
+of the bundle's own prefix folder (bundle.prefix_folder: bundle.json's `prefix` must name a real folder inside the
+bundle). Before anything is sent each is checked: none is a link (a link would send whatever it points at, from
+anywhere on this machine), none is a file of the base (by the sha256s the bundle records), and none contains the hub
+token in use. The token is huggingface_hub's own (HF_TOKEN, or `hf auth login`); ptune never reads it from params
+nor writes it anywhere. The repository is created if missing (private with --private), then one commit adds the
+files (huggingface_hub decides, with the hub, which go through LFS).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from ..errors import PtuneError
 from . import origin
-from .bundle import MANIFEST, read_manifest
+from .bundle import MANIFEST, prefix_folder, read_manifest
 
 CARD = "README.md"
 
@@ -23,20 +25,23 @@ def files_to_send(bundle: Path) -> list[str]:
     manifest = read_manifest(bundle)
     if not (bundle / CARD).is_file():
         raise PtuneError(f"{bundle / CARD}: missing; rebuild the bundle with `dvc repro deploy`")
-    prefix = bundle / manifest["prefix"]
-    names = [MANIFEST, CARD] + [
+    # Every entry is looked at, links to folders included (a walk would follow them or skip them silently).
+    inside = sorted(prefix_folder(bundle, manifest).rglob("*"))
+    paths = [bundle / MANIFEST, bundle / CARD, *inside]
+    base_digests = set((manifest.get("base") or {}).get("weights", {}).values())
+    for path in paths:
+        if path.is_symlink():
+            raise PtuneError(
+                f"{path}: a symbolic link; the bundle must hold its files themselves (a link sends whatever it points "
+                "at): rebuild it with `dvc repro deploy`, or copy it with `cp -rL` and publish the copy with --bundle"
+            )
+        if path.is_file() and origin.sha256(path) in base_digests:
+            raise PtuneError(f"{path}: the base model's weights, which are never published; rebuild the bundle")
+    return [
         p.relative_to(bundle).as_posix()
-        for p in sorted(prefix.rglob("*"))
+        for p in paths
         if p.is_file() and not p.name.startswith(".")  # .snakemake_timestamp and the like
     ]
-    base_digests = set((manifest.get("base") or {}).get("weights", {}).values())
-    for name in names:
-        path = bundle / name
-        if path.is_symlink():
-            raise PtuneError(f"{path}: a symbolic link; the bundle holds its files themselves: rebuild it")
-        if path.suffix in origin.WEIGHT_SUFFIXES and origin.sha256(path) in base_digests:
-            raise PtuneError(f"{path}: the base model's weights, which are never published; rebuild the bundle")
-    return names
 
 
 def _token() -> str | None:

@@ -10,6 +10,10 @@ Both can run arbitrary code on this machine, so both are off unless params.yaml 
 fetch_weights checks the folder and records both settings in models/base/ptune_source.json; the code that would run
 remote code reads the record again (require_remote_code), so a models/base from before the check is not trusted.
 
+Which files are weights is decided here once (`weight_files`), for fetch_weights' pickle check and for the bundle's
+sha256 record (model/origin.py): not by suffix alone, since a sharded checkpoint's index maps tensors to shard file
+names that may be anything, and transformers loads whatever the index names.
+
 Serving (`ptune serve web|api --bundle DIR`, `ptune chat --bundle DIR`, `python -m ptune.bundle DIR`) loads whatever
 base model the bundle names, and a bundle is easy to copy or download: a record inside it proves nothing, since whoever
 made the folder wrote it. There the decision is the user's own (`user_trusts`): the `--trust-remote-code` flag, or
@@ -31,12 +35,67 @@ from ..paths import BASE, SOURCE_RECORD
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SAFETENSORS = ".safetensors"
+WEIGHT_SUFFIXES = (SAFETENSORS, *PICKLE_SUFFIXES)
+# A sharded checkpoint's index: model.safetensors.index.json, pytorch_model.bin.index.json (and what config.json's
+# transformers_weights names, which transformers requires to end in .safetensors or .safetensors.index.json).
+INDEX_SUFFIX = ".index.json"
 TRUST_FLAG = "--trust-remote-code"
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """Every file of `folder` that transformers may read as weights, relative to it, sorted (none in .git/.cache):
+    safetensors and pickles by suffix, each sharded checkpoint's index, and every file an index names, whatever its
+    name. An index naming anything but a plain file name beside it is refused (see _shards)."""
+    found = set()
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if not path.is_file() or {".git", ".cache"} & set(rel.parts):
+            continue
+        if path.suffix in WEIGHT_SUFFIXES:
+            found.add(rel)
+        elif path.name.endswith(INDEX_SUFFIX):
+            found.add(rel)
+            # A shard the index names but the folder lacks is no file to record: loading through it fails.
+            found.update(rel.parent / name for name in _shards(path) if (path.parent / name).is_file())
+    return sorted(found)
+
+
+def _shards(index: Path) -> set[str]:
+    """The shard file names `index` maps tensors to. transformers joins each to the model folder as it stands, so
+    `../x.safetensors` or an absolute path would load a file from outside the folder, which no record covers."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = set(weight_map.values())
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PtuneError(
+            f"{index}: not a sharded checkpoint's index (no weight_map of tensor -> file name: "
+            f"{type(exc).__name__}: {exc}); transformers reads it as one: remove it, or fetch the model again"
+        ) from None
+    for name in sorted(names, key=repr):
+        if not is_plain_name(name):
+            raise PtuneError(
+                f"{index}: weight_map names the shard {name!r}, which is not a plain file name in {index.parent}; "
+                "transformers would load it from wherever it points. Use a model whose index names its own shards"
+            )
+    return names
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name a folder's own metadata may use to name its files: no separator, not `.`/`..`, no NUL."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not {"/", "\\", "\0"} & set(name)
+
+
+def is_pickle(name: str | Path) -> bool:
+    """Whether transformers may unpickle this weight file (one of weight_files): every one but safetensors and
+    indexes, since it hands any shard not named *.safetensors to torch.load."""
+    name = Path(name).name
+    return not (name.endswith(SAFETENSORS) or name.endswith(INDEX_SUFFIX))
+
+
 def _weights(folder: Path) -> tuple[list[Path], list[Path]]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and ".git" not in p.relative_to(folder).parts)
-    return ([p for p in files if p.suffix == ".safetensors"], [p for p in files if p.suffix in PICKLE_SUFFIXES])
+    files = [folder / rel for rel in weight_files(folder)]
+    return ([p for p in files if p.name.endswith(SAFETENSORS)], [p for p in files if is_pickle(p)])
 
 
 def _remote_code(folder: Path) -> list[str]:
@@ -66,6 +125,14 @@ def check_folder(folder: Path, *, backend: str, trust_remote_code: bool, allow_p
             f"{what} has its weights only as pickles ({names}); unpickling can run code. Set "
             "fetch_weights.allow_pickle: true in params.yaml if you trust where they come from, or use "
             "a revision with safetensors weights"
+        )
+    unnamed = [str(p.relative_to(folder)) for p in pickles if p.suffix not in PICKLE_SUFFIXES]
+    if unnamed:
+        # Not a pickled copy to leave out: a shard an index names, which the model cannot load without.
+        raise PtuneError(
+            f"{what} has weight shards without the .safetensors suffix ({', '.join(unnamed[:4])}), named by its "
+            "index: transformers unpickles them (torch.load), and unpickling can run code. Set "
+            "fetch_weights.allow_pickle: true in params.yaml if you trust where they come from"
         )
     for path in pickles:
         path.unlink()

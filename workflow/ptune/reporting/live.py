@@ -13,7 +13,8 @@ default `dvclive`; `none` for no tracker):
                ptune contacts nothing the user did not name; needs mlflow (`pip install mlflow-skinny`)
   wandb        a run named after the stage in the W&B project $WANDB_PROJECT (default `ptune`), files under
                reports/live/<stage>/wandb/; W&B's own settings apply (`wandb login` or WANDB_API_KEY;
-               WANDB_MODE=offline keeps it on this machine, `wandb sync` sends it later); needs wandb
+               WANDB_MODE=offline keeps it on this machine, `wandb sync` sends it later), except that the run holds
+               the metrics alone (WANDB_SETTINGS below); needs wandb
 
 An environment variable, not a param: params are part of the stages' hashes, and watching a run must not rerun it.
 reports/live/<stage>/ is a declared output of its stage (dvc.yaml), cached and pushed like the others.
@@ -22,13 +23,15 @@ Each start writes the folder anew from the history the stage resumes with (the r
 resumed run continues its curve from the checkpoint's step and no step appears twice; what a killed run logged
 after its last checkpoint is dropped with it. The folder is removed first, never written into: after a DVC run its
 files may be hard links into DVC's cache (cache.type hardlink), which a write in place would corrupt. Trackers are
-extra: one that fails is logged once and dropped, and the stage goes on.
+extra: one that fails is logged once and dropped, and the stage goes on; the error is logged with every URL's
+credentials masked (`_masked`), since a tracker's error names the server it could not reach.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterable, Mapping
@@ -45,6 +48,24 @@ TRACKERS = ("dvclive", "tensorboard", "mlflow", "wandb")
 TENSORBOARD_DIR = "tensorboard"
 
 Values = Mapping[str, float]
+
+# What W&B would otherwise add to its run folder, reports/live/<stage>/wandb/, which DVC caches and `dvc push` sends to
+# the remote (and the run to W&B): the host name, the command line and program, the git remote URL (which may carry
+# a token) and commit, the code, the console output, the installed packages, the machine's identity. The run holds
+# ptune's metrics and W&B's system metrics (CPU, GPU, memory use) alone. Passed to wandb.init, these win over the
+# WANDB_* variables. (All exist since wandb 0.19, the extra's floor.)
+WANDB_SETTINGS = {
+    "host": "",  # recorded with the run even without its metadata; "" is left out
+    "x_disable_meta": True,
+    "x_disable_machine_info": True,
+    "disable_git": True,
+    "disable_code": True,
+    "save_code": False,
+    "console": "off",
+    "x_save_requirements": False,
+}
+# The user name and password of a URL (`https://user:token@host`): up to the last @ before the host.
+_USERINFO = re.compile(r"(?<=://)[^\s/]*@")
 
 
 def chosen(value: str | None = None) -> tuple[str, ...]:
@@ -171,7 +192,11 @@ class _WandB:
         except ImportError as exc:
             raise _missing("wandb", "wandb", exc) from None
         self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "ptune"), name=folder.name, dir=str(folder), reinit="create_new"
+            project=os.environ.get("WANDB_PROJECT", "ptune"),
+            name=folder.name,
+            dir=str(folder),
+            reinit="create_new",
+            settings=wandb.Settings(**WANDB_SETTINGS),
         )
         for step, values in history:
             self.log(step, values)
@@ -181,6 +206,13 @@ class _WandB:
 
     def close(self) -> None:
         self.run.finish()
+
+
+def _masked(error: Exception) -> str:
+    """`error`'s text for the log with every URL's user name and password masked: MLflow names the server it could
+    not reach (`API request to https://user:token@host/...`), and the log goes to the terminal, DVC's and
+    Snakemake's logs, and CI's."""
+    return _USERINFO.sub("***@", str(error))
 
 
 _MAKERS = {"dvclive": _DvcLive, "tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
@@ -205,14 +237,14 @@ class Live:
             except PtuneError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a tracker is extra: say why, go on without it
-                log.warning("live metrics: %s could not start, going on without it: %s", name, exc)
+                log.warning("live metrics: %s could not start, going on without it: %s", name, _masked(exc))
 
     def log(self, step: int, values: Values) -> None:
         for name, tracker in list(self.trackers.items()):
             try:
                 tracker.log(step, values)
             except Exception as exc:  # noqa: BLE001
-                log.warning("live metrics: %s failed at step %d, going on without it: %s", name, step, exc)
+                log.warning("live metrics: %s failed at step %d, going on without it: %s", name, step, _masked(exc))
                 del self.trackers[name]
 
     def close(self) -> None:
@@ -220,5 +252,5 @@ class Live:
             try:
                 tracker.close()
             except Exception as exc:  # noqa: BLE001
-                log.warning("live metrics: %s failed while closing: %s", name, exc)
+                log.warning("live metrics: %s failed while closing: %s", name, _masked(exc))
         self.trackers = {}
