@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -243,18 +244,47 @@ def test_a_scheduler_process_that_cannot_start_falls_back_to_a_thread(engine, mo
         assert not child.process.is_alive()
 
 
-def test_a_scheduler_process_that_dies_fails_its_requests_and_refuses_new_ones(engine, serving_project):
-    """Killed (say by the kernel's OOM killer), the child takes its rows with it: each running request gets an
-    error (the API answers 500), none stays pending, and new requests are refused at once."""
+def test_a_scheduler_process_that_dies_fails_its_rows_and_a_thread_takes_over(engine, serving_project, caplog):
+    """Killed (SIGKILL, as the kernel's OOM killer kills), the child takes its rows with it: each running request gets
+    an error (the API answers 500) and none stays pending; then a thread takes over (logged once) and answers as the
+    process did. Until it has, the engine says it cannot answer (/health: 503), and a request that comes meanwhile
+    waits for it rather than fail. Before that, a row whose callback raises in the reader thread fails alone: the
+    answers after it still come."""
+    from ptune.model.generation import generation_kwargs
+    from ptune.serve.batching import Row, Scheduler
     from ptune.serve.engine import Engine
 
     doomed = Engine(engine.bundle, "ptune", "doomed", max_pending=32, max_batch=8, own_process=True)._ready()
     prompt = dev_prompts(serving_project.root)[0]
+    greedy = doomed.settings(max_new_tokens=9, do_sample=False)
+    expected = engine.complete(prompt, settings=greedy).token_ids  # the fixture's thread
+
+    def broken(token: int) -> None:
+        raise ValueError("a reader that breaks")
+
+    ended = []
+    ids = doomed.prompt_ids(prompt, (), 9)[0]
+    kwargs = generation_kwargs(greedy, doomed.bundle.tokenizer, doomed.stop_ids)
+    doomed.scheduler.submit(Row(ids, 9, kwargs, None, threading.Event(), broken, lambda t, e: ended.append(e)))
+    after = doomed.start(prompt, settings=greedy)
+    assert after._done.wait(60), "the reader thread stopped: no answer came after a row's callback raised"
+    assert after.result().token_ids == expected
+    assert [type(e) for e in ended] == [ValueError] and "handing over its token failed" in caplog.text
+
     running = doomed.start(prompt, settings=doomed.settings(max_new_tokens=400, temperature=2.0, top_p=1.0, seed=1))
     next(iter(running))  # it is decoding
-    doomed.scheduler._process.kill()
-    with pytest.raises(RuntimeError, match="process has ended"):
-        running.wait()
-    with pytest.raises(RuntimeError, match="process has ended"):
-        doomed.start(prompt)
+    process = doomed.scheduler._process
+    with ThreadPoolExecutor(1) as pool:
+        with doomed._fallback_lock:  # held: the moment between the kill and the thread taking over
+            process.kill()
+            with pytest.raises(RuntimeError, match="process has ended"):
+                running.wait()
+            assert not doomed.available
+            meanwhile = pool.submit(doomed.complete, prompt, (), greedy)
+            time.sleep(0.2)
+            assert not meanwhile.done()  # it waits for the thread
+        assert meanwhile.result(timeout=60).token_ids == expected
+    assert doomed.available and type(doomed.scheduler) is Scheduler
+    assert doomed.complete(prompt, settings=greedy).token_ids == expected
+    assert caplog.text.count("decoding in a thread from now on") == 1
     assert doomed.pending == 0

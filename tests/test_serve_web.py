@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,10 @@ def _wait_until_up(proc: subprocess.Popen, url: str, timeout: float = 300) -> No
 
 
 class Web(str):
-    """The page's URL; `log` is the server's output (its --log-prompts lines among it)."""
+    """The page's URL; `log` is the server's output (its --log-prompts lines among it); `pid` the server's."""
 
     log: Path
+    pid: int
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def web(serving_project, tmp_path_factory):
             text=True,
         )
     url = Web(f"http://127.0.0.1:{port}/")
-    url.log = log
+    url.log, url.pid = log, proc.pid
     try:
         _wait_until_up(proc, url)
         yield url
@@ -240,3 +242,158 @@ def test_two_pages_asking_together_reach_the_engine_together_and_share_a_batch(s
     finally:
         demo.close()
     assert engine.scheduler.largest_batch == 2
+
+
+def _client(web):
+    """The page's own protocol, as a script drives it (gradio_client): each call's outputs are what the server
+    sends back, its session's state among them."""
+    from gradio_client import Client
+
+    return Client(web, auth=(USER, PASSWORD), verbose=False)
+
+
+def _said(chat: list[dict]) -> list[tuple[str, str]]:
+    """The Chatbot's messages as (role, text)."""
+    return [
+        (m["role"], m["content"] if isinstance(m["content"], str) else "".join(p["text"] for p in m["content"]))
+        for m in chat
+    ]
+
+
+def test_unanswered_questions_neither_pile_up_nor_break_the_session(web, serving_project):
+    """The issue's attack: Send outside the queue (its `ask` step) again and again with 32,000 characters, and never
+    let an answer run (as when the queue is full). Each question used to be kept, unanswered, and the whole chat
+    sent back each time (60 of them: 45 MiB of server memory); the next answer then failed on the unanswered ones
+    (`object of type 'NoneType' has no len()`), and so did every later one. Now an unanswered question is dropped
+    when the next is asked: the session holds one question, and the next answer is the bundle's own."""
+    client = _client(web)
+    for i in range(12):
+        box, chat = client.predict(f"{i:02}:" + "x" * 31_990, api_name="/ask_")
+        assert box == "" and [(role, text[:3]) for role, text in _said(chat)] == [("user", f"{i:02}:")]
+    prompt, seed, expected = cases(serving_project.root, 1)[0]
+    client.predict(prompt, api_name="/ask_")
+    chat = client.predict(api_name="/respond", seed=str(seed))
+    assert _said(chat) == [("user", prompt), ("assistant", expected)]
+
+
+def test_the_page_keeps_the_latest_rounds_within_the_caps_and_names_bad_settings(serving_project):
+    """What a session keeps is what the engine reads: the latest rounds within --max-rounds and --max-chars, the
+    oldest forgotten and the page saying so; so however long a chat runs, its session holds at most the caps and one
+    answer. Settings a script sends as something else than numbers, numbers the engine refuses (NaN, a temperature
+    below 0.01) and a message that is not text get the page's error naming them, not an exception's text."""
+    import gradio as gr
+
+    from ptune.serve import web as page
+    from ptune.serve.engine import Engine, Limits
+
+    from support.serving import _bundle
+
+    engine = Engine(_bundle(str(serving_project.root), False), "ptune", "test", limits=Limits(2, 1000))
+    d = engine.defaults
+    settings = (2, True, d.top_p, d.temperature, "1")  # max new tokens, sample, top_p, temperature, seed
+    pairs = []
+    for i in range(5):
+        _, pairs, _ = page.ask(engine, f"{i}:" + "类型#裤" * 40, pairs)
+        with warnings.catch_warnings(record=True) as said:  # the page's gr.Warning, outside a served page
+            warnings.simplefilter("always")
+            *_, (pairs, chat) = page.answer(engine, pairs, *settings)
+        assert [q[:2] for q, _ in pairs] == [f"{j}:" for j in range(max(0, i - 2), i + 1)]
+        assert chat == page.display(pairs) and all(a is not None for _, a in pairs)
+        forgot = [str(w.message) for w in said if "forgotten" in str(w.message)]
+        assert forgot == ([] if i < 3 else [page.forgotten(1, engine.limits)])
+    assert "2 rounds and 1000 characters (its --max-rounds and --max-chars options)" in forgot[0]
+    engine.limits = Limits(64, 400)  # now the characters bind: the message (164) and one round fit, two do not
+    _, pairs, _ = page.ask(engine, "类型#裤" * 40 + "!!", pairs)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        *_, (pairs, _) = page.answer(engine, pairs, *settings)
+    assert len(pairs) == 2 and sum(len(q) + len(a) for q, a in pairs[:-1]) + len(pairs[-1][0]) <= 400
+
+    bad = {
+        "max_new_tokens None: must be a whole number": (None, True, 0.7, 0.95, ""),
+        "temperature nan: must be a number >= 0": (2, True, 0.7, float("nan"), ""),
+        "temperature 1e-45: must be 0 .greedy decoding. or at least 0.01": (2, True, 0.7, 1e-45, ""),
+        "top_p 'x': must be a number": (2, True, "x", 0.95, ""),
+        "seed 'x1': must be a whole number, or empty": (2, True, 0.7, 0.95, "x1"),
+    }
+    for says, fields in bad.items():
+        _, asked, _ = page.ask(engine, "类型#裤", [])
+        with pytest.raises(gr.Error, match=says):
+            list(page.answer(engine, asked, *fields))
+    with pytest.raises(gr.Error, match=r"the message holds a lone UTF-16 surrogate \(U\+D800 at character 1\)"):
+        page.ask(engine, "a\ud800", [])
+    assert engine.pending == 0
+
+
+@pytest.mark.slow
+def test_a_page_session_is_forgotten_after_its_lifetime(serving_project):
+    """A page's conversation lives SESSION_TTL_S seconds (an hour) after its last question or answer; here one
+    second, and the next question starts a new conversation."""
+    from gradio_client import Client
+
+    from ptune.serve import web as page
+    from ptune.serve.engine import Engine
+
+    from support.serving import _bundle
+
+    assert page.SESSION_TTL_S == 3600
+    engine = Engine(_bundle(str(serving_project.root), False), "ptune", "test")
+    demo = page.queued(page.build(engine, session_ttl=1), engine)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, mcp_server=False)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        client.predict("类型#裤", api_name="/ask_")
+        assert [role for role, _ in _said(client.predict(api_name="/respond"))] == ["user", "assistant"]
+        _, chat = client.predict("类型#裤", api_name="/ask_")
+        assert len(chat) == 3  # within its lifetime: the earlier round is there
+        time.sleep(3)  # past it; Gradio deletes expired state every second
+        _, chat = client.predict("类型#裤", api_name="/ask_")
+        assert _said(chat) == [("user", "类型#裤")]
+    finally:
+        demo.close()
+
+
+def test_the_page_shows_a_request_id_not_the_exception_when_it_fails_inside(web):
+    """The page used to show an exception's own text (show_error=True), where the API shows a request id. Now a
+    failure inside (the scheduler's process killed under a question, as the kernel's OOM killer kills; stopped
+    first, so that the question is surely in flight) shows a request id, the details being in the server's log under
+    it; and Gradio's own errors (a field a script sends empty) show no exception text either. Last of the tests of
+    the `web` server: its scheduler's process is gone afterwards (a thread takes over)."""
+    import re
+
+    import psutil
+    from gradio_client.exceptions import AppError
+
+    from support.processes import alive
+
+    (child,) = [c for c in psutil.Process(web.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    client = _client(web)
+    client.predict("类型#裤", api_name="/ask_")
+    asked = len(logged_prompts(web.log.read_text(encoding="utf-8")))
+    child.suspend()
+    try:
+        job = client.submit(api_name="/respond", max_new_tokens=4)
+        deadline = time.monotonic() + 60
+        while len(logged_prompts(web.log.read_text(encoding="utf-8"))) == asked:  # logged just before it is sent
+            assert time.monotonic() < deadline, "the question never reached the engine"
+            time.sleep(0.02)
+        time.sleep(0.2)
+        child.kill()
+        with pytest.raises(AppError) as failed:
+            job.result(timeout=60)
+    finally:
+        if alive(child.pid):
+            child.kill()
+    message = str(failed.value)
+    said = re.fullmatch(r"the server failed to answer \(request id (\w+); the server's log has the details\)", message)
+    assert said, message
+    ident = said.group(1)
+    time.sleep(0.5)  # the log line may trail the answer
+    log = web.log.read_text(encoding="utf-8")
+    assert f"request {ident} failed" in log and "Traceback" in log
+
+    client.predict("类型#裤", api_name="/ask_")
+    with pytest.raises(AppError) as refused:
+        client.predict(None, True, 0.7, 0.95, "", api_name="/respond")  # no number of new tokens
+    assert "Error" not in str(refused.value) and "NoneType" not in str(refused.value), str(refused.value)

@@ -18,7 +18,6 @@ A client that goes away stops its generation at the next decoding step, streamin
 from __future__ import annotations
 
 import json
-import logging
 import os
 import secrets
 import time
@@ -33,12 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PtuneError
+from . import failures
 from .engine import Engine, Reply, RequestError
 from .limits import MAX_BODY_BYTES, BodyLimit, check_conversation, require_json
 
 __all__ = ["MAX_BODY_BYTES", "BodyLimit", "create_app"]
 
-log = logging.getLogger(__name__)
 # How often a non-streaming request looks whether its client is still there while its answer is generated.
 DISCONNECT_POLL_S = 0.05
 # A stream's events are written at most this often ($PTUNE_STREAM_EVERY_S; 0: one per token): the tokens decoded
@@ -172,6 +171,11 @@ async def json_body(request: Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}", "body") from None
+    except RecursionError:  # json.loads recurses once per level: 100,000 `[` exhaust the interpreter's stack
+        raise RequestError(
+            "the request body nests arrays or objects too deeply to read; no request needs more than a few levels",
+            "body",
+        ) from None
 
 
 def parse(model: type[BaseModel], raw: Any):
@@ -183,9 +187,7 @@ def parse(model: type[BaseModel], raw: Any):
 
 def server_error(exc: BaseException, message: str = "the server failed to answer") -> dict:
     """A 500's body: a request id to quote, the details (exception and traceback) in the server's log only."""
-    ident = uuid.uuid4().hex[:12]
-    log.error("request %s failed", ident, exc_info=exc)
-    return error_body(500, f"{message} (request id {ident}; the server's log has the details)", code="server_error")
+    return error_body(500, failures.reported(exc, message), code="server_error")
 
 
 async def answered(request: Request, reply: Reply) -> Reply:
@@ -245,15 +247,22 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     # Cheap endpoints are async: they must answer even while every worker thread waits for the engine.
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
-            "model": engine.name,
-            "description": engine.description,
-            "pending": engine.pending,
-            "context_length": engine.context_length,
-            "prefix_length": engine.prefix_length,
-        }
+    async def health(request: Request) -> JSONResponse:
+        """Open, for probes that hold no key: whether the server can answer (200 ok, else 503 unavailable) and
+        nothing more. With the key (or where none is set; a wrong one is refused, 401) also what it serves and how
+        busy it is, never a local path (the engine's summary, not the description this machine's terminal shows)."""
+        ok = engine.available
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable"}
+        if api_key is None or "authorization" in request.headers:
+            await authorized(request)
+            body |= {
+                "model": engine.name,
+                "description": engine.summary,
+                "pending": engine.pending,
+                "context_length": engine.context_length,
+                "prefix_length": engine.prefix_length,
+            }
+        return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:

@@ -14,6 +14,16 @@ from ..errors import PtuneError
 from ..model import legacy_env
 from ..paths import DEPLOY
 from . import scheduler_process
+from .edge import (
+    ALLOWED_HOSTS_OPTION,
+    ALLOWED_ORIGINS_OPTION,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_REQUEST_TIMEOUT_S,
+    AllowedHosts,
+    Edge,
+    allowed_origins,
+)
 from .limits import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROUNDS, Limits
 
 log = logging.getLogger(__name__)
@@ -111,6 +121,38 @@ def _add_host_args(parser: argparse.ArgumentParser, port: int) -> None:
         "0.0.0.0 opens it to every network the machine is on",
     )
     parser.add_argument("--port", type=int, default=port, help="port (default: %(default)s; 0: any free port)")
+    edge = parser.add_argument_group("who may connect, and for how long")
+    edge.add_argument(
+        ALLOWED_HOSTS_OPTION,
+        metavar="NAME[,NAME]",
+        action="append",
+        default=[],
+        help="also answer requests for these host names (repeatable): a reverse proxy's public name; IP addresses, "
+        "localhost, this machine's names and --host's are always answered, any other name gets 400 (DNS "
+        "rebinding); '*' answers any name",
+    )
+    edge.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="open connections at once; a request on one more gets 503 (default: %(default)s)",
+    )
+    edge.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT_S,
+        metavar="SECONDS",
+        help="time a client has to send a whole request, headers and body; slower connections are closed "
+        "(default: %(default)s)",
+    )
+    edge.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=DEFAULT_KEEP_ALIVE_S,
+        metavar="SECONDS",
+        help="time an idle connection stays open between two requests (default: %(default)s)",
+    )
 
 
 def add_parsers(sub) -> None:
@@ -129,10 +171,14 @@ def add_parsers(sub) -> None:
     _add_model_args(web)
     _add_host_args(web, 7860)
     web.add_argument(
-        "--share",
-        action="store_true",
-        help="also publish a public gradio.live link (anyone with the link can use the model)",
+        ALLOWED_ORIGINS_OPTION,
+        metavar="ORIGIN[,ORIGIN]",
+        action="append",
+        default=[],
+        help="other sites whose pages may call this page with its users' login (repeatable), e.g. "
+        "https://portal.example.com; no other site may",
     )
+    web.add_argument("--share", action="store_true", help="refused: see docs/serving.md for a public address")
     web.add_argument(
         "--auth",
         metavar="USER:PASS",
@@ -172,27 +218,51 @@ def run(args: argparse.Namespace) -> int:
     if args.frontend == "api":
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         warn_if_exposed(args.host, "an API key (--api-key)" if api_key is None else None)
+        edge = edge_of(args)
         check_source(args)
         sock = bind(args.host, args.port)
         engine = load_engine(args)
         from . import api, server
 
-        return server.run(api.create_app(engine, api_key), sock, engine)
+        url = server.url_of(sock)
+        ready = (
+            f"{server.READY_PREFIX} {engine.name} ({engine.description}) on {url} (OpenAI base URL {url}/v1); "
+            "Ctrl-C stops it"
+        )
+        return server.run(api.create_app(engine, api_key), sock, edge, ready)
+    if args.share:
+        raise PtuneError(
+            "--share is not offered: Gradio's share link needs Gradio's own server, which lets any site's page call "
+            "this one with its users' login; to reach the page from elsewhere, use an SSH tunnel (ssh -L "
+            f"{args.port}:127.0.0.1:{args.port} HOST) or a reverse proxy with TLS and {ALLOWED_HOSTS_OPTION} NAME "
+            "(docs/serving.md)"
+        )
     auth = parse_auth(args.auth or os.environ.get(WEB_AUTH_ENV))
     warn_if_exposed(args.host, "a login (--auth)" if auth is None else None)
-    if args.share:
-        warn(
-            "--share publishes a public link through Gradio's share servers: anyone who has the link can use "
-            "this model" + ("" if auth else "; add --auth USER:PASS to require a login")
-        )
+    edge = edge_of(args)
+    origins = allowed_origins(args.allowed_origins)
     check_source(args)
-    # Gradio binds by port number, not a socket: check now that the port is free (and pick one for 0).
-    with bind(args.host, args.port) as sock:
-        port = sock.getsockname()[1]
+    sock = bind(args.host, args.port)
     engine = load_engine(args)
     from . import web
 
-    return web.run(engine, host=args.host, port=port, share=args.share, auth=auth)
+    return web.run(engine, sock, edge, auth=auth, origins=origins)
+
+
+def edge_of(args: argparse.Namespace) -> Edge:
+    """The network edge's limits from the options, each checked (edge.py and server.py say what each one guards)."""
+    if args.max_connections < 1:
+        raise PtuneError(f"--max-connections {args.max_connections}: must be 1 or more")
+    timeouts = (("--request-timeout", args.request_timeout), ("--keep-alive-timeout", args.keep_alive_timeout))
+    for option, seconds in timeouts:
+        if not 0 < seconds <= 3600:  # NaN fails this too
+            raise PtuneError(f"{option} {seconds}: must be seconds, more than 0 and at most 3600")
+    return Edge(
+        AllowedHosts.for_server(args.host, args.allowed_hosts),
+        max_connections=args.max_connections,
+        request_timeout_s=args.request_timeout,
+        keep_alive_s=args.keep_alive_timeout,
+    )
 
 
 def check_source(args: argparse.Namespace) -> None:

@@ -17,6 +17,11 @@ backend's own `generate` in a worker thread, behind a lock.
 
 A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
 that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
+
+A scheduler's process that ends (the kernel's OOM killer picks the process with the most memory of its own) fails
+its rows in flight; from then on a thread decodes (`_fall_back`, logged once), or, with $PTUNE_SERVE_FALLBACK=none,
+the engine refuses every request (`Unavailable`, 503) and says so (`available`) for a supervisor to restart the
+server. Either way no request waits for a process that is gone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import dataclasses
 import json
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +49,7 @@ from ..model.checks import context_length
 from ..model.generation import generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
 from . import scheduler_process
-from .limits import Limits, RequestError, check_conversation, check_seed
+from .limits import Limits, RequestError, check_conversation, check_sampling, check_seed
 
 if TYPE_CHECKING:
     from . import batching
@@ -55,7 +61,7 @@ prompt_log = logging.getLogger("ptune.prompts")
 History = Sequence[tuple[str, str]]
 
 
-__all__ = ["Busy", "Engine", "Limits", "Reply", "RequestError", "Settings"]
+__all__ = ["Busy", "Engine", "Limits", "Reply", "RequestError", "Settings", "Unavailable"]
 
 
 class Busy(RequestError):
@@ -63,6 +69,23 @@ class Busy(RequestError):
         super().__init__(
             f"the server is busy ({pending} requests pending); retry in a moment", status=503, code="server_busy"
         )
+
+
+class Unavailable(RequestError):
+    """The scheduler's process has ended and, as $PTUNE_SERVE_FALLBACK=none asks, nothing took over (the log says
+    why; the client is told no more)."""
+
+    def __init__(self):
+        super().__init__(
+            "the server cannot answer until it is restarted (its log says why)", status=503, code="server_unavailable"
+        )
+
+
+def _ended(engine: "weakref.ref[Engine]") -> None:
+    """The scheduler's process has ended (called by its reader thread): the engine, if still there, falls back."""
+    alive = engine()
+    if alive is not None:
+        alive._fall_back()
 
 
 def _prefix_length(bundle: Bundle) -> int:
@@ -397,14 +420,17 @@ class Engine:
         max_batch: int = 8,
         own_process: bool = False,
         child: scheduler_process.Child | None = None,
+        summary: str | None = None,
     ):
         """`own_process`: on a CPU, run the scheduler in a child process (what `ptune serve` asks for: its HTTP side's
         Python would otherwise take turns with the model's at one GIL); else, and always on a GPU, in a thread. `child`:
         that process, started before the model loaded (`ptune serve` starts it: serve/commands.py); closed here if
-        not used."""
+        not used. `description`: what is served, for this machine's terminal (it may name a local folder);
+        `summary`: the same for clients, without local paths (the name if not given)."""
         self.bundle = bundle
         self.name = name
         self.description = description
+        self.summary = summary or name
         self.max_pending = max_pending
         self.limits = limits or Limits()
         self.defaults = bundle.generation
@@ -418,6 +444,9 @@ class Engine:
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
         self._count_lock = threading.Lock()
+        self._fallback_lock = threading.Lock()
+        self._fallback = scheduler_process.fallback() if own_process else scheduler_process.THREAD
+        self._lost = False  # the scheduler's process has ended and that is logged (_fall_back)
         self._pending = 0
         # Continuous batching where the backend is transformers' own; else one at a time (the lock).
         self.scheduler: batching.Scheduler | scheduler_process.SchedulerProcess | None = None
@@ -430,9 +459,14 @@ class Engine:
             self._wakes = Wakes()
             where = next(model.parameters()).device
             if own_process and scheduler_process.in_a_process(where, model, bundle.encoder):
+                # The reader thread calls back through a weak reference: it would otherwise keep the engine alive.
+                engine = weakref.ref(self)
                 try:
                     self.scheduler = scheduler_process.SchedulerProcess(
-                        *self._scheduler_args(max_batch), after_step=self._wakes.flush, child=child
+                        *self._scheduler_args(max_batch),
+                        after_step=self._wakes.flush,
+                        child=child,
+                        on_end=lambda: _ended(engine),
                     )
                 except Exception:  # e.g. a model that cannot be pickled to the child
                     log.warning("the scheduler's process did not start; decoding in a thread", exc_info=True)
@@ -471,7 +505,16 @@ class Engine:
         what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
         name = "ptune-base" if base_only else "ptune"
         description = f"bundle `{directory}` ({what})"
-        engine = cls(bundle, name, description, max_pending, max_batch=max_batch, own_process=own_process, child=child)
+        engine = cls(
+            bundle,
+            name,
+            description,
+            max_pending,
+            max_batch=max_batch,
+            own_process=own_process,
+            child=child,
+            summary=f"deploy bundle ({what})",
+        )
         return engine._ready()
 
     @classmethod
@@ -506,19 +549,57 @@ class Engine:
             max_batch=max_batch,
             own_process=own_process,
             child=child,
+            summary="model directory (no prefix)",
         )
         return engine._ready()
 
     def _ready(self) -> "Engine":
         """Once a scheduler in a child process has loaded (a server is then ready for its first request); if that
         process ended instead, a thread decodes."""
-        wait = getattr(self.scheduler, "wait_ready", None)
+        started = self.scheduler
+        wait = getattr(started, "wait_ready", None)
         if wait is not None and not wait():
-            from .batching import Scheduler
-
-            log.warning("the scheduler's process ended at start (its error is above); decoding in a thread")
-            self.scheduler = Scheduler(*self._scheduler_args(self.scheduler.max_batch), after_step=self._wakes.flush)
+            with self._fallback_lock:
+                if self.scheduler is started:  # else the reader has handed over already, as the pipe closed
+                    log.warning("the scheduler's process ended at start (its error is above); decoding in a thread")
+                    self.scheduler = self._thread_scheduler()
         return self
+
+    def _thread_scheduler(self) -> batching.Scheduler:
+        from .batching import Scheduler
+
+        return Scheduler(*self._scheduler_args(self.scheduler.max_batch), after_step=self._wakes.flush)
+
+    @property
+    def available(self) -> bool:
+        """Whether a request now would be answered: not while the scheduler's process has ended and no thread has
+        taken over (a moment, or for good with $PTUNE_SERVE_FALLBACK=none). /health says so."""
+        return not getattr(self.scheduler, "ended", False)
+
+    def _fall_back(self) -> None:
+        """If the scheduler's process has ended: a thread decodes from now on (logged once), unless
+        $PTUNE_SERVE_FALLBACK=none. Called by the process's reader when its pipe closes and by a request that found
+        the process ended, whichever comes first; requests meanwhile wait on the lock for the thread (a moment: it
+        loads nothing, the model is this process's own), none for the process."""
+        with self._fallback_lock:
+            dead = self.scheduler
+            if getattr(dead, "ended", False) and not self._lost:
+                if self._fallback == scheduler_process.THREAD:
+                    self.scheduler = self._thread_scheduler()  # should this fail, the next request tries again
+                    log.warning(
+                        "the scheduler's process has ended (exit code %s; -9 is SIGKILL, e.g. the kernel's OOM "
+                        "killer): its answers in flight failed; decoding in a thread from now on (slower under many "
+                        "clients; restart the server to get the process back)",
+                        dead.exitcode,
+                    )
+                else:
+                    log.warning(
+                        "the scheduler's process has ended (exit code %s) and %s=none: every request is refused "
+                        "(503) and /health says unavailable; restart the server",
+                        dead.exitcode,
+                        scheduler_process.FALLBACK_ENV,
+                    )
+                self._lost = True
 
     def set_defaults(
         self,
@@ -554,10 +635,7 @@ class Engine:
         if max_new_tokens is not None:
             self._check_max_new_tokens(max_new_tokens)
         check_seed(seed)
-        if top_p is not None and not 0 < top_p <= 1:
-            raise RequestError(f"top_p {top_p}: must be > 0 and <= 1", "top_p")
-        if temperature is not None and temperature < 0:
-            raise RequestError(f"temperature {temperature}: must be >= 0", "temperature")
+        check_sampling(temperature, top_p)  # every front end's numbers pass here (limits.py)
         return Settings(
             max_new_tokens=max_new_tokens or d.max_new_tokens,
             do_sample=do_sample,
@@ -671,6 +749,8 @@ class Engine:
         def on_done(new: list[int], error: BaseException | None) -> None:  # in the scheduler's thread, as on_token
             try:
                 self._finish(reply, new, settings, error)
+            except Exception as exc:  # e.g. tokens that do not decode: this answer fails (never looks complete)
+                reply._error = exc
             finally:
                 with self._count_lock:
                     self._pending -= 1
@@ -684,8 +764,16 @@ class Engine:
         kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
         row = Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply._cancel, on_token, on_done)
         scheduler = self.scheduler
-        reply._on_cancel = lambda: scheduler.cancel(row)
-        scheduler.submit(row)
+        reply._on_cancel = lambda: scheduler.cancel(row)  # reads `scheduler` when called: the one the row went to
+        try:
+            scheduler.submit(row)
+        except scheduler_process.Ended:  # the process has ended: the reader may not have seen it yet
+            dead = scheduler
+            self._fall_back()
+            scheduler = self.scheduler  # the thread _fall_back put there, or still the dead process (none)
+            if scheduler is dead:
+                raise Unavailable() from None
+            scheduler.submit(row)
 
     def _finish(self, reply: Reply, new: list[int], settings: Settings, error: BaseException | None) -> None:
         if error is not None:

@@ -13,10 +13,16 @@ refuse. So, before anything parses, tokenizes or queues it:
   tokenization work of one request, whatever the body limit lets through. Defaults far above real chats (a context
   of a few thousand tokens holds a few dozen rounds at most); `--max-rounds` and `--max-chars` change them.
 - `check_seed`: a seed torch takes (0 to 2**63 - 1), not a server error later.
+- `check_sampling`: a finite top_p and temperature, the temperature 0 (greedy) or at least MIN_TEMPERATURE: the
+  model's scores are divided by it, and by 1e-45 or 1e-300 they overflow to inf and NaN, which fails the generation
+  itself (a server error); NaN fails every comparison, so finiteness is checked by name.
+- `check_text`: text without lone UTF-16 surrogates ("\\ud800" is valid JSON, but not Unicode): the tokenizer, the
+  answer's JSON and the page's JSON cannot encode them, and would fail as a server error.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Far above any prompt a context of a few thousand tokens can take; bounds what one request makes a server read.
@@ -24,6 +30,9 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_ROUNDS = 64
 DEFAULT_MAX_CHARS = 32_000
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+# The lowest temperature but 0 (greedy): below it sampling differs from greedy decoding only between near-ties,
+# while the scores divided by it head for overflow (by 1e-45 they are inf).
+MIN_TEMPERATURE = 0.01
 
 
 class RequestError(ValueError):
@@ -73,6 +82,11 @@ def check_conversation(
             status=413,
             code="conversation_too_long",
         )
+    check_text(query, query_param, "the message")
+    check_text(system or "", history_param, "the system message")
+    for i, (q, a) in enumerate(history):
+        check_text(q, history_param, f"history round {i}'s question")
+        check_text(a, history_param, f"history round {i}'s answer")
 
 
 def latest_rounds(query: str, history, system: str | None, limits: Limits) -> list[tuple[str, str]]:
@@ -92,6 +106,34 @@ def latest_rounds(query: str, history, system: str | None, limits: Limits) -> li
 def check_seed(seed: int | None, param: str = "seed") -> None:
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise RequestError(f"seed {seed}: must be 0 to {MAX_SEED} (2**63 - 1)", param)
+
+
+def check_sampling(temperature: float | None, top_p: float | None) -> None:
+    if top_p is not None and not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise RequestError(f"top_p {top_p}: must be > 0 and <= 1", "top_p")
+    if temperature is None:
+        return
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise RequestError(f"temperature {temperature}: must be a number >= 0 (0: greedy decoding)", "temperature")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise RequestError(
+            f"temperature {temperature}: must be 0 (greedy decoding) or at least {MIN_TEMPERATURE}; a smaller one "
+            "makes the model's scores overflow when divided by it (for the likeliest answer, use 0)",
+            "temperature",
+        )
+
+
+def check_text(text: str, param: str, what: str) -> None:
+    """Refuse a lone surrogate, naming where it is (one pass in C: encoding to UTF-8 stops at the first one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            f"{what} holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}), which is "
+            "not text; send valid Unicode (a surrogate pair, e.g. \\ud83d\\ude00, is fine)",
+            param,
+            code="invalid_text",
+        ) from None
 
 
 def require_json(content_type: str | None) -> None:

@@ -11,10 +11,16 @@ The child is spawned (a fresh interpreter: forking a process that has run torch'
 spends a few seconds importing torch and transformers; `Child` starts it before the server loads the model, so
 that both happen at once. This module imports neither at its top, so that starting the child costs the server
 nothing.
+
+The child may die (the kernel's OOM killer picks the process with the most memory of its own): its rows in flight
+then fail, every later `submit` raises `Ended`, and `on_end` is called once, after which the engine decodes in a
+thread (Engine._fall_back). The reader thread is the only way answers come back, so nothing a row's callbacks raise
+may end it: such a row fails alone (`_hand_over`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import shutil
@@ -31,7 +37,20 @@ if TYPE_CHECKING:
 
     from .batching import Row
 
+log = logging.getLogger(__name__)
+
 PROCESS_ENV = "PTUNE_SERVE_PROCESS"
+# What the engine does once the process has ended (killed, say by the OOM killer): a thread takes over (the
+# default), or nothing does and the server answers 503, /health included, for a supervisor to restart it.
+FALLBACK_ENV = "PTUNE_SERVE_FALLBACK"
+THREAD, NONE = "thread", "none"
+
+
+class Ended(RuntimeError):
+    """The scheduler's process has ended: nothing more can be submitted to it."""
+
+    def __init__(self, exitcode: int | None):
+        super().__init__(f"the scheduler's process has ended (exit code {exitcode})")
 
 
 def in_a_process(device: "torch.device", *modules) -> bool:
@@ -59,15 +78,18 @@ class SchedulerProcess:
         threads: int | None = None,
         after_step: Callable[[], None] | None = None,
         child: "Child | None" = None,
+        on_end: Callable[[], None] | None = None,
     ):
         """`child`: a process started earlier (`Child`), which has imported what it needs while the model loaded
-        here; else one is started now."""
+        here; else one is started now. `on_end`: called once in the reader thread if the process ends, after its
+        rows in flight have failed (it must not hold the engine: the reader would keep it alive)."""
         from .batching import mergeable
 
         self.after_step = after_step or (lambda: None)
         self.max_batch = max(1, max_batch) if mergeable(model) else 1
         self._counts = _Counts()
         self._ready = threading.Event()  # the child has its scheduler (or has ended)
+        self._gone = threading.Event()  # the reader has seen the pipe close: no row can be answered any more
         self._rows: dict[int, Row] = {}  # rows in the child, by number
         self._next = 0
         self._send_lock = threading.Lock()
@@ -87,7 +109,16 @@ class SchedulerProcess:
         # tells the child to exit, and the reader ends on the closed pipe.
         self._reader = threading.Thread(
             target=_read,
-            args=(self._conn, self._rows, self._counts, self.after_step, self._ready),
+            args=(
+                self._conn,
+                self._rows,
+                self._counts,
+                self.after_step,
+                self._ready,
+                self._gone,
+                self._send_lock,
+                on_end or (lambda: None),
+            ),
             daemon=True,
             name="ptune-scheduler-reader",
         )
@@ -99,6 +130,17 @@ class SchedulerProcess:
         itself ready only then, so its first request does not wait for it. Whether the child is running."""
         self._ready.wait(timeout)
         return self._process.is_alive()
+
+    @property
+    def ended(self) -> bool:
+        """Whether the process has ended (a request submitted now would raise `Ended`)."""
+        return self._gone.is_set() or not self._process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        """The process's exit status once it has ended (negative: the signal that ended it, -9 for SIGKILL)."""
+        self._process.join(timeout=1)  # the pipe can close a moment before the process is reaped
+        return self._process.exitcode
 
     @property
     def steps(self) -> int:
@@ -113,21 +155,35 @@ class SchedulerProcess:
         return self._counts.batch
 
     def submit(self, row: Row) -> None:
-        if not self._process.is_alive():
-            raise RuntimeError(f"the scheduler's process has ended (exit code {self._process.exitcode})")
+        """Send the row to the child; `Ended` (and the row not taken) if the process has ended. Under the lock the
+        reader takes when the pipe closes: a row is either failed by the reader or refused here, never left
+        waiting for an answer that cannot come."""
         with self._send_lock:
+            if self.ended:
+                raise Ended(self._process.exitcode)
             row.number = self._next
             self._next += 1
             self._rows[row.number] = row
-            self._conn.send(("submit", row.number, row.ids, row.max_new_tokens, row.kwargs, row.seed))
+            try:
+                self._conn.send(("submit", row.number, row.ids, row.max_new_tokens, row.kwargs, row.seed))
+            except (OSError, ValueError):  # the pipe has closed; the reader has not seen it yet
+                del self._rows[row.number]
+                raise Ended(self._process.exitcode) from None
         if row.cancel.is_set():
             self.cancel(row)
 
     def cancel(self, row: Row) -> None:
         """The row's cancel event is set: tell the child, which drops the row before its next step."""
         if row.number in self._rows:
-            with self._send_lock:
-                self._conn.send(("cancel", row.number))
+            _send_cancel(self._conn, self._send_lock, row.number)
+
+
+def _send_cancel(conn, lock: threading.Lock, number: int) -> None:
+    try:
+        with lock:
+            conn.send(("cancel", number))
+    except (OSError, ValueError):  # the process has ended: the reader fails its rows
+        pass
 
 
 class _Counts:
@@ -139,35 +195,74 @@ class _Counts:
         self.largest = 0
 
 
-def _read(conn, rows: dict[int, Row], counts: _Counts, after_step: Callable[[], None], ready: threading.Event) -> None:
-    """This side's reader: each step's tokens and ended rows to their callbacks, then `after_step`."""
+def _read(
+    conn,
+    rows: dict[int, Row],
+    counts: _Counts,
+    after_step: Callable[[], None],
+    ready: threading.Event,
+    gone: threading.Event,
+    lock: threading.Lock,
+    on_end: Callable[[], None],
+) -> None:
+    """This side's reader: each step's tokens and ended rows to their callbacks, then `after_step`. When the pipe
+    closes (the process has ended), the rows in flight fail and `on_end` is called. It ends only then: whatever a
+    row's callbacks or `after_step` raise is logged, or every later answer would wait forever."""
     while True:
         try:
             message = conn.recv()
         except (EOFError, OSError):
+            with lock:  # as `submit`: a row is sent before this, and failed here, or refused there
+                gone.set()
+                left = [(n, RuntimeError("the scheduler's process has ended")) for n in rows]
             ready.set()
-            gone = [(n, RuntimeError("the scheduler's process has ended")) for n in list(rows)]
-            _hand_over(("step", counts.steps, 0, [], gone), rows, counts)
-            after_step()
+            _hand_over(("step", counts.steps, 0, [], left), rows, counts, conn, lock)
+            _guarded(after_step)
+            _guarded(on_end)
             return
         if message[0] == "ready":
             ready.set()
         else:
-            _hand_over(message, rows, counts)  # a function: no row stays referenced here once it has ended
-            after_step()
+            _hand_over(message, rows, counts, conn, lock)  # a function: no row stays referenced here once it has ended
+            _guarded(after_step)
         del message
 
 
-def _hand_over(message: tuple, rows: dict[int, Row], counts: _Counts) -> None:
+def _hand_over(message: tuple, rows: dict[int, Row], counts: _Counts, conn, lock: threading.Lock) -> None:
+    """One step's tokens and ends to their rows' callbacks. A row whose callback raises fails alone: it is ended
+    here with that error (its reader gets it), the child is told to drop it, and its later tokens are ignored."""
     _, counts.steps, counts.batch, tokens, ended = message
     counts.largest = max(counts.largest, counts.batch)
     for number, token in tokens:
-        row = rows[number]
+        row = rows.get(number)
+        if row is None:  # failed here already; the child has not seen the cancel yet
+            continue
         row.tokens.append(token)
-        row.on_token(token)
+        try:
+            row.on_token(token)
+        except Exception as exc:
+            log.exception("row %d: handing over its token failed; that answer fails, the others go on", number)
+            del rows[number]
+            _send_cancel(conn, lock, number)
+            _end(number, row, exc)
     for number, error in ended:
-        row = rows.pop(number)
+        row = rows.pop(number, None)
+        if row is not None:
+            _end(number, row, error)
+
+
+def _end(number: int, row: Row, error: BaseException | None) -> None:
+    try:
         row.on_done(row.tokens, error)
+    except Exception:
+        log.exception("row %d: handing over its end failed", number)
+
+
+def _guarded(call: Callable[[], None]) -> None:
+    try:
+        call()
+    except Exception:
+        log.exception("the scheduler's reader: a callback failed")
 
 
 def _stop(conn, lock: threading.Lock, process) -> None:
@@ -294,3 +389,15 @@ def wanted() -> bool:
     if value not in ("", "0", "1"):
         raise PtuneError(f"{PROCESS_ENV}={value!r}: 1 (a child process for the scheduler) or 0 (a thread)")
     return value != "0"
+
+
+def fallback() -> str:
+    """$PTUNE_SERVE_FALLBACK: unset or `thread` (a thread decodes once the process has ended), `none` (nothing does:
+    503 until the server is restarted)."""
+    value = os.environ.get(FALLBACK_ENV, "") or THREAD
+    if value not in (THREAD, NONE):
+        raise PtuneError(
+            f"{FALLBACK_ENV}={value!r}: {THREAD} (a thread decodes once the scheduler's process has ended) or "
+            f"{NONE} (the server then answers 503, for a supervisor to restart it)"
+        )
+    return value
