@@ -8,7 +8,9 @@ Resume state is not a DVC output (DVC deletes outputs before a rerun), so `dvc p
     <remote>/ptune-state/train/<key>/checkpoint-00000040.safetensors
 
 The manifest is written last, so a push cut short leaves the previous complete state readable; files it no longer
-names (older checkpoints) are removed after it. A push of another key (the params changed) keeps the run it
+names (older checkpoints) are removed after it. Before the manifest names a file, the remote is listed: each file is
+there with its size, or it is sent again, or the push fails naming it (remote/verify.py); a file the old manifest
+named but the remote lost is sent again, not skipped. A push of another key (the params changed) keeps the run it
 replaces under "older", up to $PTUNE_KEEP_RUNS runs in all, and says so. A pull trusts nothing the remote says
 until `manifest.check_manifest` accepts it (keys, file names, the stage: they become local paths), downloads into
 a temp name, checks the md5, then renames: a half-downloaded checkpoint is never taken for one.
@@ -29,6 +31,7 @@ from ..errors import PtuneError
 from ..paths import PTUNE_DIR, STATE_DIR
 from ..state.resume import KEEP_RUNS_ENV, keep_runs, runs_by_age
 from ..state.stopping import RECORD as STOP_RECORD
+from . import verify
 from .dvc_remote import open_repo
 from .manifest import MAX_MANIFEST_BYTES, SYNCED_STAGES, Manifest, Run, StateFile, check_manifest, check_stage
 from .manifest import local_path as _local_path
@@ -127,7 +130,11 @@ class RemoteState:
         old_runs = {r.key: r for r in old.runs} if old else {}
         old_files = old_runs[key].files if key in old_runs else {}
         files: dict[str, StateFile] = {}
+        sent: list[verify.Expected] = []
         uploaded = 0
+        where = f"the remote '{self.name}' ({self._path(stage)})"
+        # What the remote holds now, not what the old manifest says it should: a file lost there is sent again.
+        lost = verify.lost(self.fs, {self._path(stage, key, n): f.size for n, f in old_files.items()})
         with tempfile.TemporaryDirectory(prefix="ptune-push-", dir=PTUNE_DIR) as tmp:
             for src in sorted(p for p in local.iterdir() if p.is_file() and not p.name.startswith(".")):
                 snap = Path(tmp) / src.name
@@ -136,10 +143,16 @@ class RemoteState:
                 except FileNotFoundError:
                     continue  # pruned by the running stage (save_total_limit) while we were listing
                 files[src.name] = meta
-                if old_files.get(src.name) != meta:
-                    self.fs.put_file(str(snap), self._path(stage, key, src.name))
+                dest = self._path(stage, key, src.name)
+                if old_files.get(src.name) != meta or dest in lost:
+                    self.fs.put_file(str(snap), dest)
                     uploaded += 1
-                snap.unlink()
+                # Kept until checked on the remote (below), to be sent again from.
+                sent.append(
+                    verify.Expected(f"resume state of {stage}: {key}/{src.name}", self.fs, dest, str(snap), meta.size)
+                )
+            # Each file the manifest will name is on the remote, whole, before the manifest names it.
+            verify.verify(sent, where)
             now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             runs = [Run(key, files, platform.node(), now)] + [r for r in (old.runs if old else ()) if r.key != key]
             keep = keep_runs()
@@ -170,8 +183,12 @@ class RemoteState:
                 )
             manifest = Manifest(stage, tuple(runs[:keep])).to_json()
             mpath = Path(tmp) / MANIFEST
-            mpath.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            self.fs.put_file(str(mpath), self._path(stage, MANIFEST))
+            raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+            mpath.write_bytes(raw)
+            mremote = self._path(stage, MANIFEST)
+            self.fs.put_file(str(mpath), mremote)
+            done = verify.Expected(f"resume state of {stage}: {MANIFEST}", self.fs, mremote, str(mpath), len(raw))
+            verify.verify([done], where)
         kept_keys = {r.key for r in runs[:keep]}
         for entry in self.fs.ls(self._path(stage), detail=False):
             if self.fs.name(entry.rstrip("/")) not in kept_keys | {MANIFEST}:

@@ -1,7 +1,8 @@
 """`ptune push` and `ptune restore`: everything an instance would lose, to the DVC remote and back.
 
 push    = `dvc push --run-cache` (every stage output, and the run-cache: DVC has no config setting that makes a plain
-          `dvc push` include it) + the resume state (`ptune checkpoint push`).
+          `dvc push` include it) + the resume state (`ptune checkpoint push`); then the remote is listed to check
+          that each object is there with its size, and what is not is sent again or named (remote/verify.py).
 restore = `dvc pull --run-cache` + the resume state. When the remote lacks an object, DVC names a hash; this names
           the stage and the file, and says what to run.
 """
@@ -13,7 +14,7 @@ import logging
 from pathlib import Path
 
 from ..errors import PtuneError
-from . import checkpoints
+from . import checkpoints, verify
 from .dvc_lock import LockedOut, locked_outs
 from .dvc_remote import open_repo, remote_info
 
@@ -27,9 +28,15 @@ def push(remote: str | None = None) -> None:
         where = f"the remote '{remote}'" if remote else remote_info(repo).describe()
         try:
             pushed = repo.push(remote=remote, run_cache=True)
-        except DvcException as exc:
-            raise PtuneError(f"dvc push --run-cache failed ({where}): {exc}") from None
-    log.info("pushed %d file(s) (stage outputs and run-cache) to %s", pushed, where)
+        except (DvcException, OSError) as exc:  # OSError: what s3fs makes of a refusal (403 -> PermissionError)
+            # DVC counts failures; the listing names them, by stage and file.
+            missing = verify.missing_after_failure(repo, remote)
+            named = f"\n{verify.explain(missing, where, resent=False)}" if missing else ""
+            # A refusal without a word (an S3 403 to a HEAD has no body) leaves the user nothing to go on.
+            hint = "; `ptune doctor` checks the remote's settings and credentials" if isinstance(exc, OSError) else ""
+            raise PtuneError(f"dvc push --run-cache failed ({where}): {exc}{hint}{named}") from None
+        log.info("pushed %d file(s) (stage outputs and run-cache) to %s", pushed, where)
+        verify.verify_dvc_push(repo, remote, where)  # DVC's count is not proof: the remote is listed
     checkpoints.push(remote=remote)
 
 
