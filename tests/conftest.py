@@ -54,6 +54,8 @@ def env(tmp_path_factory) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "TQDM_DISABLE": "1",
         "HF_HUB_OFFLINE": "1",
+        # The RAM-role credential helper (ptune credentials ram-role) never reaches 100.100.100.200 from a test.
+        "PTUNE_METADATA_URL": "http://127.0.0.1:9",
     }
 
 

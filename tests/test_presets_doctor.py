@@ -64,7 +64,9 @@ def test_doctor_reports_each_check_with_what_to_do(ran_project):
     assert "ok       gpu: none; this run needs none" in out
     # The default remote sits beside the clone: the same disk, gone with the instance.
     assert "PROBLEM  dvc remote: local" in out and "same disk as the workspace" in out
-    assert "what to do: use storage outside the instance" in out
+    assert "what to do: use storage outside the instance" in out and "ptune remote oss --bucket" in out
+    # Not a PAI-DSW instance (no DSW_INSTANCE_ID): a general note, since the remote is on this disk.
+    assert "ok       instance disk: a cloud notebook's disk goes with its instance" in out
     assert proc.returncode == 1 and out.rstrip().endswith("1 problem(s)")
 
     p.run("dvc", "remote", "remove", "local")

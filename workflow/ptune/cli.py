@@ -67,8 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     use = preset_sub.add_parser("use", help="copy presets/NAME.yaml over params.yaml")
     use.add_argument("name")
     use.add_argument("--force", action="store_true", help="overwrite params.yaml even with uncommitted edits")
-    sub.add_parser("doctor", help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check disk, GPU, versions, git-lfs and the DVC remote against params.yaml",
+        description="Check this machine against params.yaml: disk, GPU, versions, git-lfs, the model's and data's "
+        "sources, the DVC remote (off the instance? reachable? its credentials; no key in a committed file) and "
+        "when this instance's disk is wiped.",
+    )
+    doctor.add_argument(
+        "--remote-roundtrip",
+        action="store_true",
+        help="also write, read back and delete a small object on the default remote, through DVC's own filesystem",
+    )
+    doctor.add_argument(
+        "--large", action="store_true", help="the round trip with an object over 100 MiB too (a multipart upload)"
+    )
     _add_state_commands(sub)
+    _add_remote_commands(sub)
     pod = sub.add_parser(
         "pod-stage",
         help="run one stage as a job with no shared filesystem (the Kubernetes "
@@ -155,10 +170,10 @@ def _preset(args) -> None:
     )
 
 
-def _doctor(params_path: str) -> int:
+def _doctor(args) -> int:
     from . import config, doctor
 
-    findings = doctor.check(config.load(params_path))
+    findings = doctor.check(config.load(args.params), roundtrip=args.remote_roundtrip, large=args.large)
     print(doctor.render(findings))
     return 1 if any(not f.ok for f in findings) else 0
 
@@ -186,6 +201,61 @@ def _add_state_commands(sub) -> None:
         )
     for p in (status, push, restore, *direction.choices.values()):
         p.add_argument("-r", "--remote", help="a DVC remote other than the default one")
+
+
+def _add_remote_commands(sub) -> None:
+    """Setting up the DVC remote, and the credential helper that the OSS remote's AWS config names."""
+    remote = sub.add_parser(
+        "remote",
+        help="make OSS (`ptune remote oss`) or a mounted NAS (`ptune remote nas`) the default DVC remote",
+        description="Point the project's default DVC remote at storage that outlives the instance; writes "
+        ".dvc/config (commit it), never a key.",
+    )
+    kind = remote.add_subparsers(dest="remote_command", metavar="oss|nas", required=True)
+    oss = kind.add_parser(
+        "oss",
+        help="Alibaba OSS through its S3-compatible endpoint, with the committed .dvc/oss-aws-config",
+        description="An OSS bucket as the default DVC remote: s3://BUCKET/PATH at https://oss-REGION.aliyuncs.com "
+        "(-internal from an instance in the region), with the S3 settings OSS needs from .dvc/oss-aws-config. "
+        "Credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY if set, else the instance's RAM role.",
+    )
+    oss.add_argument("--bucket", required=True, help="the bucket's name, e.g. my-ptune-store")
+    oss.add_argument("--region", required=True, help="its region ID, e.g. cn-hangzhou")
+    oss.add_argument(
+        "--internal",
+        action="store_true",
+        help="the internal endpoint (oss-REGION-internal): from an instance in the bucket's region, no traffic fee",
+    )
+    oss.add_argument("--path", default="ptune", help="the folder in the bucket (default: %(default)s)")
+    oss.add_argument("--name", default="oss", help="the DVC remote's name (default: %(default)s)")
+    oss.add_argument("--endpoint", help="another https:// endpoint instead of oss-REGION[-internal].aliyuncs.com")
+    nas = kind.add_parser(
+        "nas",
+        help="a folder on a mounted NAS or OSS bucket (not on the instance's own disk)",
+        description="A directory on a mounted NAS (or OSS) filesystem as the default DVC remote; refused on the "
+        "workspace's or the system's disk, which go with the instance.",
+    )
+    nas.add_argument("path", help="absolute path on the mount, e.g. /mnt/data/ptune-dvc-storage")
+    nas.add_argument("--name", default="nas", help="the DVC remote's name (default: %(default)s)")
+    creds = sub.add_parser(
+        "credentials",
+        help="print temporary credentials for botocore's credential_process (.dvc/oss-aws-config runs it)",
+        description="Print the instance RAM role's temporary credentials as the JSON botocore's credential_process "
+        "reads (stdout only; nothing is written). From $ALIBABA_CLOUD_CREDENTIALS_URI if set, else the instance "
+        "metadata service ($PTUNE_METADATA_URL, default http://100.100.100.200).",
+    )
+    source = creds.add_subparsers(dest="credentials_source", metavar="ram-role", required=True)
+    source.add_parser("ram-role", help="the instance's RAM role, from its metadata service")
+
+
+def _run_remote_command(args) -> None:
+    from .remote import configure
+
+    if args.remote_command == "oss":
+        target = configure.oss_remote(args.bucket, args.region, args.path, args.name, args.internal, args.endpoint)
+        print(configure.setup_oss(target))
+    else:
+        print(configure.setup_nas(args.path, args.name))
 
 
 def _run_state_command(args) -> None:
@@ -248,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "preset":
             _preset(args)
         elif args.command == "doctor":
-            return _doctor(args.params)
+            return _doctor(args)
         elif args.command in ("serve", "chat"):
             return serve_commands.run(args)
         elif args.command == "publish":
@@ -259,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
             from .remote import pods
 
             pods.run(args.stage, Path(args.record))
+        elif args.command == "credentials":
+            from .remote import credentials
+
+            credentials.run()
+        elif args.command == "remote":
+            _run_remote_command(args)
         elif args.command == "compare":
             from .reporting import compare
 

@@ -1,31 +1,46 @@
 """`ptune doctor`: before a long run, check this machine against what params.yaml needs, each problem with
 what to do. Disk where the model, the fetch's store and the DVC cache go; GPU and its memory; the stack's
 versions; git-lfs; where the model and the data come from (a hub's package and cache, a folder, a checksum); the
-DVC remote (reachable, and not on the disk that disappears with the instance)."""
+DVC remote (reachable, and not on the disk that disappears with the instance), where its credentials come from and
+that no key sits in a committed file; when this instance's disk is wiped; and, on request, a write/read/delete round
+trip of an object through DVC's own filesystem for the remote (`--remote-roundtrip`; `--large`: over 100 MiB, the size
+at which uploads go multipart and dvc-oss lost files, DVC #10643)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
+import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
 from .config import Params
 from .errors import PtuneError
+from .remote import configure
+from .remote.dvc_remote import remote_info
 
 GIB = 1 << 30
 # What `make setup` pins and a run's bytes depend on; torch is chosen per machine and not pinned.
 PINNED = ("transformers", "tokenizers", "datasets", "huggingface_hub", "safetensors", "dvc", "snakemake")
 CONSTRAINTS = Path("requirements/lock.txt")
 OSS_HINT = (
-    "`dvc remote add -d -f oss s3://BUCKET/ptune` and `dvc remote modify oss endpointurl "
-    "https://oss-cn-REGION.aliyuncs.com` (credentials: `dvc remote modify --local oss access_key_id ...`)"
+    "`ptune remote oss --bucket BUCKET --region cn-hangzhou [--internal]` (Alibaba OSS; credentials from the "
+    "instance's RAM role or the environment), or any storage DVC knows (`dvc remote add -d NAME URL`)"
 )
+NAS_HINT = "a NAS or OSS bucket mounted on the instance: `ptune remote nas /mnt/data/ptune-dvc-storage`"
+LARGE = 101 << 20  # over 100 MiB: uploads go multipart (s3fs: at 2 x its 50 MiB chunk), as DVC #10643's lost files
+# Keys that botocore reads from an AWS config or credentials file: never in a committed one.
+AWS_KEYS = re.compile(r"^\s*(aws_access_key_id|aws_secret_access_key|aws_session_token)\s*=\s*\S", re.M)
+DSW_ENV = "DSW_INSTANCE_ID"  # set in every PAI-DSW instance (Alibaba's PAI SDK finds the instance by it)
 
 
 @dataclass(frozen=True)
@@ -270,7 +285,7 @@ def _remote(repo) -> list[Finding]:
                 "dvc remote",
                 False,
                 f"none usable ({exc})".replace("\n", " "),
-                f"`dvc push` has nowhere to go: {OSS_HINT}",
+                f"`dvc push` has nowhere to go: {OSS_HINT}; or {NAS_HINT}",
             )
         ]
     url = f"{remote.fs.protocol}://{remote.path}" if remote.fs.protocol != "local" else remote.path
@@ -281,7 +296,7 @@ def _remote(repo) -> list[Finding]:
             Finding(
                 "dvc remote",
                 False,
-                f"{remote.name} ({url}) cannot be reached: {exc}",
+                f"{remote.name} ({url}) cannot be reached: {exc}".replace("\n", " "),
                 "check its URL, endpoint and credentials: `dvc remote list`, `dvc remote modify`",
             )
         ]
@@ -297,31 +312,226 @@ def _remote(repo) -> list[Finding]:
                 f"point the remote at storage you can write and that survives the instance: {OSS_HINT}",
             )
         ]
-    if _device_of(path) in (_device_of(Path("/")), _device_of(Path("."))):
+    info = remote_info(repo)  # the one check of whether a directory outlives the instance (ptune status uses it)
+    if info.same_disk:
         return [
             Finding(
                 "dvc remote",
                 False,
                 f"{remote.name} ({path}) is on the same disk as the workspace: it disappears with the "
                 "instance, and `dvc push` saves nothing that survives it",
-                f"use storage outside the instance: {OSS_HINT}; or a mounted NAS/OSS path "
-                "(`dvc remote add -d -f nas /mnt/data/ptune-dvc-storage`)",
+                f"use storage outside the instance: {OSS_HINT}; or {NAS_HINT}",
             )
         ]
-    return [Finding("dvc remote", True, f"{remote.name} ({path}) on its own filesystem")]
+    return [Finding("dvc remote", True, f"{remote.name} ({path}) on its own filesystem ({info.mount_point})")]
 
 
-def check(params: Params) -> list[Finding]:
+def _committed_secrets(repo) -> list[Finding]:
+    """Keys in the files git carries to every clone: .dvc/config, and the AWS config files remotes name."""
+    found = []
+    conf = repo.config.load_one("repo")
+    for name, options in conf.get("remote", {}).items():
+        keys = [key for key in configure.SECRET_OPTIONS if options.get(key)]
+        if keys:
+            moves = "; ".join(f"`dvc remote modify --local {name} {key} VALUE`" for key in keys)
+            unsets = " ".join(f"`dvc remote modify --unset {name} {key}`" for key in keys)
+            found.append(
+                Finding(
+                    "secrets",
+                    False,
+                    f".dvc/config (committed, in every clone) holds {', '.join(keys)} of remote '{name}'",
+                    f"move them to the uncommitted .dvc/config.local: {moves}, then {unsets}; or drop them and let "
+                    "the instance's RAM role provide temporary ones (`ptune remote oss`, docs/surviving.md). Once "
+                    "committed, a key stays in git history: disable it and make a new one (RAM console)",
+                )
+            )
+        configpath = options.get("configpath")  # DVC made it absolute
+        if configpath and Path(configpath).is_file() and _inside_project(Path(configpath)):
+            text = Path(configpath).read_text(encoding="utf-8", errors="replace")
+            configpath = os.path.relpath(configpath)
+            keys = sorted(set(AWS_KEYS.findall(text)))
+            if keys:
+                found.append(
+                    Finding(
+                        "secrets",
+                        False,
+                        f"{configpath} (remote '{name}''s AWS config, committed) holds {', '.join(keys)}",
+                        "delete those lines: keys go in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), "
+                        f"in .dvc/config.local (`dvc remote modify --local {name} access_key_id ...`), or come from "
+                        "the RAM role (its credential_process); a committed key stays in git history: disable it",
+                    )
+                )
+    return found or [Finding("secrets", True, "no key in .dvc/config or in the AWS config a remote names")]
+
+
+def _inside_project(path: Path) -> bool:
+    return path.resolve().is_relative_to(Path(".").resolve())
+
+
+def _credentials(repo, env_config: str | None) -> list[Finding]:
+    """For an S3/OSS remote that names an AWS config: that its settings are used, and where its keys come from.
+    `env_config`: AWS_CONFIG_FILE as the user set it (dvc-s3 sets it in this process once it opens the remote)."""
+    name = repo.config["core"].get("remote")
+    options = repo.config["remote"].get(name, {}) if name else {}
+    if not str(options.get("url", "")).startswith("s3://") or not options.get("configpath"):
+        return []
+    configpath = os.path.relpath(options["configpath"])  # DVC made it absolute
+    out = []
+    if env_config and Path(env_config).resolve() != Path(configpath).resolve():
+        out.append(
+            Finding(
+                "credentials",
+                False,
+                f"AWS_CONFIG_FILE={env_config} is set, so DVC does not use remote '{name}''s configpath "
+                f"{configpath} (dvc-s3 sets AWS_CONFIG_FILE only when it is unset): OSS's settings are lost",
+                "unset AWS_CONFIG_FILE",
+            )
+        )
+    if Path(configpath).is_file():
+        process = re.search(r"^\s*credential_process\s*=\s*(.+)$", Path(configpath).read_text(encoding="utf-8"), re.M)
+        command = shlex.split(process.group(1))[0] if process else None
+        if command and not shutil.which(command):
+            out.append(
+                Finding(
+                    "credentials",
+                    False,
+                    f"{configpath} names the credential helper `{process.group(1).strip()}`, and `{command}` is not "
+                    "on PATH: botocore cannot run it",
+                    "activate the project's environment: `source .venv/bin/activate`",
+                )
+            )
+    found, how = configure.credential_source(name)
+    out.append(
+        Finding(
+            "credentials",
+            found,
+            f"remote '{name}': {how}",
+            "" if found else "attach a RAM role to the instance, or export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        )
+    )
+    return out
+
+
+def _instance_disk(repo) -> list[Finding]:
+    """When this machine's disk goes: PAI-DSW's rules where this is a DSW instance; a general note otherwise, while
+    the remote is on that disk."""
+    rules = (
+        "PAI-DSW wipes an instance's disk when the instance is deleted; in a public resource group also after it "
+        "has been stopped for 15 days, in a dedicated resource group at every stop"
+    )
+    instance = os.environ.get(DSW_ENV)
+    if instance:
+        return [Finding("instance disk", True, f"PAI-DSW instance {instance}: {rules}. `ptune push` before stopping")]
+    try:
+        info = remote_info(repo)
+    except PtuneError:
+        return []
+    if info.name is None or info.same_disk:
+        return [
+            Finding(
+                "instance disk",
+                True,
+                f"a cloud notebook's disk goes with its instance ({rules}); the remote is on this disk, so nothing "
+                "pushed would outlive it",
+            )
+        ]
+    return []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _roundtrip(repo, size: int) -> list[Finding]:
+    """Write, stat, read back and delete one object of `size` random bytes through DVC's filesystem for the default
+    remote: the calls `dvc push` and `dvc pull` make, with the remote's own config and credentials."""
+    topic = "remote round trip"
+    try:
+        remote = repo.cloud.get_remote()
+    except Exception as exc:
+        return [Finding(topic, False, f"no remote to try ({exc})".replace("\n", " "), OSS_HINT)]
+    fs = remote.fs
+    target = fs.join(remote.path, "ptune-doctor", f"{uuid.uuid4().hex}.bin")
+    shown = f"{remote.fs.protocol}://{target}" if remote.fs.protocol != "local" else target
+    what = f"{size / (1 << 20):.1f} MiB" if size >= 1 << 20 else f"{size} bytes"
+    step, written = "write", False
+    with tempfile.TemporaryDirectory(prefix="ptune-doctor-") as tmp:
+        sent, back = Path(tmp) / "sent.bin", Path(tmp) / "back.bin"
+        with open(sent, "wb") as fh:
+            for start in range(0, size, 8 << 20):
+                fh.write(os.urandom(min(8 << 20, size - start)))
+        began = time.monotonic()
+        try:
+            written = True  # from the first byte sent, there may be something to delete
+            fs.put_file(str(sent), target, size=size)
+            step = "find"
+            stored = fs.info(target).get("size")
+            if stored != size:
+                raise PtuneError(f"the remote holds {stored} bytes of the {size} written")
+            step = "read back"
+            fs.get_file(target, str(back))
+            if back.stat().st_size != size or _sha256(back) != _sha256(sent):
+                raise PtuneError("the bytes read back differ from those written")
+            step = "delete"
+            fs.rm_file(target)
+            written = False
+            if fs.exists(target):
+                raise PtuneError("it is still there after the delete")
+        except Exception as exc:
+            return [
+                Finding(
+                    topic,
+                    False,
+                    f"{what}: could not {step} {shown}: {exc}".replace("\n", " "),
+                    "check the remote's endpoint, bucket and permissions (read, write and delete): `dvc remote "
+                    "list`; docs/surviving.md",
+                )
+            ]
+        finally:
+            if written:
+                try:
+                    fs.rm_file(target)
+                except Exception:  # the finding above says what failed; a leftover under ptune-doctor/ is harmless
+                    pass
+            if remote.fs.protocol == "local":
+                try:
+                    Path(target).parent.rmdir()  # only if empty: another doctor may be running
+                except OSError:
+                    pass
+    seconds = time.monotonic() - began
+    return [
+        Finding(
+            topic,
+            True,
+            f"{what} written, found, read back byte for byte and deleted on {remote.name} in {seconds:.1f} s",
+        )
+    ]
+
+
+def check(params: Params, roundtrip: bool = False, large: bool = False) -> list[Finding]:
+    env_config = os.environ.get("AWS_CONFIG_FILE")
     repo = _dvc_repo()
     try:
-        return [
+        findings = [
             *_disk(params, repo),
             *_gpu(params),
             *_versions(),
             *_git_lfs(params),
             *_sources(params),
             *_remote(repo),
+            *_committed_secrets(repo),
+            *_credentials(repo, env_config),
+            *_instance_disk(repo),
         ]
+        if roundtrip or large:
+            findings += _roundtrip(repo, 4096)
+        if large:
+            findings += _roundtrip(repo, LARGE)
+        return findings
     finally:
         repo.close()
 

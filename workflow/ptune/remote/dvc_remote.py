@@ -125,10 +125,9 @@ def survival_warning(info: RemoteInfo) -> str | None:
     else:
         return None
     lines += [
-        "Point the default remote at storage that outlives the instance, e.g. an OSS/S3 bucket:",
-        "    dvc remote add -d -f store s3://BUCKET/ptune",
-        "    dvc remote modify store endpointurl https://oss-cn-hangzhou.aliyuncs.com",
-        "or a directory on a NAS mount: dvc remote add -d -f store /mnt/nas/ptune-dvc-storage",
+        "Point the default remote at storage that outlives the instance, e.g. an Alibaba OSS bucket:",
+        "    ptune remote oss --bucket BUCKET --region cn-hangzhou --internal",
+        "or a directory on a NAS mount: ptune remote nas /mnt/data/ptune-dvc-storage",
         "then `ptune push`. docs/surviving.md has the details.",
     ]
     bar = "!" * 100
