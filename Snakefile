@@ -81,7 +81,7 @@ def _producers(name):
 # PTUNE_PUSH_EACH_STAGE=1: each rule also pushes its stage's outputs (and the run-cache) to the DVC remote as soon
 # as the stage is done, so that an instance stopped mid-run loses at most the stage that was running. Off by
 # default. An environment variable, not a param: params are part of the stages' hashes.
-_PUSH = " && dvc --wait-for-lock push --run-cache {params.stage}" if push_each_stage() else ""
+_PUSH = " && ptune push --stage {params.stage}" if push_each_stage() else ""
 
 # Jobs with no shared filesystem (Kubernetes): Snakemake would move each rule's files through its default storage,
 # but a stage's data lives in DVC, and the DVC remote is the storage the jobs share (ptune/remote/pods.py). So the rules

@@ -135,7 +135,8 @@ def test_push_each_stage_is_off_by_default_and_pushes_as_each_stage_ends(ran_pro
     assert a.executed() == []
     # Each rule pushed inside its own job, before Snakemake marked it finished: a stop later in the run keeps it.
     jobs = proc.stdout.split("Finished jobid")[:-1]
-    assert len(jobs) == 3 and all("files pushed" in job for job in jobs), proc.stdout[-4000:]
+    assert len(jobs) == 3 and all("each there with its size" in job for job in jobs), proc.stdout[-4000:]
+    assert "is on the same disk" not in "".join(jobs)  # said once, at the end, not by every job's push
     remote_state = {name: row["remote"] for name, row in _status(a)["stages"].items()}
     assert remote_state == {
         **{s: "not on remote" for s in STAGES},

@@ -185,6 +185,9 @@ def _add_state_commands(sub) -> None:
     status = sub.add_parser("status", help="per stage: up to date here? on the DVC remote? and where that is")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     push = sub.add_parser("push", help="save everything to the DVC remote: outputs, run-cache, resume state")
+    push.add_argument(
+        "--stage", choices=STAGES, help="only this stage's outputs and the run-cache (what a job pushes as it ends)"
+    )
     restore = sub.add_parser("restore", help="bring back everything from the DVC remote (on a fresh instance)")
     checkpoint = sub.add_parser("checkpoint", help="resume state (training checkpoints) to/from the DVC remote")
     direction = checkpoint.add_subparsers(dest="direction", metavar="push|pull", required=True)
@@ -263,10 +266,14 @@ def _run_state_command(args) -> None:
         from .remote import status
 
         status.run(as_json=args.json, remote=args.remote)
-    elif args.command in ("push", "restore"):
+    elif args.command == "push":
         from .remote import sync
 
-        getattr(sync, args.command)(remote=args.remote)
+        sync.push(remote=args.remote, stage=args.stage)
+    elif args.command == "restore":
+        from .remote import sync
+
+        sync.restore(remote=args.remote)
     else:
         from .remote import checkpoints
 
@@ -276,7 +283,9 @@ def _run_state_command(args) -> None:
                 print("ptune: no resume state in .ptune/state/ to push (nothing is running or was killed)")
         elif not checkpoints.pull(args.stage, remote=args.remote):
             print("ptune: the remote holds no resume state (no training was pushed while it ran)")
-    if args.command != "status":  # status prints it itself, after its table
+    # status prints it itself, after its table; a job's push (push --stage) leaves it to the end of the run
+    a_jobs_push = args.command == "push" and args.stage is not None
+    if args.command != "status" and not a_jobs_push:
         from .remote.dvc_remote import check_survival
 
         warning = check_survival()

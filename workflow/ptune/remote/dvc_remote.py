@@ -57,14 +57,16 @@ def _dvc_console_logging() -> None:
         logging.getLogger(name).propagate = False
 
 
-def open_repo(root: str | Path = "."):
-    """DVC's Repo for the project at `root` (imported here: dvc takes a second to import)."""
+def open_repo(root: str | Path = ".", wait_for_lock: bool = False):
+    """DVC's Repo for the project at `root` (imported here: dvc takes a second to import). `wait_for_lock`: wait for
+    another DVC command's repository lock instead of failing at once (`dvc --wait-for-lock`: jobs that push as they
+    end run beside each other)."""
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
     _dvc_console_logging()
     try:
-        return Repo(str(root))
+        return Repo(str(root), _wait_for_lock=wait_for_lock)
     except NotDvcRepoError:
         raise PtuneError(
             f"{Path(root).resolve()}: not a DVC project; run ptune from the project's root (where dvc.yaml is)"

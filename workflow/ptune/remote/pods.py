@@ -25,6 +25,7 @@ import yaml
 
 from ..errors import PtuneError
 from ..state import atomic
+from . import sync
 from .dvc_remote import open_repo, remote_info
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def run(stage: str, record: Path) -> None:
     # Not --single-item: the upstream stages' outputs are not here, and their entries in dvc.lock may be older
     # than the jobs that made them; DVC restores each one (lock or run-cache, pulled) before it hashes the deps.
     _dvc("--wait-for-lock", "repro", "--pull", stage)
-    _dvc("--wait-for-lock", "push", "--run-cache", stage)
+    sync.push(stage=stage)  # then checked on the remote, object by object (verify.py)
     entry = (yaml.safe_load(Path("dvc.lock").read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage)
     if entry is None:
         raise PtuneError(f"dvc.lock: no entry for stage '{stage}' after `dvc repro {stage}`")

@@ -21,13 +21,16 @@ from .dvc_remote import open_repo, remote_info
 log = logging.getLogger(__name__)
 
 
-def push(remote: str | None = None) -> None:
+def push(remote: str | None = None, stage: str | None = None) -> None:
+    """Every output and the run-cache (and the resume state) to the remote, then checked there (verify.py).
+    `stage`: that stage's outputs and the run-cache only, waiting for another DVC command's lock (a job that pushes
+    as it ends: the Snakefile's PTUNE_PUSH_EACH_STAGE, a pod's `ptune pod-stage`)."""
     from dvc.exceptions import DvcException
 
-    with open_repo() as repo:
+    with open_repo(wait_for_lock=stage is not None) as repo:
         where = f"the remote '{remote}'" if remote else remote_info(repo).describe()
         try:
-            pushed = repo.push(remote=remote, run_cache=True)
+            pushed = repo.push(targets=[stage] if stage else None, remote=remote, run_cache=True)
         except (DvcException, OSError) as exc:  # OSError: what s3fs makes of a refusal (403 -> PermissionError)
             # DVC counts failures; the listing names them, by stage and file.
             missing = verify.missing_after_failure(repo, remote)
@@ -36,8 +39,9 @@ def push(remote: str | None = None) -> None:
             hint = "; `ptune doctor` checks the remote's settings and credentials" if isinstance(exc, OSError) else ""
             raise PtuneError(f"dvc push --run-cache failed ({where}): {exc}{hint}{named}") from None
         log.info("pushed %d file(s) (stage outputs and run-cache) to %s", pushed, where)
-        verify.verify_dvc_push(repo, remote, where)  # DVC's count is not proof: the remote is listed
-    checkpoints.push(remote=remote)
+        verify.verify_dvc_push(repo, remote, where, stage)  # DVC's count is not proof: the remote is listed
+    if stage is None:
+        checkpoints.push(remote=remote)
 
 
 def _lost(repo, out: LockedOut) -> list[str]:

@@ -75,10 +75,11 @@ def _remotes(repo):
     return get
 
 
-def dvc_objects(repo, remote: str | None, _get=None) -> list[Expected]:
+def dvc_objects(repo, remote: str | None, _get=None, stage: str | None = None) -> list[Expected]:
     """Every object `dvc push` sends for the workspace: each cached output of dvc.yaml's stages and .dvc files (not
     those marked `push: false`), a directory's listing and each file in it, to the output's own remote if it names
-    one, else to `remote` (None: the default)."""
+    one, else to `remote` (None: the default). `stage`: that stage's outputs only (`dvc push STAGE`; a pod's
+    dvc.lock names other stages' outputs that it does not hold)."""
     from dvc.cachemgr import LEGACY_HASH_NAMES
     from dvc.stage import PipelineStage
 
@@ -86,6 +87,8 @@ def dvc_objects(repo, remote: str | None, _get=None) -> list[Expected]:
     found: dict[tuple[int, str], Expected] = {}
     for out in repo.index.outs:
         if not (out.use_cache and out.can_push and out.hash_info and out.hash_info.value):
+            continue
+        if stage is not None and out.stage.addressing != stage:
             continue
         target = get(out.remote or remote)
         odb = target.legacy_odb if out.hash_name in LEGACY_HASH_NAMES else target.odb
@@ -219,10 +222,11 @@ def verify(expected: list[Expected], where: str, recursive_roots: dict[int, str]
     return len(expected)
 
 
-def verify_dvc_push(repo, remote: str | None, where: str) -> None:
-    """Check what `dvc push --run-cache` was to send: every output's objects and every run-cache entry."""
+def verify_dvc_push(repo, remote: str | None, where: str, stage: str | None = None) -> None:
+    """Check what `dvc push --run-cache [STAGE]` was to send: every output's objects (of `stage` only, if given) and
+    every run-cache entry."""
     get = _remotes(repo)
-    objects = dvc_objects(repo, remote, get)
+    objects = dvc_objects(repo, remote, get, stage)
     runs = run_cache_entries(repo, remote, get)
     odb = get(remote).legacy_odb
     verify(objects + runs, where, {id(odb.fs): odb.fs.join(odb.path, "runs")})
