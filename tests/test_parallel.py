@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import psutil
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -81,6 +82,10 @@ def test_two_processes_train_one_prefix_and_resume_after_sigkill(ran_project):
         assert torch.allclose(resumed[name], uninterrupted[name]), name
 
 
+# Slow-marked for the default suite's 15 minutes (41 s): the two-process training test above keeps the launcher,
+# its SIGKILL and the resume in the default suite, and tests/test_evaluate.py a killed evaluation's resume to the
+# same bytes.
+@pytest.mark.slow
 def test_two_process_evaluation_gives_the_bytes_of_one_and_resumes_after_sigkill(ran_project):
     p = ran_project
     # One thread per process in both runs: the same floating-point sums, so greedy decoding can be compared byte

@@ -67,6 +67,10 @@ def test_evaluate_param_reruns_evaluate_and_downstream_only(ran_project):
     assert ran_project.executed() == ["evaluate", "deploy", "report"]
 
 
+# Slow-marked for the default suite's 15 minutes (48 s): the test above keeps "a param edit reruns its stage and what
+# follows, nothing before", and test_dvc_repro_from_scratch_reproduces_snakemake_bytes_and_agrees that Snakemake and DVC
+# agree on one cache.
+@pytest.mark.slow
 def test_learning_rate_never_reruns_fetch_or_preprocess(ran_project):
     ran_project.set_param("train.learning_rate", 0.01)
     ran_project.run("dvc", "repro")
