@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from conftest import STAGES, Project
+from support.oss_stand_in import moto_s3
 
 PREFIX = "models/ptuning/prefix.safetensors"
 
@@ -276,33 +275,9 @@ def test_a_stopped_run_pushes_its_step_and_a_fresh_instance_resumes_there(ran_pr
         assert torch.allclose(resumed[name], uninterrupted[name]), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_server(env):
     """moto's S3 server on loopback, and the environment that points DVC and boto at it."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start on {url}")
-            time.sleep(0.2)
     s3_env = {
         **env,
         "AWS_ACCESS_KEY_ID": "testing",
@@ -310,11 +285,8 @@ def s3_server(env):
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    try:
+    with moto_s3(env) as url:
         yield url, s3_env
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_s3_remote_round_trip_on_loopback(ran_project, s3_server):
