@@ -6,7 +6,7 @@
 The piece of work runs in a fresh process set up as a ptune stage sets itself up (ptune.state.determinism), and
 covers the three kinds of work the stages do, timed after the model is built: pre-training steps of the embedded GLM
 (fetch_weights: forward, backward, AdamW over the whole model), P-tuning steps on it (train: the base frozen, the
-prefix of params.yaml's `train` section trained by `ptune.stages.train.optimizer_step`, the loop `ptune train`
+prefix of params.yaml's `train` section trained by `ptune.compute.training.optimizer_step`, the loop `ptune train`
 runs) and one batch of greedy generation (evaluate). It runs alone, then beside each neighbour:
 
 - `torch nice 19`: another process doing torch matrix products with torch's default threads, at nice 19;
@@ -49,7 +49,7 @@ from ptune.model import embedded
 from ptune.model.backends import native
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 from ptune.data import synthetic_adgen
-from ptune.stages.train import optimizer_step
+from ptune.compute.training import optimizer_step
 steps, train_steps = int(sys.argv[1]), int(sys.argv[2])
 params = load("params.yaml")
 cfg, tcfg = params.fetch_weights.embedded, params.train

@@ -20,9 +20,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
 
+from ptune.compute.evaluation import generate_all  # noqa: E402
 from ptune.config import GenerationConfig  # noqa: E402
 from ptune.model.backends import native  # noqa: E402
-from ptune.model.generation import generate_all  # noqa: E402
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
 
 

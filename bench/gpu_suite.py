@@ -48,12 +48,12 @@ THREADS = configure_threads()  # before torch starts its thread pools, as a stag
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from ptune.compute.evaluation import Unattended, generate_all  # noqa: E402
+from ptune.compute.training import DTYPES, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 from ptune.config import GenerationConfig, TrainConfig  # noqa: E402
 from ptune.model.backends import native  # noqa: E402
-from ptune.model.generation import generate_all  # noqa: E402
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
 from ptune.model.prefixed import forward as prefixed_forward  # noqa: E402
-from ptune.stages.train import DTYPES, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 from ptune.state.multiprocess import local_device  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "gpu_suite.json"
@@ -351,19 +351,18 @@ def generate_timed(model, encoder, tok, prompts, cfg, batch_size: int, dev, guar
     end = deadline(guard_s)
     done = {"examples": 0}
 
-    def on_batch(batches: int, examples: int) -> None:
-        done["examples"] = examples
-        if time.perf_counter() > end and examples < len(prompts):
-            raise Guard
+    class Guarded(Unattended):
+        def progress(self, batches: int, examples: int) -> None:
+            done["examples"] = examples
+            if time.perf_counter() > end and examples < len(prompts):
+                raise Guard
 
     tok.widths.clear()
     reset_peak(dev)
     sync(dev)
     t0 = time.perf_counter()
     with contextlib.suppress(Guard):
-        generate_all(
-            model, encoder, tok, prompts, cfg, batch_size, 11, f"batch {batch_size}", native(), on_batch=on_batch
-        )
+        generate_all(model, encoder, tok, prompts, cfg, batch_size, 11, f"batch {batch_size}", native(), run=Guarded())
     sync(dev)
     wall = time.perf_counter() - t0
     n = done["examples"]

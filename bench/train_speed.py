@@ -35,9 +35,9 @@ THREADS = configure_threads()  # before torch starts its thread pools: the threa
 
 import torch  # noqa: E402
 
+from ptune.compute.training import batch_indices, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 from ptune.model.backends import native  # noqa: E402
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for  # noqa: E402
-from ptune.stages.train import batch_indices, lr_at, micro_batches_at, optimizer_step  # noqa: E402
 
 
 def ptune_round(train, cfg, steps: int, warmup: int) -> tuple[float, float]:

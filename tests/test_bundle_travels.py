@@ -47,7 +47,7 @@ def test_the_bundle_records_its_base_and_a_model_card_the_hub_classes_read(servi
     base = manifest["base"]
     # The embedded base has no origin elsewhere: its local path, and every weight file's sha256.
     assert base["source"] == "embedded" and base["path"] == "models/base"
-    from ptune.model.origin import sha256
+    from ptune.bundle.origin import sha256
 
     assert base["weights"] == {"model.safetensors": sha256(root / "models/base/model.safetensors")}
     assert base["config_sha256"] == manifest["base_config_sha256"]
@@ -229,7 +229,7 @@ def test_a_sharded_base_is_checked_by_every_file_its_index_names(serving_project
     """A sharded base whose last shard has no weight suffix (transformers loads whatever the index names): the
     bundle records the index and that shard; a base where that shard is tampered with, or whose index names a file
     outside its folder, is refused by `python -m ptune.bundle --base DIR` before any weight is read."""
-    from ptune.model import origin
+    from ptune.bundle import origin
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -279,7 +279,7 @@ def test_fetch_weights_refuses_a_suffixless_shard_without_consent_to_pickles(ser
 def test_a_sharded_base_with_a_suffixless_shard_serves_only_with_consent_to_pickles(serving_project, tmp_path):
     """transformers hands a shard not named *.safetensors to torch.load: such a base is served with --allow-pickle
     only; with it, the untouched sharded base answers as the original one does."""
-    from ptune.model import origin
+    from ptune.bundle import origin
 
     bundle = _copy_bundle(serving_project, tmp_path)
     base = _sharded_base(serving_project, tmp_path / "my-base")

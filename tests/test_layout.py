@@ -1,18 +1,44 @@
-"""The package's imports point one way: no module imports, directly or through others, a module that imports it."""
+"""The package's layers hold: a module imports only from its own folder or from layers below its own, and never,
+directly or through others, a module that imports it; the modules meant to be light import no torch."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import REPO
 
 PACKAGE = REPO / "workflow" / "ptune"
 
+# Lowest first. A folder (or a top-level module) may import its own modules and any layer below its own; units
+# within one layer never import each other. docs/design.md explains each layer.
+LAYERS = (
+    ("errors", "paths", "guards"),
+    ("state",),
+    ("config",),
+    ("data",),
+    ("model", "sources", "reporting", "remote"),
+    ("compute", "bundle"),
+    ("serve",),
+    ("stages", "doctor", "presets"),
+    ("cli",),
+)
+LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+
 
 def _module(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _unit(module: str) -> str | None:
+    """The layer unit of a module: its folder under ptune (ptune.model.native: model), or the top-level module's
+    own name (ptune.config: config); None for the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
@@ -35,10 +61,36 @@ def _imports(path: Path, modules: set[str]) -> set[str]:
     return {m for m in found if not name.startswith(m + ".")}  # a package's __init__ is not a dependency
 
 
-def test_no_import_cycles():
+def _graph() -> dict[str, set[str]]:
     files = sorted(PACKAGE.rglob("*.py"))
     modules = {_module(f) for f in files}
-    graph = {_module(f): _imports(f, modules) for f in files}
+    return {_module(f): _imports(f, modules) for f in files}
+
+
+def test_every_folder_and_top_level_module_has_a_layer():
+    units = {_unit(m) for m in _graph()} - {None}
+    assert units == set(LEVEL), (
+        f"units without a layer: {sorted(units - set(LEVEL))}; gone: {sorted(set(LEVEL) - units)}"
+    )
+
+
+def test_imports_point_down_between_folders():
+    wrong = []
+    for module, imported in sorted(_graph().items()):
+        here = _unit(module)
+        for other in sorted(imported):
+            there = _unit(other)
+            if here is None or there is None or here == there:
+                continue
+            if LEVEL[there] >= LEVEL[here]:
+                wrong.append(f"{module} (layer {LEVEL[here]}, {here}) imports {other} (layer {LEVEL[there]}, {there})")
+    assert not wrong, "imports that do not point down (tests/test_layout.py LAYERS, docs/design.md):\n" + "\n".join(
+        wrong
+    )
+
+
+def test_no_import_cycles():
+    graph = _graph()
     cycles, state = [], {}
 
     def visit(node, trail):
@@ -54,3 +106,31 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+# What the light paths must not load: each takes seconds, and the CLI's help or a params check needs none of them.
+HEAVY = ("torch", "transformers", "datasets", "accelerate", "gradio", "fastapi", "dvc", "snakemake", "pandas")
+LIGHT = """
+import json, sys
+from ptune import cli, config, paths
+cli.build_parser().format_help()
+for command in ("serve", "chat", "status", "remote", "doctor", "compare"):
+    try:
+        cli.build_parser().parse_args([command, "--help"])
+    except SystemExit:
+        pass
+config.load(sys.argv[1])
+from ptune.bundle import manifest, opening
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules})))
+"""
+
+
+def test_light_modules_import_nothing_heavy():
+    """The CLI's help (every command's), params checking, paths and reading a bundle import no torch, transformers,
+    dvc or server library: kept by this test, not by comments."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LIGHT, str(REPO / "params.yaml")], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert not loaded & set(HEAVY), f"heavy libraries loaded by the light paths: {sorted(loaded & set(HEAVY))}"

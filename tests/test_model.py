@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM
 
+from ptune.compute.evaluation import generate_all
 from ptune.config import EmbeddedModelConfig, GenerationConfig
 from ptune.errors import PtuneError
 from ptune.model import embedded, prefixed
 from ptune.model.backends import native
-from ptune.model.generation import generate_all
 from ptune.model.prefix_encoder import PrefixEncoder, prefix_config_for
 
 TINY = EmbeddedModelConfig(

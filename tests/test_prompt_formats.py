@@ -41,10 +41,11 @@ def chat_project(request, tmp_path_factory, env) -> Project:
 def _prompter(project: Project) -> prompts.Prompter:
     """The prompt builder preprocess, evaluate and deploy build from the preset's params and the stand-in base."""
     from ptune import config
+    from ptune.model import prompting
 
     raw = yaml.safe_load((project.root / "params.yaml").read_text(encoding="utf-8"))["preprocess"]
     assert raw["prompt_format"] == "chat_template" and "prompt_template" not in raw  # no hand-copied template
-    return prompts.for_base(config.load(project.root / "params.yaml").preprocess, project.root / "models/base")
+    return prompting.for_base(config.load(project.root / "params.yaml").preprocess, project.root / "models/base")
 
 
 def test_prompts_are_the_chat_templates_own(chat_project):
@@ -157,14 +158,14 @@ def test_rounds_are_dropped_oldest_first_and_data_cut_only_at_the_content(chat_p
 
 
 def test_format_and_params_that_cannot_work_are_named():
-    from ptune.config import PreprocessConfig
+    from ptune.config import PreprocessConfig, check_prompt_format
 
     with pytest.raises(PtuneError, match="preprocess.prompt_template: not used with prompt_format: chat_template"):
-        prompts.check_params(PreprocessConfig(64, 64, None, "chat_template", "{content}"))
+        check_prompt_format(PreprocessConfig(64, 64, None, "chat_template", "{content}"))
     with pytest.raises(PtuneError, match="preprocess.system: ChatGLM-6B's format has no system message"):
-        prompts.check_params(PreprocessConfig(64, 64, None, "chatglm6b", system="be brief"))
+        check_prompt_format(PreprocessConfig(64, 64, None, "chatglm6b", system="be brief"))
     with pytest.raises(PtuneError, match="carries no chat template"):
-        prompts.format_for(PreprocessConfig(64, 64, None, "chat_template"), object(), "transformers")
+        prompts.format_for(PreprocessConfig(64, 64, None, "chat_template"), object(), True)
 
 
 def test_chatglm6b_text_follows_model_chat_and_the_reference_script():

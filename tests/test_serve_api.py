@@ -287,10 +287,6 @@ def test_exposed_host_is_warned_about_and_share_refused(serving_project):
         sys.executable, "-m", "ptune.cli", "serve", "web", "--share", "--bundle", "nowhere", check=False
     )
     assert proc.returncode == 2 and "--share is not offered" in proc.stderr and "Traceback" not in proc.stderr
-    from ptune.model.bundle import MANIFEST
-    from ptune.serve.commands import BUNDLE_MANIFEST
-
-    assert BUNDLE_MANIFEST == MANIFEST
 
 
 def test_docs_are_closed_with_a_key_and_server_errors_say_nothing_inside(api):

@@ -47,7 +47,7 @@ def _stop_when(project, ready, sig: int, to_rank: int | None, log_path):
             time.sleep(0.02)
         launcher = psutil.Process(proc.pid)
         children = launcher.children(recursive=True)
-        workers = {int(c.environ()["RANK"]): c.pid for c in children if "ptune.state.multiprocess" in c.cmdline()}
+        workers = {int(c.environ()["RANK"]): c.pid for c in children if "ptune.stages.worker" in c.cmdline()}
         assert sorted(workers) == [0, 1], [c.cmdline() for c in children]
         pids = [proc.pid, *workers.values()]
         sent = time.monotonic()

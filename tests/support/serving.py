@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
 def _bundle(root: str, base_only: bool):
     import torch
 
-    from ptune.model.bundle import Bundle
+    from ptune.bundle.loader import Bundle
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # as the servers do (ptune.state.determinism)
     with contextlib.chdir(root):  # the bundle names its base model relative to the project root

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
+# Only what builds the options is imported here: every command (its help too) pays for these, and a command's own
+# modules (torch, transformers, dvc) are imported when that command runs (tests/test_layout.py checks it).
 from .errors import PtuneError
-from .model import backends, legacy_env, trust
-from .paths import BASE, DEPLOY, MODEL_STAGES, STAGES
-from .serve import commands as serve_commands
-from .state.stopping import Stopped
+from .paths import BASE, DEPLOY, MODEL_STAGES, STAGES, SYNCED_STAGES
+from .serve import arguments as serve_arguments
 
 STAGE_HELP = {
     "fetch_weights": "put the base model and tokenizer in models/base/",
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pod.add_argument("stage", choices=STAGES)
     pod.add_argument("record", help="where to write the stage's dvc.lock entry (the rule's output)")
-    serve_commands.add_parsers(sub)
+    serve_arguments.add_parsers(sub)
     publish = sub.add_parser(
         "publish",
         help="upload the deploy bundle (prefix, model card, bundle.json) to a Hugging Face hub repository",
@@ -135,25 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _switch_environment(argv: list[str], base: Path | None = BASE) -> None:
     """Re-execute this command in the legacy environment when `base` needs ChatGLM-6B's remote code."""
+    from .model import backends, legacy_env
+
     if base is not None and backends.needs_legacy_env(base) and not legacy_env.is_current():
         legacy_env.reexec("ptune.cli", argv)
 
 
-def _served_base(args) -> tuple[Path | None, bool]:
-    """The base model a serve/chat command loads, and whether it runs ChatGLM-6B's code (backend chatglm): --model,
-    or the one its bundle names, where it is on this machine without a download (None where it must be fetched or
-    there is no readable bundle: the command then fetches it, or says what is wrong)."""
-    if getattr(args, "model", None):
-        base = Path(args.model)
-        return base, backends.needs_legacy_env(base)
-    from .model import origin
+def _switch_for_serving(args, argv: list[str]) -> None:
+    """serve and chat: a base whose Python code would run (ChatGLM-6B's) needs the user's consent, then its
+    environment (bundle/opening.py): --model, or the base the bundle names where it is on this machine already."""
+    from .bundle import opening
 
-    try:
-        manifest = json.loads((Path(args.bundle) / serve_commands.BUNDLE_MANIFEST).read_text(encoding="utf-8"))
-        chatglm = manifest.get("backend") == backends.CHATGLM
-    except (OSError, ValueError, AttributeError):
-        return None, False
-    return origin.local_base(args.bundle, getattr(args, "base", None)), chatglm
+    if getattr(args, "model", None):
+        from .model import backends
+
+        base, chatglm = Path(args.model), backends.needs_legacy_env(Path(args.model))
+    else:
+        base, chatglm = opening.served_base(args.bundle, getattr(args, "base", None))
+    named = base if base is not None else Path(args.bundle)
+    trust_flag = getattr(args, "trust_remote_code", False)
+    opening.switch_environment(named, chatglm, trust_flag, args.params, f"`ptune {args.command}`", "ptune.cli", argv)
 
 
 def _preset(args) -> None:
@@ -180,8 +180,6 @@ def _doctor(args) -> int:
 
 def _add_state_commands(sub) -> None:
     """Commands that keep a run alive across instances (docs/surviving.md)."""
-    from .remote.checkpoints import SYNCED_STAGES
-
     status = sub.add_parser("status", help="per stage: up to date here? on the DVC remote? and where that is")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     push = sub.add_parser("push", help="save everything to the DVC remote: outputs, run-cache, resume state")
@@ -303,20 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     # transformers' advisory warnings (e.g. about generation flags) are noise in stage logs.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from .state.stopping import Stopped  # what every command may raise on a stop request
+
     try:
         if args.command in MODEL_STAGES:
             _switch_environment(argv)
         elif args.command in ("serve", "chat"):
-            base, chatglm = _served_base(args)
-            if chatglm:
-                # Before the switch, which may build the legacy environment (a pip install): a folder's own record
-                # must not make ptune install anything, let alone run the folder's code. A base still to download
-                # is never the project's own: only the flag consents to it.
-                named = base if base is not None else Path(args.bundle)
-                consent = trust.user_trusts(named, getattr(args, "trust_remote_code", False), args.params)
-                trust.require_consent(named, consent, f"`ptune {args.command}`")
-                if not legacy_env.is_current():
-                    legacy_env.reexec("ptune.cli", argv)
+            _switch_for_serving(args, argv)
         if args.command in STAGES:
             run_stage(args.command, args.params)
         elif args.command == "validate":
@@ -329,9 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "doctor":
             return _doctor(args)
         elif args.command in ("serve", "chat"):
+            from .serve import commands as serve_commands
+
             return serve_commands.run(args)
         elif args.command == "publish":
-            from .model import publish
+            from .bundle import publish
 
             print(publish.run(Path(args.bundle), args.repo, private=args.private, dry_run=args.dry_run))
         elif args.command == "pod-stage":

@@ -15,12 +15,15 @@ from typing import Any
 
 import yaml
 
-from .data import prompts
 from .errors import PtuneError
+from .guards import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, revision_problem, url_problem
 from .paths import REPO
-from .sources import git_lfs, url
 
 SCHEMA_RELPATH = "workflow/schemas/params.schema.yaml"
+
+
+# preprocess.prompt_format: the prompt formats data/prompts.py builds (named here, where params are checked).
+TEMPLATE, CHAT_TEMPLATE, CHATGLM6B = "template", "chat_template", "chatglm6b"
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ class FetchDataConfig:
     system_column: str = ""
     # source url only; optional keys, so that a params file written before they existed keeps its meaning
     allow_http: bool = False
-    max_unpacked_bytes: int = url.DEFAULT_MAX_BYTES
-    max_archive_members: int = url.DEFAULT_MAX_MEMBERS
+    max_unpacked_bytes: int = DEFAULT_MAX_BYTES
+    max_archive_members: int = DEFAULT_MAX_MEMBERS
     # source hf_hub / modelscope (optional keys as well)
     repo: str = ""
     revision: str = ""
@@ -90,7 +93,7 @@ class PreprocessConfig:
     max_source_length: int
     max_target_length: int
     max_train_examples: int | None
-    # prompts.py: template | chat_template | chatglm6b; a params file written before the key existed means template
+    # data/prompts.py: TEMPLATE | CHAT_TEMPLATE | CHATGLM6B; a params file written before the key existed means template
     prompt_format: str = "template"
     prompt_template: str = ""
     history_template: str = ""
@@ -277,12 +280,12 @@ def check_sources(fetch_weights: FetchWeightsConfig, fetch_data: FetchDataConfig
     refuse_credentials); every stage runs them when it loads params.
 
     Refused: a revision that is neither a commit hash nor a valid branch or tag name (it reaches git's command
-    line, see git_lfs.revision_problem), and a fetch_data.url that sources.url.url_problem refuses (plain http
+    line, see guards.revision_problem), and a fetch_data.url that guards.url_problem refuses (plain http
     elsewhere than this machine, unless fetch_data.allow_http), and a hub data set's fetch_data.repo that is not an
     owner/name id (a URL, a path).
     """
     if fetch_weights.source in ("git_lfs", "hf_hub", "modelscope"):
-        why = git_lfs.revision_problem(fetch_weights.revision)
+        why = revision_problem(fetch_weights.revision)
         if why:
             raise PtuneError(
                 f"fetch_weights.revision: {fetch_weights.revision!r} is not a commit hash or a valid branch or tag "
@@ -294,16 +297,40 @@ def check_sources(fetch_weights: FetchWeightsConfig, fetch_data: FetchDataConfig
                 f"fetch_data.repo: {fetch_data.repo!r} is not a hub id; give the data set's owner/name as its page "
                 "shows it (e.g. HasturOfficial/adgen for https://huggingface.co/datasets/HasturOfficial/adgen)"
             )
-        why = git_lfs.revision_problem(fetch_data.revision)
+        why = revision_problem(fetch_data.revision)
         if why:
             raise PtuneError(
                 f"fetch_data.revision: {fetch_data.revision!r} is not a commit hash or a valid branch or tag name "
                 f"({why}); give the commit to fetch"
             )
     if fetch_data.source == "url":
-        why = url.url_problem(fetch_data.url, fetch_data.allow_http)
+        why = url_problem(fetch_data.url, fetch_data.allow_http)
         if why:
             raise PtuneError(f"fetch_data.url: {fetch_data.url} is refused: {why}")
+
+
+def check_prompt_format(cfg: PreprocessConfig) -> None:
+    """Keys of the preprocess section that contradict its prompt_format (data/prompts.py builds them)."""
+    if cfg.prompt_format == TEMPLATE:
+        if "{content}" not in cfg.prompt_template:
+            raise PtuneError(
+                "preprocess.prompt_template: must contain {content} (prompt_format: template); e.g. "
+                '"[Round {round}]\\n\\n问：{content}\\n\\n答："'
+            )
+        return
+    for key in ("prompt_template", "history_template"):
+        if getattr(cfg, key):
+            what = (
+                "the tokenizer's chat template builds the prompt"
+                if cfg.prompt_format == CHAT_TEMPLATE
+                else "ChatGLM-6B's own format builds the prompt"
+            )
+            raise PtuneError(
+                f"preprocess.{key}: not used with prompt_format: {cfg.prompt_format} ({what}); "
+                "remove it, or set prompt_format: template to use your own templates"
+            )
+    if cfg.prompt_format == CHATGLM6B and cfg.system:
+        raise PtuneError("preprocess.system: ChatGLM-6B's format has no system message; remove it")
 
 
 def _section_types() -> dict[str, type]:
@@ -334,7 +361,7 @@ def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             data["reference"] = ReferenceConfig(**{k.replace("-", "_"): v for k, v in data["reference"].items()})
         sections[name] = cls(**data)
     check_sources(sections["fetch_weights"], sections["fetch_data"])
-    prompts.check_params(sections["preprocess"])
+    check_prompt_format(sections["preprocess"])
     return Params(**sections, raw=raw)
 
 

@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
 # The stages that load models/base: they run in the environment its backend needs (model.backends, legacy_env).
 MODEL_STAGES = ("preprocess", "train", "evaluate", "deploy")
+# The stages whose resume state travels to the DVC remote (`ptune checkpoint push|pull`, remote/checkpoints.py).
+SYNCED_STAGES = ("train", "evaluate")
 
 BASE = Path("models/base")
 RAW = Path("data/raw")

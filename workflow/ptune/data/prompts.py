@@ -38,10 +38,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
+from ..config import CHAT_TEMPLATE, CHATGLM6B, TEMPLATE
 from ..errors import PtuneError
-from ..model import backends
 
-TEMPLATE, CHAT_TEMPLATE, CHATGLM6B = "template", "chat_template", "chatglm6b"
 FORMATS = (TEMPLATE, CHAT_TEMPLATE, CHATGLM6B)
 
 History = Sequence[Sequence[str]]
@@ -105,35 +104,11 @@ class Turn:
         return cls(content, None if history is None else tuple((q, a) for q, a in history), system)
 
 
-def check_params(cfg) -> None:
-    """Keys of the preprocess section that contradict its prompt_format (PreprocessConfig; called by config)."""
-    if cfg.prompt_format == TEMPLATE:
-        if "{content}" not in cfg.prompt_template:
-            raise PtuneError(
-                "preprocess.prompt_template: must contain {content} (prompt_format: template); e.g. "
-                '"[Round {round}]\\n\\n问：{content}\\n\\n答："'
-            )
-        return
-    for key in ("prompt_template", "history_template"):
-        if getattr(cfg, key):
-            what = (
-                "the tokenizer's chat template builds the prompt"
-                if cfg.prompt_format == CHAT_TEMPLATE
-                else "ChatGLM-6B's own format builds the prompt"
-            )
-            raise PtuneError(
-                f"preprocess.{key}: not used with prompt_format: {cfg.prompt_format} ({what}); "
-                "remove it, or set prompt_format: template to use your own templates"
-            )
-    if cfg.prompt_format == CHATGLM6B and cfg.system:
-        raise PtuneError("preprocess.system: ChatGLM-6B's format has no system message; remove it")
-
-
-def format_for(cfg, tokenizer, backend_name: str) -> PromptFormat:
-    """The prompt format of the preprocess section for this tokenizer and backend; a combination that cannot work
-    fails naming the key."""
+def format_for(cfg, tokenizer, chat_templates: bool) -> PromptFormat:
+    """The prompt format of the preprocess section for this tokenizer; `chat_templates`: whether the model's backend
+    can have one (Backend.chat_templates). A combination that cannot work fails naming the key."""
     if cfg.prompt_format == CHAT_TEMPLATE:
-        if backend_name == backends.CHATGLM:
+        if not chat_templates:
             raise PtuneError(
                 "preprocess.prompt_format: chat_template: ChatGLM-6B's tokenizer has no chat template; "
                 "use prompt_format: chatglm6b (its own format)"
@@ -153,19 +128,11 @@ def format_for(cfg, tokenizer, backend_name: str) -> PromptFormat:
     return PromptFormat(TEMPLATE, cfg.prompt_template, cfg.history_template, cfg.system)
 
 
-def for_base(cfg, base) -> "Prompter":
-    """The prompt builder of the preprocess section (PreprocessConfig) for the base model in `base`: what preprocess
-    builds data with, evaluate stops on and deploy writes into the bundle."""
-    backend = backends.for_base(base)
-    tokenizer = backend.load_tokenizer(base)
-    return Prompter(format_for(cfg, tokenizer, backend.name), tokenizer, backend)
-
-
 def _control_tokens(tokenizer, backend) -> dict[int, str]:
     """The tokenizer's control tokens (special added tokens), by id, where texts can be kept from forming them: a
-    fast (Rust) tokenizer of the transformers backend, which says where each token came from. ChatGLM-6B's own
-    tokenizer (chatglm backend) cannot: its texts are encoded as before."""
-    if backend.name != backends.TRANSFORMERS or not getattr(tokenizer, "is_fast", False):
+    fast (Rust) tokenizer of a backend whose tokenizers say where each token came from (Backend.token_offsets).
+    ChatGLM-6B's own tokenizer (chatglm backend) cannot: its texts are encoded as before."""
+    if not backend.token_offsets or not getattr(tokenizer, "is_fast", False):
         return {}
     return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
@@ -205,9 +172,11 @@ def render_chatglm6b(turn: Turn) -> str:
 
 
 class Prompter:
-    """Token ids of prompts in one format, for one tokenizer and model backend (backends.py).
+    """Token ids of prompts in one format, for one tokenizer and model backend (model/backends.py; handed in, used
+    duck-typed: data does not import model; model/prompting.py builds one for a base).
 
-    The backend says how text becomes ids and which special tokens follow a prompt (ChatGLM-6B: [gMASK] <sop>).
+    The backend says how text becomes ids, which special tokens follow a prompt (ChatGLM-6B: [gMASK] <sop>) and
+    whether its tokenizers map tokens back to the text (`token_offsets`).
     """
 
     def __init__(self, fmt: PromptFormat, tokenizer, backend):

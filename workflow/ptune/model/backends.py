@@ -30,7 +30,15 @@ CHATGLM = "chatglm"
 class Backend(Protocol):
     """What the stages and serving call to load, tune and run a base model (its code: native.py, chatglm.py)."""
 
-    name: str  # TRANSFORMERS or CHATGLM, as fetch_weights records it
+    name: str  # TRANSFORMERS or CHATGLM, as fetch_weights records it (for records and messages; callers that must
+    # know what a backend can do ask its capabilities below, never its name)
+
+    # Capabilities: what differs between backends, asked by the stages, prompts and serving.
+    batched_scheduler: bool  # serving may merge its rows into one continuously batched scheduler (serve/batching.py)
+    multi_device_training: bool  # train.devices > 1 (one process per device) works
+    runs_model_code: bool  # it runs the Python code that ships with the weights: only with the user's consent
+    chat_templates: bool  # its tokenizer may carry a chat template (preprocess.prompt_format: chat_template)
+    token_offsets: bool  # its fast tokenizers map tokens back to the text: prompts keep written texts plain
 
     def load_tokenizer(self, base: Path) -> Any: ...
 
@@ -69,6 +77,9 @@ class Backend(Protocol):
 
     def generate(self, model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> Any:
         """New token ids for a batch of prompts; `prefix` None: the base alone."""
+
+    def prefix_length(self, model, prefix) -> int:
+        """Positions a loaded prefix takes before the prompt (0 for None: the base alone)."""
 
     def describe_prefix(self, directory: Path, base: Path, allow_pickle: bool = False) -> dict:
         """pre_seq_len and base_config_sha256 of a saved prefix."""

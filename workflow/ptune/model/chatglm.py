@@ -83,6 +83,12 @@ class ChatGLMBackend:
     """ChatGLM-6B's remote code (backends.Backend; no state, as native.TransformersBackend)."""
 
     name = "chatglm"  # backends.CHATGLM
+    # Its remote code generates (transformers 4.33, no cache classes to merge rows with): served one at a time.
+    batched_scheduler = False
+    multi_device_training = False  # its prefix lives inside the remote-code model, trained on one GPU
+    runs_model_code = True
+    chat_templates = False  # ChatGLM-6B's tokenizer has none: prompt_format chatglm6b is its own format
+    token_offsets = False  # its own (slow) tokenizer cannot say where a token came from
 
     def load_tokenizer(self, base: Path):
         _, _, AutoTokenizer = _auto()
@@ -205,6 +211,10 @@ class ChatGLMBackend:
 
     def save_prefix(self, model, prefix, directory: Path, base: Path) -> None:
         save_prefix(model, prefix, directory, base)
+
+    def prefix_length(self, model, prefix) -> int:
+        """The built-in prefix's length is the model's config.pre_seq_len."""
+        return 0 if prefix is None else model.config.pre_seq_len
 
     def describe_prefix(self, directory: Path, base: Path, allow_pickle: bool = False) -> dict:
         """pre_seq_len and base_config_sha256 of a saved prefix; a reference checkpoint has no prefix_config.json,

@@ -25,6 +25,11 @@ class TransformersBackend:
     """transformers-native causal LMs with ptune's prefix (no state: one instance serves every caller)."""
 
     name = "transformers"  # backends.TRANSFORMERS
+    batched_scheduler = True  # its cache is transformers' own: rows' caches merge into one batch
+    multi_device_training = True
+    runs_model_code = False
+    chat_templates = True
+    token_offsets = True
 
     def load_tokenizer(self, base: Path):
         return load_tokenizer(base)
@@ -96,6 +101,10 @@ class TransformersBackend:
 
     def save_prefix(self, model, prefix, directory: Path, base: Path) -> None:
         prefix.save(directory)
+
+    def prefix_length(self, model, prefix) -> int:
+        """ptune's prefix says in its own config."""
+        return 0 if prefix is None else prefix.config.pre_seq_len
 
     def describe_prefix(self, directory: Path, base: Path, allow_pickle: bool = False) -> dict:
         """pre_seq_len and base_config_sha256 of a saved prefix."""

@@ -17,7 +17,7 @@ from ..data.batching import IGNORE_INDEX
 from .prefix_encoder import PrefixEncoder
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers renamed forward's `past_key_values` to `cache` during v5; accept either release."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -47,18 +47,34 @@ def _causal_lm(model, labels: torch.Tensor | None, **inputs):
     return out
 
 
-def prefix_cache(encoder: PrefixEncoder, model, batch_size: int) -> tuple[DynamicCache, int]:
-    """A cache filled with the prefix, and the prefix's length.
+def prefix_key_values(encoder: PrefixEncoder, model, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prefix's keys and values per layer, in the model's dtype, (batch, kv_heads, pre_seq_len, head_dim) each.
 
     The encoder is called (not its `key_values` method) so that a DistributedDataParallel wrapper around it sees
     the forward pass and synchronises the prefix's gradients across processes.
     """
-    dtype = next(model.parameters()).dtype
+    return encoder(batch_size, next(model.parameters()).dtype)
+
+
+def filled_cache(model, key_values) -> DynamicCache:
+    """A cache of the model holding these keys and values per layer (none: an empty cache)."""
     cache = DynamicCache(config=model.config)
-    key_values = encoder(batch_size, dtype)
     for layer, (key, value) in enumerate(key_values):
         cache.update(key, value, layer)
-    return cache, key_values[0][0].shape[-2]
+    return cache
+
+
+def prefix_cache(encoder: PrefixEncoder, model, batch_size: int) -> tuple[DynamicCache, int]:
+    """A cache filled with the prefix, and the prefix's length."""
+    key_values = prefix_key_values(encoder, model, batch_size)
+    return filled_cache(model, key_values), key_values[0][0].shape[-2]
+
+
+def stand_in_id(model) -> int:
+    """The token id that stands in the input for positions the mask hides or a cache holds already (the prefix's):
+    the model's pad token, else 0."""
+    pad = model.generation_config.pad_token_id
+    return 0 if pad is None else int(pad)
 
 
 def forward(
@@ -91,7 +107,7 @@ def forward(
         attention_mask=full_mask,
         position_ids=position_ids,
         use_cache=True,
-        **{_cache_kwarg(model): cache},
+        **{cache_kwarg(model): cache},
     )
 
 
@@ -106,11 +122,8 @@ def generate(
     batch = input_ids.shape[0]
     cache, pre = prefix_cache(encoder, model, batch)
     # generate() skips the positions a cache already holds: stand-in ids for the prefix, mask ones over them.
-    pad_id = model.generation_config.pad_token_id
-    if pad_id is None:
-        pad_id = 0
-    stand_in = input_ids.new_full((batch, pre), pad_id)
+    stand_in = input_ids.new_full((batch, pre), stand_in_id(model))
     ids = torch.cat([stand_in, input_ids], dim=1)
     mask = torch.cat([attention_mask.new_ones(batch, pre), attention_mask], dim=1)
-    out = model.generate(input_ids=ids, attention_mask=mask, **{_cache_kwarg(model): cache}, **generation_kwargs)
+    out = model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(model): cache}, **generation_kwargs)
     return out[:, ids.shape[1] :]

@@ -14,11 +14,7 @@ Which files are weights is decided here once (`weight_files`), for fetch_weights
 sha256 record (model/origin.py): not by suffix alone, since a sharded checkpoint's index maps tensors to shard file
 names that may be anything, and transformers loads whatever the index names.
 
-Serving (`ptune serve web|api --bundle DIR`, `ptune chat --bundle DIR`, `python -m ptune.bundle DIR`) loads whatever
-base model the bundle names, and a bundle is easy to copy or download: a record inside it proves nothing, since whoever
-made the folder wrote it. There the decision is the user's own (`user_trusts`): the `--trust-remote-code` flag, or
-their params (`fetch_weights.trust_remote_code: true`) when the base is the project's own models/base, which
-fetch_weights fetched under those params. `require_consent` refuses without it, before any of the code is imported.
+Whether the user consents to running a served bundle's base code is decided by ptune/bundle/consent.py.
 """
 
 from __future__ import annotations
@@ -27,10 +23,8 @@ import json
 import logging
 from pathlib import Path
 
-import yaml
-
 from ..errors import PtuneError
-from ..paths import BASE, SOURCE_RECORD
+from ..paths import SOURCE_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +34,6 @@ WEIGHT_SUFFIXES = (SAFETENSORS, *PICKLE_SUFFIXES)
 # A sharded checkpoint's index: model.safetensors.index.json, pytorch_model.bin.index.json (and what config.json's
 # transformers_weights names, which transformers requires to end in .safetensors or .safetensors.index.json).
 INDEX_SUFFIX = ".index.json"
-TRUST_FLAG = "--trust-remote-code"
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -98,7 +91,7 @@ def _weights(folder: Path) -> tuple[list[Path], list[Path]]:
     return ([p for p in files if p.name.endswith(SAFETENSORS)], [p for p in files if is_pickle(p)])
 
 
-def _remote_code(folder: Path) -> list[str]:
+def remote_code_files(folder: Path) -> list[str]:
     """The Python modules config.json's auto_map points at (what trust_remote_code would import)."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     # A value is "module.Class", or a [slow, fast] pair of them in which either may be null.
@@ -110,7 +103,7 @@ def check_folder(folder: Path, *, backend: str, trust_remote_code: bool, allow_p
     """Refuse what params do not allow; drop pickled duplicates of safetensors weights. `folder` is fetch_weights'
     temporary output, so removing files there loses nothing of the source."""
     if backend == "chatglm" and not trust_remote_code:
-        modules = ", ".join(_remote_code(folder)) or "the model's .py files"
+        modules = ", ".join(remote_code_files(folder)) or "the model's .py files"
         raise PtuneError(
             f"fetch_weights.trust_remote_code is false, but backend chatglm runs the Python code that "
             f"{what} ships ({modules}), with your account's rights. Read it, and set "
@@ -160,39 +153,3 @@ def require_remote_code(base: Path) -> None:
             "fetch_weights.trust_remote_code: true; set it in params.yaml if you trust the model, and "
             "rerun fetch_weights (dvc repro / snakemake do)"
         )
-
-
-def user_trusts(base: str | Path, flag: bool, params: str | Path | None) -> bool:
-    """Whether the user consents to running the Python code of `base` when serving: their `flag`, or their params
-    file's fetch_weights.trust_remote_code when `base` is the project's own models/base (what fetch_weights fetched
-    under that consent). Never a record inside `base` or a bundle: whoever made the folder wrote those."""
-    return flag or params_consent(base, params, "trust_remote_code")
-
-
-def params_consent(base: str | Path, params: str | Path | None, key: str) -> bool:
-    """Whether the user's params file says fetch_weights.`key`: true, counted only when `base` is the project's own
-    models/base (what fetch_weights fetched under those params)."""
-    if params is None or Path(base).resolve() != BASE.resolve():
-        return False
-    try:
-        raw = yaml.safe_load(Path(params).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return False
-    section = raw.get("fetch_weights") if isinstance(raw, dict) else None
-    return isinstance(section, dict) and section.get(key) is True
-
-
-def require_consent(base: Path, consent: bool, what: str) -> None:
-    """Before serving a base whose Python code would run (chatglm backend): the user's consent (user_trusts)."""
-    if consent:
-        return
-    try:
-        modules = ", ".join(_remote_code(base)) or "its .py files"
-    except (OSError, ValueError):
-        modules = "its .py files"
-    raise PtuneError(
-        f"{what} names the base model {base}, whose Python code ({modules}) would run with your account's rights "
-        f"(ChatGLM-6B's remote code); a record inside a folder is not your consent, since whoever made the folder "
-        f"wrote it. Read the code, and pass {TRUST_FLAG} if you trust it (for the project's own models/base, "
-        "fetch_weights.trust_remote_code: true in params.yaml is enough)"
-    )

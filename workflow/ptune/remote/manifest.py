@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PtuneError
-from ..paths import STATE_DIR
+from ..paths import STATE_DIR, SYNCED_STAGES
 from ..state.resume import KEY_LENGTH, is_key
 
 # Stages whose resume state is a flat folder of files worth carrying to another instance. fetch_weights' state
 # (a partial Git LFS clone) is not: a fresh instance fetches from the source again.
-SYNCED_STAGES = ("train", "evaluate")
 # What a file name of resume state may look like: ours are `checkpoint-00000040.safetensors` and
 # `ptuned.rank0.jsonl`. A letter or digit first (no hidden names, nothing a shell or a path reads specially).
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

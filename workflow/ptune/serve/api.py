@@ -33,8 +33,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PtuneError
 from . import failures
-from .engine import Engine, Reply, RequestError
+from .engine import Engine, RequestError
 from .limits import MAX_BODY_BYTES, BodyLimit, check_conversation, require_json
+from .reply_stream import Reply
 
 __all__ = ["MAX_BODY_BYTES", "BodyLimit", "create_app"]
 

@@ -49,7 +49,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import PtuneError
-from ..model.prefixed import _cache_kwarg
+from ..model.prefixed import cache_kwarg, filled_cache, prefix_key_values, stand_in_id
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Scheduler:
         self.stop_ids = set(stop_ids)
         self.max_batch = max(1, max_batch)
         self.device = next(model.parameters()).device
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
         self._keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
         # SDPA reads a boolean mask (True: attend); other attention implementations want other masks, built by the
         # model from the 2D one.
@@ -135,8 +135,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._pre = 0
-        pad = model.generation_config.pad_token_id
-        self._stand_in = 0 if pad is None else int(pad)
+        self._stand_in = stand_in_id(model)
         # The running batch: rows, and per row its last token, next position, mask and cache.
         self.active: list[Row] = []
         self._cache: DynamicCache | None = None
@@ -203,8 +202,7 @@ class Scheduler:
     def _prepare_prefix(self) -> None:
         if self.encoder is None:
             return
-        dtype = next(self.model.parameters()).dtype
-        self._prefix = [(k.detach(), v.detach()) for k, v in self.encoder(1, dtype)]
+        self._prefix = [(k.detach(), v.detach()) for k, v in prefix_key_values(self.encoder, self.model, 1)]
         self._pre = self._prefix[0][0].shape[-2]
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
@@ -224,10 +222,7 @@ class Scheduler:
                 return
             self._setup(row)
             n = len(row.ids)
-            cache = DynamicCache(config=self.model.config)
-            if self._prefix is not None:
-                for layer, (k, v) in enumerate(self._prefix):
-                    cache.update(k, v, layer)
+            cache = filled_cache(self.model, self._prefix or ())
             ids = torch.tensor([row.ids], dtype=torch.long, device=self.device)
             mask = torch.ones((1, self._pre + n), dtype=torch.long, device=self.device)
             pos = torch.arange(self._pre, self._pre + n, device=self.device)[None]

@@ -7,13 +7,15 @@ steps (continuous batching), each row with its own settings, seed, length and ca
 not depend on who else is asking. Waiting and running requests are counted; past `max_pending` the engine refuses
 at once (`Busy`) rather than let a queue grow without bound.
 
-Each answer's tokens are handed to its `Reply` by the scheduler (token ids only, once per decoding step, with one
-wake-up per event loop); its reader decodes them into text pieces, in its own thread or on the HTTP server's event
-loop (`Reply.pieces`, `Reply.ended`: no thread per reader or per token). A reader may stop it at any time
-(`Reply.cancel`), e.g. when a client goes away: its row leaves the batch before the next decoding step.
+Each answer's tokens are handed to its `Reply` (serve/reply_stream.py) by the scheduler (token ids only, once per
+decoding step, with one wake-up per event loop); its reader decodes them into text pieces, in its own thread or on
+the HTTP server's event loop (`Reply.pieces`, `Reply.ended`: no thread per reader or per token). A reader may stop
+it at any time (`Reply.cancel`), e.g. when a client goes away: its row leaves the batch before the next decoding
+step.
 
-The chatglm backend (ChatGLM-6B's remote code generates) and `max_batch` 1 are served one request at a time: the
-backend's own `generate` in a worker thread, behind a lock.
+A backend whose rows cannot share the scheduler (`Backend.batched_scheduler` False: ChatGLM-6B's remote code
+generates) and `max_batch` 1 are served one request at a time: the backend's own `generate` in a worker thread,
+behind a lock, the decoding loop evaluation uses (seeded per request instead of per batch).
 
 A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
 that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
@@ -26,30 +28,28 @@ server. Either way no request waits for a process that is gone.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from ..bundle.loader import Bundle
 from ..config import GenerationConfig
 from ..data import prompts
 from ..errors import PtuneError
 from ..model import backends
-from ..model.bundle import Bundle
 from ..model.checks import context_length
-from ..model.generation import generation_kwargs
+from ..model.generation import Settings, generation_kwargs
 from ..model.loading import device, load_frozen, load_tokenizer
 from . import scheduler_process
 from .limits import Limits, RequestError, check_conversation, check_sampling, check_seed
+from .reply_stream import Reply, Wakes
 
 if TYPE_CHECKING:
     from . import batching
@@ -88,325 +88,6 @@ def _ended(engine: "weakref.ref[Engine]") -> None:
         alive._fall_back()
 
 
-def _prefix_length(bundle: Bundle) -> int:
-    """Positions the prefix takes: ptune's prefix says in its config, ChatGLM-6B's in the model's."""
-    if bundle.encoder is None:
-        return 0
-    config = getattr(bundle.encoder, "config", None) or bundle.model.config
-    return config.pre_seq_len
-
-
-@dataclass(frozen=True)
-class Settings(GenerationConfig):
-    """Generation settings of one request: the bundle's kind, and a seed."""
-
-    seed: int | None = None
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-class _Pieces(TextStreamer):
-    """transformers' own streaming decode (whole words, CJK characters at once), collecting the text it finalizes."""
-
-    def __init__(self, tokenizer):
-        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
-        self.out: list[str] = []
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text:
-            self.out.append(text)
-
-    def feed(self, ids: list[int]) -> str:
-        """Text finalized by these tokens, fed one by one as generate feeds a streamer."""
-        for token in ids:
-            self.put(_One(token))
-        return self.take()
-
-    def take(self) -> str:
-        text, self.out = "".join(self.out), []
-        return text
-
-
-class _One:
-    """One token as `TextStreamer.put` reads a tensor of one (its shape and `tolist`), without making a tensor: a
-    torch call on the HTTP server's event loop would hand the GIL to the scheduler and wait to get it back."""
-
-    shape = (1,)
-
-    def __init__(self, token: int):
-        self.token = token
-
-    def tolist(self) -> list[int]:
-        return [self.token]
-
-
-class _Into:
-    """The streamer handed to the backend's generate (one at a time): new tokens into the reply (the prompt skipped)."""
-
-    def __init__(self, reply: "Reply"):
-        self.reply = reply
-        self.prompt = True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt:
-            self.prompt = False
-            return
-        for token in value.reshape(-1).tolist():
-            self.reply._push(token)
-
-    def end(self) -> None:
-        pass
-
-
-class Reply:
-    """One answer being generated: iterate for text pieces as they come (or `async for` over `pieces()`); then read
-    `text` and the counts.
-
-    The generating thread only appends token ids (`_push`) and wakes whoever waits; the reader decodes them into
-    text in its own thread (or event loop), taking every token that has come since it last looked at once: the
-    scheduler's thread never decodes text, and nobody decodes a reply that is read whole.
-    """
-
-    def __init__(self, tokenizer, cancel: threading.Event, prompt_tokens: int, history_used: int):
-        self._tokenizer = tokenizer
-        self._cancel = cancel
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        self._ids: list[int] = []  # new tokens so far
-        self._lock = threading.Lock()
-        self._waiters: list[tuple[int | None, Callable[[], None]]] = []  # (wake past this many ids or at the end, how)
-        self._ended_future: asyncio.Future | None = None
-        self._on_cancel: Callable[[], None] | None = None  # tells a scheduler in another process
-        self.prompt_tokens = prompt_tokens
-        self.history_used = history_used  # how many of the latest history rounds fitted into the context
-        self.completion_tokens = 0
-        self.finish_reason = "stop"  # "stop" (end of sequence), "length" (max_new_tokens), "cancelled"
-        self.text = ""
-
-    # -- the generating side ----------------------------------------------------------------------------------------
-
-    def _push(self, token: int) -> None:
-        for wake in self._add(token):
-            wake()
-
-    def _add(self, token: int) -> list[Callable[[], None]]:
-        """Append a token; the wake-ups now due, for the caller to call (the scheduler calls those of a whole step
-        together: `Wakes`)."""
-        with self._lock:
-            self._ids.append(token)
-            if not self._waiters:
-                return []
-            n = len(self._ids)
-            due = [how for seen, how in self._waiters if seen is not None and n > seen]
-            if due:
-                self._waiters = [w for w in self._waiters if w[0] is None or n <= w[0]]
-            return due
-
-    def _end(self) -> None:
-        for wake in self._ending():
-            wake()
-
-    def _ending(self) -> list[Callable[[], None]]:
-        """The generation has ended (`text`, the counts and any error are set); every wake-up, for the caller to
-        call."""
-        with self._lock:
-            self._done.set()
-            waiters, self._waiters = self._waiters, []
-        return [how for _, how in waiters]
-
-    def _when(self, seen: int | None, how: Callable[[], None]) -> bool:
-        """Have `how` called once there are more than `seen` tokens (None: only at the end) or the reply has ended;
-        False, and nothing registered, if that is already so."""
-        with self._lock:
-            if self._done.is_set() or (seen is not None and len(self._ids) > seen):
-                return False
-            self._waiters.append((seen, how))
-            return True
-
-    # -- readers ------------------------------------------------------------------------------------------------------
-
-    def _texts(self, decoder: _Pieces, seen: int) -> tuple[str, int, bool]:
-        """The text of the tokens past `seen` (all of it once the reply has ended), the tokens seen, and whether it
-        has ended."""
-        ended = self._done.is_set()  # before reading the ids: every token of an ended reply is then there
-        ids = self._ids[seen:]
-        text = decoder.feed(ids)
-        if ended:
-            decoder.end()
-            text += decoder.take()
-        return text, seen + len(ids), ended
-
-    def _raw(self) -> Iterator[str]:
-        decoder, seen = _Pieces(self._tokenizer), 0
-        while True:
-            event = threading.Event()
-            if self._when(seen, event.set):
-                event.wait()
-            text, seen, ended = self._texts(decoder, seen)
-            if text:
-                yield text
-            if ended:
-                return
-
-    async def _araw(self, every: float = 0.0) -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        decoder, seen, sent = _Pieces(self._tokenizer), 0, None
-        while True:
-            woken = loop.create_future()
-            if self._when(seen, _waker(loop, woken)):
-                await woken
-            if sent is not None and every > 0:
-                # Tokens that come within `every` of the last piece go out with it in one piece (the reply's end
-                # is not held back).
-                left = sent + every - loop.time()
-                if left > 0:
-                    await self.ended(left)
-            text, seen, ended = self._texts(decoder, seen)
-            if text:
-                yield text
-                sent = loop.time()
-            if ended:
-                return
-
-    def __iter__(self) -> Iterator[str]:
-        """Text pieces whose concatenation is `text`: the answer without leading or trailing whitespace."""
-        trim = _Trim()
-        for piece in self._raw():
-            if body := trim(piece):
-                yield body
-        if self._error is not None:
-            raise self._error
-
-    async def pieces(self, every: float = 0.0) -> AsyncIterator[str]:
-        """The same text as iterating, for a reader on an event loop (no thread per reader or per token); `every`:
-        after a piece, the next one waits that many seconds at most, with the tokens that came meanwhile (the
-        first piece and the end are never held back)."""
-        trim = _Trim()
-        async for piece in self._araw(every):
-            if body := trim(piece):
-                yield body
-        if self._error is not None:
-            raise self._error
-
-    async def ended(self, timeout: float | None = None) -> bool:
-        """Wait on an event loop until the generation has ended, at most `timeout` seconds; whether it has."""
-        if self._ended_future is None:
-            loop = asyncio.get_running_loop()
-            self._ended_future = loop.create_future()
-            if not self._when(None, _waker(loop, self._ended_future)):
-                return True
-        await asyncio.wait({self._ended_future}, timeout=timeout)  # on a timeout the future stays, for the next call
-        return self.done
-
-    @property
-    def token_ids(self) -> list[int]:
-        """The new tokens so far (all of them once `done`), the stop token included."""
-        return list(self._ids)
-
-    def cancel(self) -> None:
-        self._cancel.set()
-        if self._on_cancel is not None:
-            self._on_cancel()
-
-    @property
-    def done(self) -> bool:
-        """Whether the generation has ended: `text` and the counts are final (see `result`)."""
-        return self._done.is_set()
-
-    def result(self) -> "Reply":
-        """Once `done`: self, or the generation's error raised (for readers that wait without reading the stream)."""
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def wait(self) -> "Reply":
-        """Wait for the end of the generation (without decoding its pieces); returns self with `text` and the counts
-        set, or raises its error."""
-        self._done.wait()
-        return self.result()
-
-
-class _LoopWake:
-    """A wake-up the generating thread may call: resolves a future on its event loop (unless cancelled or closed)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future):
-        self.loop = loop
-        self.future = future
-
-    def __call__(self) -> None:
-        _call_soon(self.loop, _resolve, self.future)
-
-
-def _waker(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> _LoopWake:
-    return _LoopWake(loop, future)
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, *args) -> None:
-    try:
-        loop.call_soon_threadsafe(*args)
-    except RuntimeError:  # the loop is closed: nobody waits any more
-        pass
-
-
-class Wakes:
-    """The scheduler's tokens and ends of one step handed over together: each row's token is appended at once, and
-    the readers are woken after the step (`flush`), those on one event loop with one call (one wake-up of the HTTP
-    server's loop per step, not one per row)."""
-
-    def __init__(self):
-        self._due: list[Callable[[], None]] = []
-
-    def token(self, reply: "Reply", token: int) -> None:
-        self._due.extend(reply._add(token))
-
-    def end(self, reply: "Reply") -> None:
-        self._due.extend(reply._ending())
-
-    def flush(self) -> None:
-        due, self._due = self._due, []
-        loops: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-        for wake in due:
-            if isinstance(wake, _LoopWake):
-                loops.setdefault(wake.loop, []).append(wake.future)
-            else:
-                wake()
-        for loop, futures in loops.items():
-            _call_soon(loop, _resolve_all, futures)
-
-
-def _resolve_all(futures: list[asyncio.Future]) -> None:
-    for future in futures:
-        _resolve(future)
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Trim:
-    """Pieces without the answer's leading whitespace, holding back whitespace that may turn out to be trailing."""
-
-    def __init__(self):
-        self.held = ""
-        self.started = False
-
-    def __call__(self, piece: str) -> str:
-        if not self.started:
-            piece = piece.lstrip()
-            self.started = bool(piece)
-        piece = self.held + piece
-        body = piece.rstrip()
-        self.held = piece[len(body) :]
-        return body
-
-
 class Engine:
     """A loaded model that answers chat turns, those that arrive together in one batch."""
 
@@ -433,13 +114,12 @@ class Engine:
         self.summary = summary or name
         self.max_pending = max_pending
         self.limits = limits or Limits()
-        self.defaults = bundle.generation
-        self.default_seed: int | None = None
+        self.defaults = Settings.of(bundle.generation)  # what a request that names none gets (set_defaults)
         self.backend = bundle.backend  # tokenizes and generates as the stages did
         self.prompter = bundle.prompter()  # builds prompts as preprocess built the training data
         self.stop_ids = self.prompter.stop_ids(bundle.model.generation_config.eos_token_id)
         self.context_length = context_length(bundle.model.config)
-        self.prefix_length = _prefix_length(bundle)
+        self.prefix_length = bundle.backend.prefix_length(bundle.model, bundle.encoder)
         self.log_prompts = False
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
@@ -448,9 +128,9 @@ class Engine:
         self._fallback = scheduler_process.fallback() if own_process else scheduler_process.THREAD
         self._lost = False  # the scheduler's process has ended and that is logged (_fall_back)
         self._pending = 0
-        # Continuous batching where the backend is transformers' own; else one at a time (the lock).
+        # Continuous batching where the backend's rows can share a scheduler; else one at a time (the lock).
         self.scheduler: batching.Scheduler | scheduler_process.SchedulerProcess | None = None
-        if max_batch > 1 and self.backend.name == backends.TRANSFORMERS:
+        if max_batch > 1 and self.backend.batched_scheduler:
             # Imported here: the scheduler uses transformers 5's cache classes, which ChatGLM-6B's environment
             # (transformers 4.33, the chatglm backend, served one request at a time) does not have.
             from .batching import Scheduler
@@ -502,7 +182,8 @@ class Engine:
         `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base; `base`: the base
         folder origin.resolve found and checked (Bundle.load)."""
         bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code, base=base)
-        what = "base model alone" if base_only else f"P-tuned, prefix of {_prefix_length(bundle)} tokens"
+        prefix = bundle.backend.prefix_length(bundle.model, bundle.encoder)
+        what = "base model alone" if base_only else f"P-tuned, prefix of {prefix} tokens"
         name = "ptune-base" if base_only else "ptune"
         description = f"bundle `{directory}` ({what})"
         engine = cls(
@@ -536,10 +217,11 @@ class Engine:
                 "use --bundle models/deploy --base-only for the base alone"
             )
         model = load_frozen(directory, device())
-        generation = GenerationConfig.of(generation)
+        generation = Settings.of(generation)
         tokenizer = load_tokenizer(directory)
-        fmt = prompts.format_for(preprocess, tokenizer, backends.TRANSFORMERS)
-        bundle = Bundle(tokenizer, model, None, fmt, generation, backends.for_base(Path(directory)))
+        backend = backends.for_base(Path(directory))
+        fmt = prompts.format_for(preprocess, tokenizer, backend.chat_templates)
+        bundle = Bundle(tokenizer, model, None, fmt, generation, backend)
         description = f"model `{directory}` (no prefix)"
         engine = cls(
             bundle,
@@ -611,8 +293,7 @@ class Engine:
     ) -> None:
         """Override the bundle's generation defaults (what a request that names none gets); checked as a request."""
         s = self.settings(max_new_tokens, temperature, top_p, do_sample, seed)
-        self.defaults = GenerationConfig.of(s)
-        self.default_seed = seed
+        self.defaults = dataclasses.replace(s, seed=seed)
 
     @property
     def pending(self) -> int:
@@ -641,7 +322,7 @@ class Engine:
             do_sample=do_sample,
             top_p=d.top_p if top_p is None else top_p,
             temperature=d.temperature if not temperature else temperature,
-            seed=self.default_seed if seed is None else seed,
+            seed=d.seed if seed is None else seed,
         )
 
     def _check_max_new_tokens(self, max_new_tokens: int) -> None:
@@ -750,7 +431,7 @@ class Engine:
             try:
                 self._finish(reply, new, settings, error)
             except Exception as exc:  # e.g. tokens that do not decode: this answer fails (never looks complete)
-                reply._error = exc
+                reply.fail(exc)
             finally:
                 with self._count_lock:
                     self._pending -= 1
@@ -762,9 +443,9 @@ class Engine:
         from .batching import Row  # as Scheduler: only where there is a scheduler
 
         kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
-        row = Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply._cancel, on_token, on_done)
+        row = Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply.cancel_event, on_token, on_done)
         scheduler = self.scheduler
-        reply._on_cancel = lambda: scheduler.cancel(row)  # reads `scheduler` when called: the one the row went to
+        reply.on_cancel(lambda: scheduler.cancel(row))  # reads `scheduler` when called: the one the row went to
         try:
             scheduler.submit(row)
         except scheduler_process.Ended:  # the process has ended: the reader may not have seen it yet
@@ -777,11 +458,11 @@ class Engine:
 
     def _finish(self, reply: Reply, new: list[int], settings: Settings, error: BaseException | None) -> None:
         if error is not None:
-            reply._error = error
+            reply.fail(error)
             return
         reply.completion_tokens = len(new)
         reply.text = self.bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
-        if reply._cancel.is_set():
+        if reply.cancelled:
             reply.finish_reason = "cancelled"
             log.info("generation cancelled after %d new tokens", len(new))
         elif new and new[-1] in self.stop_ids:
@@ -790,25 +471,25 @@ class Engine:
             reply.finish_reason = "length"
 
     def _generate(self, reply: Reply, ids: list[int], settings: Settings) -> None:
-        """One at a time (backends that generate through their own code): the backend's generate, behind a lock."""
+        """One at a time (a backend without `batched_scheduler`, or max_batch 1): the backend's generate, the loop
+        evaluate's batches run, seeded per request instead of per batch, behind a lock."""
         bundle = self.bundle
         try:
             with self._generate_lock:
-                if reply._cancel.is_set():
+                if reply.cancelled:
                     reply.finish_reason = "cancelled"
                     log.info("generation cancelled after 0 new tokens (before its turn came)")
                     return
                 kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
-                stop = StoppingCriteriaList([_Cancelled(reply._cancel)])
-                kwargs.update(streamer=_Into(reply), stopping_criteria=stop)
+                kwargs.update(reply.hooks())
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
                 new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
             self._finish(reply, new, settings, None)
         except BaseException as exc:  # handed to the reader, who re-raises it
             log.exception("generation failed")
-            reply._error = exc
+            reply.fail(exc)
         finally:
             with self._count_lock:
                 self._pending -= 1
-            reply._end()
+            reply.end()

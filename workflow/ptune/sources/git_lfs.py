@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from ..errors import PtuneError
+from ..guards import revision_problem
 from .lfs_pointer import Pointer, content_problem, read_pointer
 
 log = logging.getLogger(__name__)
@@ -33,29 +34,6 @@ log = logging.getLogger(__name__)
 # Transports git may use for fetch_weights.repo (GIT_ALLOW_PROTOCOL): `ext::` and other remote helpers are left out.
 ALLOWED_PROTOCOLS = "https:http:ssh:git:file"
 _HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a full SHA-1 or SHA-256 object name, as rev-parse prints it
-_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
-
-
-def revision_problem(revision: str) -> str | None:
-    """Why `revision` is not a commit hash or a valid ref name (git's check-ref-format rules, one level allowed,
-    plus no leading `-`), or None. The one check of fetch_weights.revision: params loading and fetch both call it,
-    since the value reaches git's command line and git's revision syntax (`a..b`, `x^{...}`, `@{...}`) is not wanted.
-    """
-    if re.fullmatch(r"[0-9a-fA-F]{40}|[0-9a-fA-F]{64}", revision):
-        return None
-    if not revision:
-        return "it is empty"
-    if revision.startswith("-"):
-        return "it starts with '-', which git reads as an option"
-    if _REF_FORBIDDEN.search(revision):
-        return "it holds a space, a control character or one of ~ ^ : ? * [ \\"
-    if ".." in revision or "@{" in revision or revision == "@":
-        return "it holds '..' or '@{', or is '@'"
-    if revision.startswith("/") or revision.endswith(("/", ".")) or "//" in revision:
-        return "it starts or ends with '/', ends with '.' or holds '//'"
-    if any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
-        return "a part of it starts with '.' or ends with '.lock'"
-    return None
 
 
 def _git(clone: Path | None, *args: str, check: bool = True) -> subprocess.CompletedProcess:

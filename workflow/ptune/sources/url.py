@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import ipaddress
 import logging
 import os
 import time
@@ -21,44 +20,12 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import PtuneError
+from ..guards import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, url_problem
 from . import archive as archive_check
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
-# Defaults of fetch_data.max_unpacked_bytes and max_archive_members: ADGEN unpacks to well under 1 GiB in 3 files.
-DEFAULT_MAX_BYTES = 8 << 30
-DEFAULT_MAX_MEMBERS = 100_000
-
-
-def is_loopback(host: str | None) -> bool:
-    """This machine: `localhost` or a loopback address (127.0.0.0/8, ::1), where nobody sits on the way."""
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def url_problem(url: str, allow_http: bool) -> str | None:
-    """Why `url` may not be downloaded from, or None: https, or http to this machine or with allow_http."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-    except ValueError as exc:
-        return f"not a valid URL ({exc})"
-    scheme = parts.scheme.lower()
-    if scheme == "https" or (scheme == "http" and (allow_http or is_loopback(host))):
-        return None
-    if scheme == "http":
-        return (
-            "plain http, which anyone on the way can read and replace; use the https:// address, or set "
-            "fetch_data.allow_http: true if this server has no https and you accept that"
-        )
-    return f"the scheme {scheme or '(none)'!r}: only https:// (and http:// with fetch_data.allow_http) is fetched"
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):

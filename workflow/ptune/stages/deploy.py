@@ -2,7 +2,7 @@
 
 The check starts `ptune serve api` on the bundle (a fresh process, a free loopback port), asks the smoke prompt
 through the seed-compatible `POST /` and the OpenAI-compatible `/v1/chat/completions`, checks both answers, and
-stops the server. The bundle names its base by origin (model/origin.py) and carries a model card (model/card.py).
+stops the server. The bundle names its base by origin (bundle/origin.py) and carries a model card (bundle/card.py).
 The answer, the server's start-up time and each request's latency go to
 reports/deploy_check.json (the one place besides reports/timings* where wall times are allowed). A bundle that
 fails its check is never published: the check runs on the temporary directory before it is renamed into place.
@@ -15,11 +15,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..bundle import card, manifest, origin
 from ..config import GenerationConfig, Params
-from ..data import prompts
 from ..errors import PtuneError
-from ..model import card, origin
-from ..model.bundle import FORMAT_VERSION, MANIFEST
+from ..model import prompting
 from ..paths import BASE, METRICS, PREFIX
 from ..paths import DEPLOY as OUT
 from ..paths import DEPLOY_CHECK as CHECK
@@ -52,7 +51,7 @@ def _facts(params: Params, prefix_cfg: dict, base: dict, backend: str, fmt: str,
 
 def run(params: Params) -> None:
     cfg = params.deploy
-    prompter = prompts.for_base(params.preprocess, BASE)
+    prompter = prompting.for_base(params.preprocess, BASE)
     backend = prompter.backend
     allow_pickle = params.fetch_weights.allow_pickle
     prefix_cfg = backend.describe_prefix(PREFIX, BASE, allow_pickle)
@@ -62,10 +61,9 @@ def run(params: Params) -> None:
     facts = _facts(params, prefix_cfg, base, backend.name, prompter.format.kind, metrics)
     with atomic.atomic_dir(OUT) as tmp:
         backend.copy_prefix(PREFIX, tmp / "prefix", allow_pickle)
-        atomic.write_json(
-            tmp / MANIFEST,
+        manifest.write(
+            tmp,
             {
-                "format": FORMAT_VERSION,
                 "base": base,
                 "backend": backend.name,
                 "quantization": params.evaluate.quantization,  # served as it was evaluated

@@ -7,40 +7,37 @@ dealt out among N processes (batch b to process b mod N, each with its own model
 batches, and the launching process merges them in dev-set order: the same bytes as one process. Progress goes to
 reports/live/evaluate/ as batches finish (reporting/live.py). SIGTERM, SIGINT or SIGHUP drop the batch being
 generated and stop (state/stopping.py): the journal keeps the finished ones, and the rerun resumes there.
+Generation is compute/evaluation.py's; journals, stop requests, fault points and live progress are the run
+context's (stages/run_context.py).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 from datasets import load_from_disk
 
+from ..compute.evaluation import generate_all, in_prompt_order, length_sorted_batches
 from ..config import Params
-from ..data import prompts
 from ..errors import PtuneError
-from ..model import backends
+from ..model import backends, prompting
 from ..model.checks import context_window
-from ..model.generation import generate_all, in_prompt_order, length_sorted_batches
-from ..paths import BASE, METRICS, PREDICTIONS, PREFIX, live
+from ..model.generation import Settings
+from ..paths import BASE, METRICS, PREDICTIONS, PREFIX
 from ..paths import PROCESSED as DATA
-from ..reporting import live as live_metrics
 from ..reporting import metrics
 from ..state import atomic, multiprocess, stopping
 from ..state.determinism import seed_everything
-from ..state.resume import Journal, ResumeState
+from ..state.resume import Journal
+from .run_context import RunContext
 
 MODELS = ("base", "ptuned")
 # Batches and their seeds do not depend on how many processes share them: a run killed with one `devices`
 # value resumes with another.
 NOT_IN_RESUME_KEY = ("devices",)
-
-
-def _journals(state: ResumeState, name: str) -> list[Path]:
-    """The journal files of one model, one per process that worked on it (in this or an earlier run)."""
-    return sorted(state.dir.glob(f"{name}.rank*.jsonl"))
 
 
 def check_context(params: Params, prompt_ids: list) -> None:
@@ -72,21 +69,21 @@ def check_context(params: Params, prompt_ids: list) -> None:
     )
 
 
-def _stopped(stop: stopping.Stopped, state: ResumeState, n_batches: int) -> stopping.Stopped:
+def _stopped(stop: stopping.Stopped, ctx: RunContext, n_batches: int) -> stopping.Stopped:
     """`stopped.json` beside the journals, and the message: how many batches of each model are kept."""
-    done = {name: len(Journal.read_all(_journals(state, name))) for name in MODELS}
-    stopping.record(state.dir, batches_done=done, batches=n_batches)
+    done = {name: len(Journal.read_all(ctx.journals(name))) for name in MODELS}
+    ctx.record_stop(batches_done=done, batches=n_batches)
     kept = ", ".join(f"{name} {n} of {n_batches}" for name, n in done.items())
     return stopping.Stopped(
         stop.request,
-        f"evaluate: stopped ({stop.request.reason}); batches kept in {state.dir}: {kept}. `dvc repro`, "
+        f"evaluate: stopped ({stop.request.reason}); batches kept in {ctx.state.dir}: {kept}. `dvc repro`, "
         "`snakemake --cores 1 report` or `ptune evaluate` resumes from there",
     )
 
 
 def run(params: Params) -> dict:
     cfg = params.evaluate
-    trackers = live_metrics.chosen()  # $PTUNE_TRACKERS: a typo fails before the models load
+    ctx = RunContext.open("evaluate")  # $PTUNE_TRACKERS: a typo fails before the models load
     seed_everything(cfg.seed)
     dev = load_from_disk(str(DATA))["dev"]
     # The first max_examples of the dev set, in file order: the subset is the same on every run.
@@ -94,82 +91,104 @@ def run(params: Params) -> dict:
         dev = dev.select(range(min(cfg.max_examples, len(dev))))
     prompt_ids = dev["input_ids"]
     check_context(params, prompt_ids)
-    labels = dev["label"]
     key = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_RESUME_KEY}
     key["prompt_format"] = params.preprocess.prompt_format  # it decides the tokens generation stops on
-    state = ResumeState("evaluate", [BASE, PREFIX, DATA], key)
+    ctx.resume([BASE, PREFIX, DATA], key)
 
-    outputs, speed = {}, {}
     batches = length_sorted_batches(prompt_ids, cfg.batch_size)
-    progress = None
     if multiprocess.rank() == 0:  # the launching process makes the folder (an output); its rank 0 logs into it
-        progress = live_metrics.Live(live("evaluate"), names=trackers)
+        ctx.track()
     if cfg.devices > 1 and not multiprocess.in_worker():
-        # The workers generate their shares of the batches into their journals; this process merges them.
-        per_rank = multiprocess.launch("evaluate", params, cfg.devices)
-        for name in MODELS:
-            outputs[name] = in_prompt_order(batches, Journal.read_all(_journals(state, name)), len(prompt_ids))
-            # The processes generate side by side: their rates add up.
-            speed[name] = round(sum(facts["examples_per_s"][name] for facts in per_rank), 3)
-        where = f"{cfg.devices} x {per_rank[0]['device']}"
+        outputs, speed, where = _merged(params, ctx, batches, len(prompt_ids))
     else:
-        rank, n = multiprocess.rank(), multiprocess.world_size()
-        # The prompts are in data/processed; generation stops where the prompt format ends an answer.
-        prompter = prompts.for_base(params.preprocess, BASE)
-        backend, tokenizer = prompter.backend, prompter.tokenizer
-        model, encoder = backend.load_for_inference(
-            BASE, PREFIX, multiprocess.local_device(), cfg.quantization, allow_pickle=params.fetch_weights.allow_pickle
-        )
-        stop_ids = prompter.stop_ids(model.generation_config.eos_token_id)
-        mine = batches[rank::n]  # this process's batches, for each model
-        for m, (name, enc) in enumerate(zip(MODELS, (None, encoder))):
-            journal = Journal(state.path(f"{name}.rank{rank}.jsonl"), also_read=_journals(state, name))
-            already = set(journal.done)
-            t0 = time.perf_counter()
-
-            def on_batch(k: int, examples: int, m=m, t0=t0) -> None:
-                """Live progress (rank 0): step = this process's batches done over both models."""
-                if progress is not None:
-                    progress.log(
-                        m * len(mine) + k,
-                        {
-                            "examples": m * sum(map(len, mine)) + examples,
-                            "fraction_done": round((m * len(mine) + k) / (2 * len(mine)), 6),
-                            "examples_per_s": round(examples / max(time.perf_counter() - t0, 1e-9), 3),
-                        },
-                    )
-
-            try:
-                with stopping.deferred():
-                    outputs[name] = generate_all(
-                        model,
-                        enc,
-                        tokenizer,
-                        prompt_ids,
-                        cfg,
-                        cfg.batch_size,
-                        cfg.seed,
-                        desc=name,
-                        backend=backend,
-                        journal=journal,
-                        shard=(rank, n),
-                        stop_ids=stop_ids,
-                        on_batch=on_batch,
-                    )
-            except stopping.Stopped as stop:
-                raise _stopped(stop, state, len(batches)) from None
-            generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
-            speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
-        where = str(model.device)
-        if n > 1:  # a worker: the launching process merges the journals and writes the outputs
+        outputs, speed, where = _generated(params, ctx, prompt_ids, batches)
+        if multiprocess.world_size() > 1:  # a worker: the launching process merges the journals, writes the outputs
             return {"examples_per_s": speed, "device": where}
 
+    _write_outputs(ctx, dev, outputs)
+    # examples/s of what this run generated (not what it read back from the journal), for reports/timings/.
+    return {"examples_per_s": speed, "device": where, "devices": cfg.devices}
+
+
+def _merged(params: Params, ctx: RunContext, batches: list[list[int]], n_prompts: int) -> tuple[dict, dict, str]:
+    """The workers generate their shares of the batches into their journals; this process merges them."""
+    cfg = params.evaluate
+    per_rank = multiprocess.launch("evaluate", params, cfg.devices)
+    outputs, speed = {}, {}
+    for name in MODELS:
+        outputs[name] = in_prompt_order(batches, Journal.read_all(ctx.journals(name)), n_prompts)
+        # The processes generate side by side: their rates add up.
+        speed[name] = round(sum(facts["examples_per_s"][name] for facts in per_rank), 3)
+    return outputs, speed, f"{cfg.devices} x {per_rank[0]['device']}"
+
+
+def _generated(params: Params, ctx: RunContext, prompt_ids: list, batches: list[list[int]]) -> tuple[dict, dict, str]:
+    """This process's batches (b mod world == rank) for the base alone and with the prefix, each journalled as it
+    finishes; examples/s of what it generated."""
+    cfg = params.evaluate
+    rank, n = multiprocess.rank(), multiprocess.world_size()
+    # The prompts are in data/processed; generation stops where the prompt format ends an answer.
+    prompter = prompting.for_base(params.preprocess, BASE)
+    backend, tokenizer = prompter.backend, prompter.tokenizer
+    model, encoder = backend.load_for_inference(
+        BASE, PREFIX, multiprocess.local_device(), cfg.quantization, allow_pickle=params.fetch_weights.allow_pickle
+    )
+    stop_ids = prompter.stop_ids(model.generation_config.eos_token_id)
+    mine = batches[rank::n]  # this process's batches, for each model
+    outputs, speed = {}, {}
+    for m, (name, enc) in enumerate(zip(MODELS, (None, encoder))):
+        journal = ctx.journal(name, rank)
+        already = set(journal.done)
+        t0 = time.perf_counter()
+        run = ctx.batches(journal, _progress(ctx, m, mine, t0))
+        try:
+            with ctx.deferred():
+                outputs[name] = generate_all(
+                    model,
+                    enc,
+                    tokenizer,
+                    prompt_ids,
+                    Settings.of(cfg),
+                    cfg.batch_size,
+                    cfg.seed,
+                    desc=name,
+                    backend=backend,
+                    shard=(rank, n),
+                    stop_ids=stop_ids,
+                    run=run,
+                )
+        except stopping.Stopped as stop:
+            raise _stopped(stop, ctx, len(batches)) from None
+        generated = sum(len(texts) for b, texts in journal.done.items() if b not in already)
+        speed[name] = round(generated / max(time.perf_counter() - t0, 1e-9), 3)
+    return outputs, speed, str(model.device)
+
+
+def _progress(ctx: RunContext, m: int, mine: list[list[int]], t0: float) -> Callable[[int, int], None]:
+    """Live progress of model `m` (rank 0 logs it): step = this process's batches done over both models."""
+
+    def log(k: int, examples: int) -> None:
+        ctx.log(
+            m * len(mine) + k,
+            {
+                "examples": m * sum(map(len, mine)) + examples,
+                "fraction_done": round((m * len(mine) + k) / (2 * len(mine)), 6),
+                "examples_per_s": round(examples / max(time.perf_counter() - t0, 1e-9), 3),
+            },
+        )
+
+    return log
+
+
+def _write_outputs(ctx: RunContext, dev, outputs: dict) -> None:
+    """Scores, then predictions.jsonl and metrics.json; the run then ends complete (its resume state removed)."""
+    labels = dev["label"]
     result: dict = {"n_examples": len(labels), "empty_predictions": {}}
     for name, preds in outputs.items():
         result[name], result["empty_predictions"][name] = metrics.corpus_scores(preds, labels)
 
     # A stop requested while the outputs are written lets them finish: the stage then ends complete.
-    with stopping.deferred():
+    with ctx.deferred():
         with atomic.atomic_file(PREDICTIONS) as fh:
             for content, label, base, ptuned in zip(dev["content"], labels, outputs["base"], outputs["ptuned"]):
                 fh.write(
@@ -177,7 +196,4 @@ def run(params: Params) -> dict:
                     + "\n"
                 )
         atomic.write_json(METRICS, result)
-        progress.close()
-        state.finish()
-    # examples/s of what this run generated (not what it read back from the journal), for reports/timings/.
-    return {"examples_per_s": speed, "device": where, "devices": cfg.devices}
+        ctx.finish()

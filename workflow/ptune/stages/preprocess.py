@@ -16,7 +16,7 @@ from datasets import Dataset, DatasetDict
 from ..config import Params, PreprocessConfig
 from ..data import adgen, prompts
 from ..errors import PtuneError
-from ..model import backends, checks
+from ..model import checks, prompting
 from ..paths import BASE, RAW
 from ..paths import PROCESSED as OUT
 from ..state import atomic
@@ -97,9 +97,9 @@ def check_lengths(prompter: prompts.Prompter, cfg: PreprocessConfig, context: in
 
 
 def run(params: Params) -> None:
-    prompter = prompts.for_base(params.preprocess, BASE)
+    prompter = prompting.for_base(params.preprocess, BASE)
     # ChatGLM-6B's config class is its remote code too.
-    context = context_length(BASE, trust_remote_code=prompter.backend.name == backends.CHATGLM)
+    context = context_length(BASE, trust_remote_code=prompter.backend.runs_model_code)
     check_lengths(prompter, params.preprocess, context)
     data = build(prompter, params.preprocess, adgen.read(RAW / "train.json"), adgen.read(RAW / "dev.json"))
     with atomic.atomic_dir(OUT) as tmp:

@@ -2,7 +2,7 @@
 
 `ptune train` (or `evaluate`) launches the workers itself, so a user changes one number and nothing else:
 torch's elastic launcher (what `torchrun` and `accelerate launch --multi_gpu` run) starts N copies of
-`python -m ptune.state.multiprocess STAGE PARAMS RESULTS` as children of the stage process, one per GPU (or, on a
+`python -m ptune.stages.worker STAGE PARAMS RESULTS` (WORKER) as children of the stage process, one per GPU (or, on a
 machine without one, N processes sharing the CPU cores over gloo). Inside them, `accelerate` sets up the process
 group and the device of each rank. The launching process keeps the stage's bookkeeping (stage log, timings) and
 gets back rank 0's facts, or the error a worker raised.
@@ -20,7 +20,6 @@ with rank 0's line and that status. evaluate's processes still end at once.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -43,6 +43,8 @@ WORLD_ENV = "WORLD_SIZE"
 RANK_ENV = "RANK"
 # The stages whose workers stop together at a safe point; the others' processes end at once on a signal.
 GRACEFUL = ("train",)
+# The module each worker runs: above this one (it loads the params and runs the stage), named, not imported.
+WORKER = "ptune.stages.worker"
 STOP_FILE = "stop"  # in the results folder: the signal the launcher got, for its workers
 WATCH_S = 0.1  # how often a worker looks for its launcher and the stop file
 
@@ -196,7 +198,7 @@ def launch(stage: str, params, n: int) -> list[dict]:
                 f"--nproc-per-node={n}",
                 "--monitor-interval=0.2",
                 "-m",
-                "ptune.state.multiprocess",
+                WORKER,
                 stage,
                 str(params_file),
                 str(results),
@@ -283,16 +285,15 @@ def _stopped_worker(results: str, stop) -> NoReturn:
     os._exit(stop.exit_code)
 
 
-def worker_main(argv: list[str]) -> int:
-    """Entry point of one worker: `python -m ptune.state.multiprocess STAGE PARAMS RESULTS`."""
-    stage, params_path, results = argv
+def run_worker(stage: str, results: str, work: Callable[[], dict | None]) -> int:
+    """One worker's life around its `work` (the stage's run on the params it was handed; stages/worker.py): stop
+    requests, the launcher's stop file, and the results the launcher reads back."""
     graceful = stage in GRACEFUL
     from . import stopping
 
     if graceful:
         stopping.install(stage, worker=True)  # before the watch, which may pass a signal on at once
     _watch_launcher(Path(results, STOP_FILE) if graceful else None)
-    from .. import config
     from . import determinism
 
     determinism.configure_threads()
@@ -301,7 +302,7 @@ def worker_main(argv: list[str]) -> int:
     )
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
-        facts = importlib.import_module(f"ptune.stages.{stage}").run(config.load(params_path))
+        facts = work()
     except PtuneError as exc:
         Path(results, f"error-rank{rank()}.txt").write_text(str(exc), encoding="utf-8")
         return 2
@@ -318,7 +319,3 @@ def worker_main(argv: list[str]) -> int:
         )
     Path(results, f"facts-rank{rank()}.json").write_text(json.dumps(facts or {}), encoding="utf-8")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """`ptune publish --repo ID [--private]`: the deploy bundle to a Hugging Face model repository, as adapters are shared.
 
 What is sent is a fixed list, never a folder's whole content: bundle.json, README.md (the model card) and the files
-of the bundle's own prefix folder (bundle.prefix_folder: bundle.json's `prefix` must name a real folder inside the
+of the bundle's own prefix folder (manifest.prefix_folder: bundle.json's `prefix` must name a real folder inside the
 bundle). Before anything is sent each is checked: none is a link (a link would send whatever it points at, from
 anywhere on this machine), none is a file of the base (by the sha256s the bundle records), and none contains the hub
 token in use. The token is huggingface_hub's own (HF_TOKEN, or `hf auth login`); ptune never reads it from params
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import PtuneError
 from . import origin
-from .bundle import MANIFEST, prefix_folder, read_manifest
+from .manifest import MANIFEST, prefix_folder, read_manifest
 
 CARD = "README.md"
 

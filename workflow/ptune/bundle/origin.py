@@ -13,7 +13,7 @@ snapshot when it is missing, or using the cached one with a warning when the hub
 local path. Whatever is found must hold every recorded weight file with its sha256 (`verify`). The record is the
 bundle's word, and a bundle is easy to copy or download: it never consents to anything. Pickled weights load only
 with the user's consent (`--allow-pickle`, or params' fetch_weights.allow_pickle for the project's own models/base);
-remote code stays with model/trust.py. This module imports neither torch nor the hub libraries at its top, so that
+remote code is bundle/consent.py's. This module imports neither torch nor the hub libraries at its top, so that
 the CLI can read a record before choosing its environment.
 """
 
@@ -25,13 +25,14 @@ import logging
 from pathlib import Path
 
 from ..errors import PtuneError
+from ..model import trust
 from ..paths import BASE, SOURCE_RECORD
-from . import trust
+from .consent import ALLOW_PICKLE_FLAG, params_consent
+from .manifest import MANIFEST
 
 log = logging.getLogger(__name__)
 
 HUB_SOURCES = ("hf_hub", "modelscope")
-ALLOW_PICKLE_FLAG = "--allow-pickle"
 # What names the origin, per source (the rest of ptune_source.json describes how it was fetched or built).
 ORIGIN_KEYS = {"hf_hub": ("repo", "revision"), "modelscope": ("repo", "revision"), "git_lfs": ("repo", "revision")}
 
@@ -93,7 +94,7 @@ def _from_hub(rec: dict, key: str) -> Path:
 
 def find(bundle: Path, rec: dict, override: str | Path | None) -> Path:
     """The folder of the base `rec` names (unverified): `override`, the project's models/base, the hub, the path."""
-    manifest = bundle / "bundle.json"
+    manifest = bundle / MANIFEST
     if override is not None:
         folder = Path(override).expanduser()
         if not (folder / "config.json").is_file():
@@ -163,10 +164,10 @@ def verify(folder: Path, rec: dict, what: str, allow_pickle: bool) -> None:
 
 def allow_pickle_consent(base: Path, flag: bool, params: str | Path | None) -> bool:
     """The user's consent to unpickle `base`'s weights: their flag, or their params' fetch_weights.allow_pickle
-    when `base` is the project's own models/base (as trust.user_trusts decides for remote code)."""
+    when `base` is the project's own models/base (as consent.user_trusts decides for remote code)."""
     if flag:
         return True
-    return trust.params_consent(base, params, "allow_pickle")
+    return params_consent(base, params, "allow_pickle")
 
 
 def resolve(
@@ -181,7 +182,7 @@ def resolve(
     (`override`) or the bundle's record, and checked against the record's weight sha256s with the user's consent to
     pickles. The serving command calls it once and hands the folder to Bundle.load."""
     rec = manifest["base"]
-    what = f"{Path(bundle) / 'bundle.json'}"
+    what = f"{Path(bundle) / MANIFEST}"
     folder = find(Path(bundle), rec, override)
     log.info("base model of %s: %s (%s); checking its weights' sha256", bundle, folder, describe(rec))
     verify(folder, rec, what, allow_pickle_consent(folder, allow_pickle_flag, params))
@@ -192,7 +193,7 @@ def local_base(bundle: str | Path, override: str | Path | None) -> Path | None:
     """The base a bundle would use on this machine without downloading anything (None when it must be fetched or
     the bundle cannot be read): for the CLI's choice of environment, before any model code loads."""
     try:
-        manifest = json.loads((Path(bundle) / "bundle.json").read_text(encoding="utf-8"))
+        manifest = json.loads((Path(bundle) / MANIFEST).read_text(encoding="utf-8"))
         rec = manifest["base"]
         if override is not None:
             return Path(override)

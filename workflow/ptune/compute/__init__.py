@@ -1,0 +1,1 @@
+"""Training and evaluation primitives, shared by the stages and bench/; they import nothing above model/."""
