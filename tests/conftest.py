@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,14 @@ TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
 SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"  # the whole dev split, where a machine has it
 # 100 train and 100 dev lines of the real ADGEN, shipped so that every machine runs the same tests (its README).
 ADGEN_SAMPLE = REPO / "tests" / "fixtures" / "adgen"
+
+# A suite started in the background (`make test &` from a script, `nohup make test`) inherits SIGINT and SIGHUP
+# ignored, and an ignored signal stays ignored in every program it starts: the tests that press Ctrl-C in `ptune
+# chat` or send SIGINT or SIGHUP to a run would then wait for a stop that never comes. The tests send these signals
+# themselves, so every command they run gets the default dispositions back.
+for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL)):
+    if signal.getsignal(_sig) is signal.SIG_IGN:
+        signal.signal(_sig, _default)
 
 
 def project_files() -> list[str]:
