@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..bundle.manifest import MANIFEST
 from ..paths import DEPLOY
 from .edge import (
     ALLOWED_HOSTS_OPTION,
@@ -19,7 +18,6 @@ from .limits import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROUNDS
 DEFAULT_BUNDLE = str(DEPLOY)
 API_KEY_ENV = "PTUNE_API_KEY"
 WEB_AUTH_ENV = "PTUNE_WEB_AUTH"
-BUNDLE_MANIFEST = MANIFEST
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
