@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import PtuneError
 from ..model import backends, legacy_env
 from . import consent, origin
 from .manifest import read_manifest
@@ -24,7 +25,7 @@ def served_base(directory: str | Path, override: str | Path | None) -> tuple[Pat
     bundle is unreadable: opening it then fetches it, or says what is wrong), and whether it runs ChatGLM-6B's code."""
     try:
         chatglm = read_manifest(directory).get("backend") == backends.CHATGLM
-    except Exception:  # unreadable: open_bundle names the problem
+    except (PtuneError, OSError, ValueError, AttributeError):  # unreadable: open_bundle names the problem
         return None, False
     return origin.local_base(directory, override), chatglm
 
