@@ -39,6 +39,7 @@ class Backend(Protocol):
     runs_model_code: bool  # it runs the Python code that ships with the weights: only with the user's consent
     chat_templates: bool  # its tokenizer may carry a chat template (preprocess.prompt_format: chat_template)
     token_offsets: bool  # its fast tokenizers map tokens back to the text: prompts keep written texts plain
+    logprobs: bool  # serving may return each answer token's log-probability (the OpenAI API's logprobs)
 
     def load_tokenizer(self, base: Path) -> Any: ...
 

@@ -89,6 +89,9 @@ class ChatGLMBackend:
     runs_model_code = True
     chat_templates = False  # ChatGLM-6B's tokenizer has none: prompt_format chatglm6b is its own format
     token_offsets = False  # its own (slow) tokenizer cannot say where a token came from
+    # Serving refuses log-probabilities (400): they would come from a logits processor run inside its remote code's
+    # generate, and no test covers that code with one.
+    logprobs = False
 
     def load_tokenizer(self, base: Path):
         _, _, AutoTokenizer = _auto()

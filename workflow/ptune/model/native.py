@@ -30,6 +30,7 @@ class TransformersBackend:
     runs_model_code = False
     chat_templates = True
     token_offsets = True
+    logprobs = True  # serving may report its tokens' log-probabilities (the scheduler's logits, or generate's)
 
     def load_tokenizer(self, base: Path):
         return load_tokenizer(base)

@@ -5,6 +5,12 @@
 - `POST /v1/chat/completions` (`stream` true: server-sent events), `GET /v1/models`;
 - `GET /health` (never needs the API key).
 
+The chat endpoint takes what clients written for OpenAI or vLLM send: `stop` strings, `n` choices (up to --max-n,
+seeded with seed + i), `logprobs` / `top_logprobs` (up to MAX_TOP_LOGPROBS) in OpenAI's shape, streamed or not, and a
+system message where the prompt format has none as --system-message says (ApiOptions). Every other field is either
+taken and ignored because it changes nothing about an answer here (IGNORED), taken only at the value that asks for
+nothing (NEUTRAL), or refused with a 400 naming it: never silently not done.
+
 Every error is JSON, `{"error": {"message", "type", "param", "code"}, "status"}` (OpenAI's shape), with a 4xx
 status for a bad request: validation 400, missing or wrong API key 401, unknown model or path 404, a body over
 MAX_BODY_BYTES or a conversation over --max-chars 413, a body that is not `Content-Type: application/json` 415, busy
@@ -17,11 +23,14 @@ A client that goes away stops its generation at the next decoding step, streamin
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import os
 import secrets
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -33,8 +42,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PtuneError
 from . import failures
+from .arguments import DROP, FOLD, ApiOptions
 from .engine import Engine, RequestError
-from .limits import MAX_BODY_BYTES, BodyLimit, check_conversation, require_json
+from .limits import MAX_BODY_BYTES, MAX_TOP_LOGPROBS, BodyLimit, check_conversation, require_json
 from .reply_stream import Reply
 
 __all__ = ["MAX_BODY_BYTES", "BodyLimit", "create_app"]
@@ -79,8 +89,91 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+# Fields of OpenAI's (and vLLM's) chat request that this server does not implement. IGNORED: taken and ignored, as
+# they change nothing about an answer here (whom it is for, bookkeeping, billing, caching hints, tool calls in
+# parallel where no tool is called). NEUTRAL: taken only at the values that ask for nothing (what OpenAI or vLLM does
+# without them); any other value is refused with a 400 naming the field, as is any field in neither table. Null is
+# taken for any field (OpenAI reads it as not given).
+IGNORED = frozenset(
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "parallel_tool_calls",
+    }
+)
+NEUTRAL: dict[str, tuple] = {
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # without tools, "auto" calls none either
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    # vLLM's own parameters, at vLLM's defaults (which are this server's behaviour)
+    "best_of": (1,),
+    "use_beam_search": (False,),
+    "ignore_eos": (False,),
+    "min_tokens": (0,),
+    "stop_token_ids": ([],),
+    "skip_special_tokens": (True,),
+    "include_stop_str_in_output": (False,),
+    "echo": (False,),
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "priority": (0,),
+}
+# A message's fields besides role and content: `name` (a participant's name) is ignored, as the prompt formats have no
+# place for it; the others (an assistant message echoed back from a completion carries `refusal`, `audio`,
+# `function_call`, `tool_calls`, `annotations`) only when null or empty.
+MESSAGE_IGNORED = frozenset({"name"})
+MESSAGE_NEUTRAL: dict[str, tuple] = {
+    "annotations": ([],),
+    "tool_calls": ([],),
+}
+STREAM_IGNORED = frozenset({"include_obfuscation"})  # no padding to obfuscate the chunks' lengths is sent
+STREAM_NEUTRAL: dict[str, tuple] = {"continuous_usage_stats": (False,)}  # vLLM's
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """JSON equality without Python's True == 1 (`min_tokens: false` is no 0)."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return type(value) is type(neutral) and value == neutral
+    return value == neutral
+
+
+def check_fields(extra: dict[str, Any] | None, ignored: frozenset, neutral: dict[str, tuple], where: str = "") -> None:
+    """Refuse (400, naming it) a field this server does not implement, unless it is taken and ignored or has the
+    value that asks for nothing (null, for any field: OpenAI reads it as not given)."""
+    for field, value in (extra or {}).items():
+        name = f"{where}{field}"
+        if field in ignored or value is None:
+            continue
+        if neutral.get(field):
+            if any(_same(value, n) for n in neutral[field]):
+                continue
+            takes = " or ".join(json.dumps(n) for n in neutral[field])
+            raise RequestError(
+                f"{name} {json.dumps(value, ensure_ascii=False)[:80]}: not supported by this server, which takes "
+                f"only {takes} here; leave `{field}` out (docs/serving.md lists what it does)",
+                name,
+                code="unsupported_parameter",
+            )
+        raise RequestError(
+            f"`{name}` is not supported by this server; leave it out (docs/serving.md lists the fields it takes)",
+            name,
+            code="unsupported_parameter",
+        )
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[TextPart]
 
@@ -89,13 +182,14 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
     include_usage: StrictBool = False
 
 
 class ChatRequest(BaseModel):
-    """OpenAI's chat completion request; parameters this server does not implement are ignored."""
+    """OpenAI's chat completion request; fields it does not list are checked by `check_fields`."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
     stream: StrictBool = False
@@ -104,9 +198,38 @@ class ChatRequest(BaseModel):
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     temperature: StrictFloat | None = Field(None, ge=0, le=2)
     top_p: StrictFloat | None = Field(None, gt=0, le=1)
-    n: StrictInt = 1
+    n: StrictInt | None = None
     seed: StrictInt | None = None
-    stop: Any = None
+    stop: Any = None  # a string or a list of them: checked by the engine (limits.check_stop)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
+
+    def unsupported(self) -> None:
+        """Refuse what this server does not implement (check_fields), in the body, its messages and stream_options."""
+        check_fields(self.model_extra, IGNORED, NEUTRAL)
+        for i, message in enumerate(self.messages):
+            check_fields(message.model_extra, MESSAGE_IGNORED, MESSAGE_NEUTRAL, f"messages.{i}.")
+        if self.stream_options is not None:
+            check_fields(self.stream_options.model_extra, STREAM_IGNORED, STREAM_NEUTRAL, "stream_options.")
+
+    def choices(self, max_n: int) -> int:
+        n = 1 if self.n is None else self.n
+        if not 1 <= n <= max_n:
+            raise RequestError(f"n {n}: must be 1 to {max_n} (this server's --max-n)", "n")
+        return n
+
+    def top(self) -> int | None:
+        """How many likeliest tokens to report with each token's log-probability; None: no log-probabilities."""
+        top = self.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs {top}: must be 0 to {MAX_TOP_LOGPROBS} on this server", "top_logprobs")
+        if not self.logprobs:
+            if top:
+                raise RequestError(
+                    f"top_logprobs {top} needs `logprobs: true` (log-probabilities are off without it)", "top_logprobs"
+                )
+            return None
+        return top or 0
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -131,6 +254,15 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         msg = err.get("msg", "invalid")
         parts.append(f"{where}: {msg}" if loc else f"the request body must be a JSON object: {msg}")
     return "; ".join(parts), first
+
+
+def fold_system(system: str, query: str, history: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
+    """--system-message fold: the system message before the first user message, a blank line between them (where
+    chat templates without a system role put it)."""
+    if history:
+        first, answer = history[0]
+        return query, [(f"{system}\n\n{first}", answer), *history[1:]]
+    return f"{system}\n\n{query}", history
 
 
 def messages_to_turn(messages: list[Message]) -> tuple[str, list[tuple[str, str]], str | None]:
@@ -195,15 +327,26 @@ async def answered(request: Request, reply: Reply) -> Reply:
     """Wait for a non-streaming answer without holding a worker thread (woken as soon as it ends); a client that
     goes away meanwhile stops its generation (at the next decoding step, or before it starts if it still waits for
     its turn)."""
-    while not await reply.ended(DISCONNECT_POLL_S):
-        if await request.is_disconnected():
-            reply.cancel()
-            await reply.ended()
-            break
-    return reply.result()
+    return (await all_answered(request, [reply]))[0]
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+async def all_answered(request: Request, replies: list[Reply]) -> list[Reply]:
+    """`answered` for the choices of one request: a client that goes away stops them all."""
+    for reply in replies:
+        while not await reply.ended(DISCONNECT_POLL_S):
+            if await request.is_disconnected():
+                for r in replies:
+                    r.cancel()
+                for r in replies:
+                    await r.ended()
+                break
+    return [reply.result() for reply in replies]
+
+
+def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions | None = None) -> FastAPI:
+    """The API over `engine`; `api_key`: required of every client (None: open); `options`: the OpenAI endpoint's
+    (--max-n, --system-message), else their defaults."""
+    options = options or ApiOptions()
     every = stream_every()
     docs = api_key is None
     app = FastAPI(
@@ -299,44 +442,68 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def chat(request: Request, raw: Any = Depends(json_body)):
         body = parse(ChatRequest, raw)
         _check_model(engine, body.model)
-        if body.n != 1:
-            raise RequestError(f"n {body.n}: this server returns one choice per request", "n")
-        if body.stop is not None:
-            raise RequestError("stop sequences are not supported; leave `stop` out", "stop")
+        body.unsupported()
+        n = body.choices(options.max_n)
+        top = body.top()
         query, history, system = messages_to_turn(body.messages)
+        headers: dict[str, str] = {}
+        folded = False
+        if system and not engine.supports_system:
+            if options.system_message == DROP:
+                system = None
+                headers["Warning"] = _warning(
+                    "the system message was dropped: this model's prompt format has no place for one"
+                )
+            elif options.system_message == FOLD:
+                query, history = fold_system(system, query, history)
+                system, folded = None, True
+            else:
+                raise RequestError(
+                    "a system message was given, but this model's prompt format has no place for one; send user and "
+                    "assistant messages only (a server started with --system-message drop or fold takes it)",
+                    "messages",
+                )
         check_conversation(query, history, system, engine.limits, "messages", "messages")
         settings = engine.settings(
             max_new_tokens=body.max_completion_tokens or body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,
+            stop=body.stop,
+            logprobs=top,
         )
         # A bad request raises here, before any byte is sent.
-        reply = await run_in_threadpool(engine.start, query, history, settings, system)
+        replies = await run_in_threadpool(engine.start_choices, query, history, settings, system, n)
+        if folded and history and replies[0].history_used < len(history):
+            headers["Warning"] = _warning(
+                "the system message was left out with the oldest rounds, which do not fit the model's context"
+            )
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(engine, reply, ident, created, usage, every),
+                _sse(engine, replies, ident, created, usage, every, top is not None),
                 media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
+                headers={"Cache-Control": "no-cache", **headers},
             )
-        await answered(request, reply)
-        return {
+        await all_answered(request, replies)
+        answer = {
             "id": ident,
             "object": "chat.completion",
             "created": created,
             "model": engine.name,
             "choices": [
                 {
-                    "index": 0,
+                    "index": i,
                     "message": {"role": "assistant", "content": reply.text},
                     "finish_reason": _finish(reply),
-                    "logprobs": None,
+                    "logprobs": {"content": _entries(engine, reply.infos())} if top is not None else None,
                 }
+                for i, reply in enumerate(replies)
             ],
-            "usage": _usage(reply),
+            "usage": _usage(replies),
         }
+        return JSONResponse(answer, headers=headers or None)
 
     return app
 
@@ -359,49 +526,145 @@ def _finish(reply: Reply) -> str:
     return "length" if reply.finish_reason == "length" else "stop"
 
 
-def _usage(reply: Reply) -> dict:
-    return {
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
-    }
+def _usage(replies: list[Reply]) -> dict:
+    """As OpenAI counts a request of n choices: its prompt once, the tokens of every choice."""
+    prompt = replies[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in replies)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _sse(engine: Engine, reply: Reply, ident: str, created: int, include_usage: bool, every: float):
-    """Chat completion chunks as server-sent events; a client that goes away stops the generation."""
+def _warning(text: str) -> str:
+    """An HTTP `Warning` header's value (299: a persistent warning) from ptune."""
+    return f'299 ptune "{text}"'
 
-    def event(delta: dict, finish: str | None = None, **extra) -> str:
+
+# OpenAI's stand-in for a log-probability too small to say (JSON has no -Infinity).
+LEAST_LOGPROB = -9999.0
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) and value > LEAST_LOGPROB else LEAST_LOGPROB
+
+
+def _token(engine: Engine, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI names it: its text, or where its bytes are only part of a character, `bytes:\\xe4...`;
+    and its bytes."""
+    raw = engine.token_bytes(token)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text, list(raw)
+
+
+def _entries(engine: Engine, infos: list[tuple[int, tuple | None]]) -> list[dict]:
+    """OpenAI's `logprobs.content` for these tokens: each with its log-probability and its likeliest alternatives;
+    tokens that are never part of the text (the end of turn, special tokens) are left out, so that the tokens' bytes
+    add up to the answer as generated (before its surrounding whitespace is trimmed and a stop string cuts it)."""
+    out = []
+    silent = engine.silent_ids
+    for token, info in infos:
+        if info is None or token in silent:
+            continue
+        logprob, top = info
+        text, raw = _token(engine, token)
+        alternatives = []
+        for other, other_logprob in top:
+            other_text, other_raw = _token(engine, other)
+            alternatives.append({"token": other_text, "logprob": _logprob(other_logprob), "bytes": other_raw})
+        out.append({"token": text, "logprob": _logprob(logprob), "bytes": raw, "top_logprobs": alternatives})
+    return out
+
+
+async def _sse(
+    engine: Engine,
+    replies: list[Reply],
+    ident: str,
+    created: int,
+    include_usage: bool,
+    every: float,
+    logprobs: bool = False,
+):
+    """Chat completion chunks as server-sent events, those of several choices interleaved as their pieces come (each
+    with its `index`); a client that goes away stops the generation."""
+
+    def event(choices: list[dict], **extra) -> str:
         chunk = {
             "id": ident,
             "object": "chat.completion.chunk",
             "created": created,
             "model": engine.name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": choices,
             **extra,
         }
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    # A content chunk is the same JSON every time but for its text: made once, the text dumped into it per piece.
-    head, tail = event({"content": "\0"}).split(json.dumps("\0"))
-    try:
-        yield event({"role": "assistant", "content": ""})
-        try:
-            async for piece in reply.pieces(every):  # on the event loop: no thread hop per piece
+    def choice(i: int, delta: dict, finish: str | None = None, content: list[dict] | None = None) -> dict:
+        lp = None if content is None else {"content": content}
+        return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": lp}
+
+    async def events(i: int, reply: Reply) -> AsyncIterator[str]:
+        """One choice's content chunks (with the log-probabilities of the tokens decoded since the last one), then
+        its finish chunk (with those of the tokens left)."""
+        # Without log-probabilities a content chunk is the same JSON every time but for its text: made once, the
+        # text dumped into it per piece.
+        head, tail = event([choice(i, {"content": "\0"})]).split(json.dumps("\0"))
+        sent = 0
+        async for piece, seen in reply.chunks(every):  # on the event loop: no thread hop per piece
+            if logprobs:
+                yield event([choice(i, {"content": piece}, content=_entries(engine, reply.infos(sent, seen)))])
+                sent = seen
+            else:
                 yield head + json.dumps(piece, ensure_ascii=False) + tail
+        yield event([choice(i, {}, _finish(reply), _entries(engine, reply.infos(sent)) if logprobs else None)])
+
+    try:
+        for i in range(len(replies)):
+            yield event([choice(i, {"role": "assistant", "content": ""})])
+        try:
+            async for chunk in _merged([events(i, reply) for i, reply in enumerate(replies)]):
+                yield chunk
         except Exception as exc:  # headers are sent: report the failure in the stream, as OpenAI does
             yield f"data: {json.dumps(server_error(exc, 'generation failed'))}\n\n"
             return
-        yield event({}, _finish(reply))
         if include_usage:
-            last = {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": engine.name,
-                "choices": [],
-                "usage": _usage(reply),
-            }
-            yield f"data: {json.dumps(last)}\n\n"
+            yield event([], usage=_usage(replies))
         yield "data: [DONE]\n\n"
     finally:
-        reply.cancel()
+        for reply in replies:
+            reply.cancel()
+
+
+async def _merged(streams: list[AsyncIterator[str]]) -> AsyncIterator[str]:
+    """The items of several async iterators as each comes (one: as it is, no task); the first error is raised at
+    once (the others are stopped)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator[str]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except Exception as exc:
+            await queue.put(exc)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(stream)) for stream in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

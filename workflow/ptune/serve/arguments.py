@@ -4,7 +4,9 @@ here: `ptune` builds every command's options on every run (its help included), a
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from ..errors import PtuneError
 from ..paths import DEPLOY
 from .edge import (
     ALLOWED_HOSTS_OPTION,
@@ -16,8 +18,34 @@ from .edge import (
 from .limits import DEFAULT_MAX_CHARS, DEFAULT_MAX_ROUNDS
 
 DEFAULT_BUNDLE = str(DEPLOY)
+# What `ptune serve api` does with a system message where the prompt format has no place for one (--system-message).
+REFUSE, DROP, FOLD = "refuse", "drop", "fold"
+SYSTEM_POLICIES = (REFUSE, DROP, FOLD)
+DEFAULT_MAX_N = 4
+MAX_N_LIMIT = 64  # --max-n past this would let one request fill several batches
 API_KEY_ENV = "PTUNE_API_KEY"
 WEB_AUTH_ENV = "PTUNE_WEB_AUTH"
+
+
+@dataclass(frozen=True)
+class ApiOptions:
+    """What `ptune serve api`'s OpenAI endpoint allows beyond the engine's own options: the most choices one request
+    may ask for (`n`, --max-n) and what becomes of a system message the prompt format has no place for
+    (--system-message: refuse it, 400; drop it, with a `Warning` header; fold it into the first user message)."""
+
+    max_n: int = DEFAULT_MAX_N
+    system_message: str = REFUSE
+
+    def __post_init__(self):
+        if not 1 <= self.max_n <= MAX_N_LIMIT:
+            raise PtuneError(f"--max-n {self.max_n}: must be 1 to {MAX_N_LIMIT}")
+        if self.system_message not in SYSTEM_POLICIES:
+            raise PtuneError(f"--system-message {self.system_message!r}: must be one of {', '.join(SYSTEM_POLICIES)}")
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "ApiOptions":
+        """The options of a parsed `ptune serve api` command line (checked)."""
+        return cls(max_n=args.max_n, system_message=args.system_message)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +205,21 @@ def add_parsers(sub) -> None:
     )
     _add_model_args(api)
     _add_host_args(api, 8000)
+    openai = api.add_argument_group("the OpenAI endpoint (docs/serving.md)")
+    openai.add_argument(
+        "--max-n",
+        type=int,
+        default=DEFAULT_MAX_N,
+        metavar="N",
+        help="the most choices one request may ask for (`n`), each a row of the batch (default: %(default)s)",
+    )
+    openai.add_argument(
+        "--system-message",
+        choices=SYSTEM_POLICIES,
+        default=REFUSE,
+        help="a system message where the prompt format has no place for one: refuse it (400), drop it (the answer "
+        "carries a `Warning` header), or fold it into the first user message (default: %(default)s)",
+    )
     api.add_argument(
         "--api-key",
         metavar="KEY",

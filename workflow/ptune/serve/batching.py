@@ -12,6 +12,11 @@ its own max_new_tokens, and its own cancel event. Greedy rows without processors
 over the batch (the index each row's own argmax gives). A row that ends (a stop token, its length, a cancel) leaves
 the batch before the next step, so it costs nothing more; the cache's columns no remaining row uses are dropped.
 
+A row may also end on stop strings (transformers' StopStringCriteria on its own new tokens, `generation.stop_check`:
+the scheduler is given the tokenizer for it) and ask for log-probabilities: those of its token and of the likeliest
+`logprobs` others, from the model's own logits (before temperature and top-p, as vLLM's default `raw_logprobs`),
+handed to `on_token` with the token.
+
 A row's prefill is its own and its draws come from its own generator, so a request's answer does not depend on who
 else is asking: greedy answers are token-identical alone and in a batch, and a seeded sampled answer is the one the
 bundle gives alone (`Bundle.answer`); tests/test_serve_batching.py checks both. That identity is of tokens, not of
@@ -49,6 +54,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import PtuneError
+from ..model.generation import stop_check
 from ..model.prefixed import cache_kwarg, filled_cache, prefix_key_values, stand_in_id
 
 log = logging.getLogger(__name__)
@@ -71,8 +77,16 @@ def scheduler_threads(device: torch.device) -> int | None:
     return max(1, torch.get_num_threads() - 1)
 
 
+# What `on_token` gets with a token for a row that asked for log-probabilities: the token's own, and the likeliest
+# tokens' (id, log-probability), likeliest first.
+TokenInfo = tuple[float, list[tuple[int, float]]]
+
+
 class Row:
-    """One request in the scheduler: its prompt, settings and the callbacks that hand its tokens out."""
+    """One request in the scheduler: its prompt, settings and the callbacks that hand its tokens out.
+
+    `on_token(token)` gets each new token, `on_token(token, info)` where the row asked for log-probabilities
+    (`logprobs`: how many alternatives besides the token's own; None: none); `stop`: strings the answer ends on."""
 
     def __init__(
         self,
@@ -83,8 +97,13 @@ class Row:
         cancel: threading.Event,
         on_token: Callable[[int], None],
         on_done: Callable[[list[int], BaseException | None], None],
+        stop: Sequence[str] = (),
+        logprobs: int | None = None,
     ):
         self.ids = list(ids)
+        self.stop = tuple(stop)
+        self.logprobs = logprobs
+        self.stop_check: Callable[[Sequence[int]], bool] | None = None
         self.max_new_tokens = max_new_tokens
         self.kwargs = generation_kwargs
         self.seed = seed
@@ -114,8 +133,11 @@ class Scheduler:
         max_batch: int = 8,
         threads: int | None = None,
         after_step: Callable[[], None] | None = None,
+        tokenizer=None,
     ):
+        """`tokenizer`: for rows with stop strings (without it they are refused)."""
         self.model = model
+        self.tokenizer = tokenizer
         self.threads = threads  # torch's threads in the scheduler thread (None: as the process has them)
         # Called after each admission and each step (the engine wakes the readers of the tokens and ends handed out
         # meanwhile: on_token and on_done are called in this thread).
@@ -228,7 +250,8 @@ class Scheduler:
             pos = torch.arange(self._pre, self._pre + n, device=self.device)[None]
             logits = self._forward(ids, mask, pos, cache)
             token = int(torch.argmax(logits, dim=-1)[0]) if row.plain else self._pick(row, logits)
-            self._took(row, token)
+            info = _logprobs(logits, [token], [row.logprobs])[0] if row.logprobs is not None else None
+            self._took(row, token, info)
         except BaseException as exc:
             log.exception("prefill failed")
             row.on_done(row.tokens, exc)
@@ -240,6 +263,10 @@ class Scheduler:
 
     def _setup(self, row: Row) -> None:
         """The row's logits processors, as generate builds them for this row alone, and its generator."""
+        if row.stop and row.stop_check is None:  # the engine has built it where it runs in this process
+            if self.tokenizer is None:
+                raise PtuneError("this scheduler has no tokenizer: it cannot end answers on stop strings")
+            row.stop_check = stop_check(self.tokenizer, row.stop)
         cfg = self._config(row)
         row.processors = self.model._get_logits_processor(
             generation_config=cfg, input_ids_seq_length=self._pre + len(row.ids), device=self.device, model_kwargs={}
@@ -289,16 +316,24 @@ class Scheduler:
             token = int(torch.argmax(scores, dim=-1)[0])
         return token
 
-    def _took(self, row: Row, token: int) -> None:
-        """The row's new token: kept, and handed to the reader."""
+    def _took(self, row: Row, token: int, info: TokenInfo | None = None) -> None:
+        """The row's new token: kept, and handed to the reader (with its log-probabilities if the row asked)."""
         row.tokens.append(token)
         if row.history is not None:
             row.history[0, row.length] = token
             row.length += 1
-        row.on_token(token)
+        if info is None:
+            row.on_token(token)
+        else:
+            row.on_token(token, info)
 
     def _ended(self, row: Row, token: int) -> bool:
-        return token in self.stop_ids or len(row.tokens) >= row.max_new_tokens or row.cancel.is_set()
+        return (
+            token in self.stop_ids
+            or len(row.tokens) >= row.max_new_tokens
+            or row.cancel.is_set()
+            or (row.stop_check is not None and row.stop_check(row.tokens))
+        )
 
     # -- the batch's cache ----------------------------------------------------------------------------------------
 
@@ -370,18 +405,35 @@ class Scheduler:
             if plain:
                 for i, token in zip(plain, logits[plain].argmax(dim=-1).tolist()):
                     picked[i] = token
+        failed: set[int] = set()
+        for i, row in enumerate(self.active):
+            if picked[i] is None:
+                try:
+                    picked[i] = self._pick(row, logits[i : i + 1])
+                except BaseException as exc:
+                    log.exception("picking a token failed")
+                    row.on_done(row.tokens, exc)
+                    failed.add(i)
+        # The rows that asked for log-probabilities get them from one log-softmax over their rows of the logits.
+        infos: list[TokenInfo | None] = [None] * batch
+        wanted = [i for i, row in enumerate(self.active) if row.logprobs is not None and i not in failed]
+        if wanted:
+            found = _logprobs(logits[wanted], [picked[i] for i in wanted], [self.active[i].logprobs for i in wanted])
+            for i, info in zip(wanted, found, strict=True):
+                infos[i] = info
         keep, last = [], []
         for i, row in enumerate(self.active):
+            if i in failed:
+                continue
+            token = picked[i]
             try:
-                token = picked[i]
-                if token is None:
-                    token = self._pick(row, logits[i : i + 1])
-                self._took(row, token)
+                self._took(row, token, infos[i])
+                ended = self._ended(row, token)
             except BaseException as exc:
-                log.exception("picking a token failed")
+                log.exception("handing over a token failed")
                 row.on_done(row.tokens, exc)
                 continue
-            if self._ended(row, token):
+            if ended:
                 row.on_done(row.tokens, None)
             else:
                 keep.append(i)
@@ -391,6 +443,21 @@ class Scheduler:
             self._last = self._last.new_tensor([0] * batch)
             self._last[keep] = self._last.new_tensor(last)
         self._keep(keep)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenInfo]:
+    """Per row of (rows, vocab) logits: the log-probability of its token and its `tops[i]` likeliest tokens', of the
+    model's own distribution (no temperature or top-p: what vLLM returns by default)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+    k = max(tops)
+    if k:
+        values, indices = torch.topk(lp, k, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+    return [
+        (chosen[i], list(zip(indices[i][: tops[i]], values[i][: tops[i]], strict=True)) if k else [])
+        for i in range(len(tokens))
+    ]
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = -1) -> torch.Tensor:

@@ -14,7 +14,7 @@ from ..bundle.manifest import MANIFEST
 from ..errors import PtuneError
 from ..model import legacy_env
 from . import scheduler_process
-from .arguments import API_KEY_ENV, WEB_AUTH_ENV
+from .arguments import API_KEY_ENV, WEB_AUTH_ENV, ApiOptions
 from .edge import (
     ALLOWED_HOSTS_OPTION,
     AllowedHosts,
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         warn_if_exposed(args.host, "an API key (--api-key)" if api_key is None else None)
         edge = edge_of(args)
+        options = ApiOptions.of(args)  # a bad --max-n or --system-message fails before the model loads
         check_source(args)
         sock = bind(args.host, args.port)
         engine = load_engine(args)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             f"{server.READY_PREFIX} {engine.name} ({engine.description}) on {url} (OpenAI base URL {url}/v1); "
             "Ctrl-C stops it"
         )
-        return server.run(api.create_app(engine, api_key), sock, edge, ready)
+        return server.run(api.create_app(engine, api_key, options), sock, edge, ready)
     if args.share:
         raise PtuneError(
             "--share is not offered: Gradio's share link needs Gradio's own server, which lets any site's page call "

@@ -17,6 +17,11 @@ A backend whose rows cannot share the scheduler (`Backend.batched_scheduler` Fal
 generates) and `max_batch` 1 are served one request at a time: the backend's own `generate` in a worker thread,
 behind a lock, the decoding loop evaluation uses (seeded per request instead of per batch).
 
+A request may ask for several answers at once (`start_choices`, OpenAI's `n`): its prompt is tokenized once and its
+rows go to the scheduler together (they join the batch in the same step where there is room), each seeded with the
+request's seed + its index. Stop strings end a row as soon as its tokens reach one (and its text is cut before it);
+log-probabilities come with each token from the scheduler, or from a logits processor on the one-at-a-time path.
+
 A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
 that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
 
@@ -45,10 +50,19 @@ from ..data import prompts
 from ..errors import PtuneError
 from ..model import backends
 from ..model.checks import context_length
-from ..model.generation import Settings, generation_kwargs
+from ..model.generation import Settings, first_stop, generation_kwargs, stop_check, token_bytes
 from ..model.loading import device, load_frozen, load_tokenizer
 from . import scheduler_process
-from .limits import Limits, RequestError, check_conversation, check_sampling, check_seed
+from .limits import (
+    MAX_SEED,
+    MAX_TOP_LOGPROBS,
+    Limits,
+    RequestError,
+    check_conversation,
+    check_sampling,
+    check_seed,
+    check_stop,
+)
 from .reply_stream import Reply, Wakes
 
 if TYPE_CHECKING:
@@ -121,6 +135,9 @@ class Engine:
         self.context_length = context_length(bundle.model.config)
         self.prefix_length = bundle.backend.prefix_length(bundle.model, bundle.encoder)
         self.log_prompts = False
+        self._token_bytes: dict[int, bytes] = {}  # token id: its bytes (log-probabilities name tokens by them)
+        self._bytes_of = None
+        self._silent: frozenset[int] | None = None
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -147,12 +164,15 @@ class Engine:
                         after_step=self._wakes.flush,
                         child=child,
                         on_end=lambda: _ended(engine),
+                        tokenizer=bundle.tokenizer,
                     )
                 except Exception:  # e.g. a model that cannot be pickled to the child
                     log.warning("the scheduler's process did not start; decoding in a thread", exc_info=True)
                 child = None  # SchedulerProcess has it (or has closed it)
             if self.scheduler is None:
-                self.scheduler = Scheduler(*self._scheduler_args(max_batch), after_step=self._wakes.flush)
+                self.scheduler = Scheduler(
+                    *self._scheduler_args(max_batch), after_step=self._wakes.flush, tokenizer=bundle.tokenizer
+                )
         if child is not None:
             child.close()
         self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
@@ -250,7 +270,11 @@ class Engine:
     def _thread_scheduler(self) -> batching.Scheduler:
         from .batching import Scheduler
 
-        return Scheduler(*self._scheduler_args(self.scheduler.max_batch), after_step=self._wakes.flush)
+        return Scheduler(
+            *self._scheduler_args(self.scheduler.max_batch),
+            after_step=self._wakes.flush,
+            tokenizer=self.bundle.tokenizer,
+        )
 
     @property
     def available(self) -> bool:
@@ -299,6 +323,50 @@ class Engine:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def supports_system(self) -> bool:
+        """Whether the prompt format has a place for a system message."""
+        return self.prompter.supports_system
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether answers can come with log-probabilities: the transformers backend's can (ChatGLM-6B's remote code
+        is not checked for them; its backend says it cannot)."""
+        return self.backend.logprobs
+
+    @property
+    def silent_ids(self) -> frozenset[int]:
+        """Tokens that never reach an answer's text (its decoding skips special tokens): the end of turn, and tokens a
+        tokenizer adds as special (the tiny test model's byte tokens are). Log-probabilities leave them out."""
+        if self._silent is None:
+            tok = self.bundle.tokenizer
+            added = getattr(tok, "added_tokens_decoder", {}) or {}
+            special = {i for i, t in added.items() if getattr(t, "special", False)}
+            self._silent = frozenset(self.stop_ids) | frozenset(tok.all_special_ids) | frozenset(special)
+        return self._silent
+
+    def token_bytes(self, token: int) -> bytes:
+        """A token's own bytes (generation.token_bytes), kept once looked up (the vocabulary bounds them). Called
+        on the event loop: a lookup takes no lock (it reads the tokenizer's vocabulary only)."""
+        found = self._token_bytes.get(token)
+        if found is None:
+            found = self._token_bytes[token] = self._bytes_lookup()(token)
+        return found
+
+    def _bytes_lookup(self):
+        if self._bytes_of is None:
+            with self._tokenize_lock:  # it encodes a little text, which must not overlap another tokenization
+                self._bytes_of = self._bytes_of or token_bytes(self.bundle.tokenizer)
+        return self._bytes_of
+
+    def _stop_check(self, stop: tuple[str, ...]):
+        """The check of a request's stop strings, built here under the tokenizer's lock (building one encodes text,
+        which must not overlap another tokenization of this tokenizer) rather than in a generating thread."""
+        if not stop:
+            return None
+        with self._tokenize_lock:
+            return stop_check(self.bundle.tokenizer, stop)
+
     def settings(
         self,
         max_new_tokens: int | None = None,
@@ -306,8 +374,12 @@ class Engine:
         top_p: float | None = None,
         do_sample: bool | None = None,
         seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
+        logprobs: int | None = None,
     ) -> Settings:
-        """Request settings over the bundle's defaults; temperature 0 means greedy, as in OpenAI's API."""
+        """Request settings over the bundle's defaults; temperature 0 means greedy, as in OpenAI's API. `stop`: a
+        string or up to MAX_STOP strings the answer ends before; `logprobs`: None, or how many likeliest tokens to
+        report with each token's log-probability (0 to MAX_TOP_LOGPROBS)."""
         d = self.defaults
         if do_sample is None:
             do_sample = d.do_sample if temperature is None and top_p is None else temperature != 0
@@ -317,12 +389,23 @@ class Engine:
             self._check_max_new_tokens(max_new_tokens)
         check_seed(seed)
         check_sampling(temperature, top_p)  # every front end's numbers pass here (limits.py)
+        stop = check_stop(stop)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs {logprobs}: must be 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if logprobs is not None and not self.logprobs:
+            raise RequestError(
+                f"logprobs: this model's backend ({self.backend.name}) cannot return log-probabilities; leave "
+                "`logprobs` out",
+                "logprobs",
+            )
         return Settings(
             max_new_tokens=max_new_tokens or d.max_new_tokens,
             do_sample=do_sample,
             top_p=d.top_p if top_p is None else top_p,
             temperature=d.temperature if not temperature else temperature,
             seed=d.seed if seed is None else seed,
+            stop=stop,
+            logprobs=logprobs,
         )
 
     def _check_max_new_tokens(self, max_new_tokens: int) -> None:
@@ -382,12 +465,28 @@ class Engine:
         max_pending), and only then is its prompt tokenized. `max_length`: prompt and answer together, as ChatGLM's
         api.py counts (the answer gets what the prompt leaves), instead of the settings' max_new_tokens.
         """
+        return self.start_choices(query, history, settings, system, 1, max_length)[0]
+
+    def start_choices(
+        self,
+        query: str,
+        history: History = (),
+        settings: Settings | None = None,
+        system: str | None = None,
+        n: int = 1,
+        max_length: int | None = None,
+    ) -> list[Reply]:
+        """`start` for `n` answers to one prompt (OpenAI's `n`): tokenized once, its n rows sent to the scheduler
+        together, each counted as pending. Answer i is seeded with the settings' seed + i (modulo 2**63), so the
+        first is the answer the request gives with n 1; without a seed each draws its own."""
         settings = settings or self.settings()
         check_conversation(query, history, system, self.limits)
+        if not 1 <= n <= max(1, self.max_pending):  # more could never be taken: not busy, refused
+            raise RequestError(f"n {n}: must be 1 to {self.max_pending} (the server's --max-pending)", "n")
         with self._count_lock:
-            if self._pending >= self.max_pending:
+            if self._pending + n > self.max_pending:
                 raise Busy(self._pending)
-            self._pending += 1
+            self._pending += n
         try:
             if max_length is not None:
                 prompt_len = len(self.prompt_ids(query, history, 1, system)[0])
@@ -401,29 +500,50 @@ class Engine:
             ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system)
         except BaseException:
             with self._count_lock:
-                self._pending -= 1
+                self._pending -= n
             raise
         if self.log_prompts:
             prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
-        reply = Reply(self.bundle.tokenizer, threading.Event(), len(ids), used)
+        try:
+            check = self._stop_check(settings.stop)
+            if settings.logprobs is not None:
+                self._bytes_lookup()  # here, in a worker thread, not on the event loop when the answer is written
+        except BaseException:
+            with self._count_lock:
+                self._pending -= n
+            raise
+        choices = [
+            dataclasses.replace(settings, seed=(settings.seed + i) % (MAX_SEED + 1))
+            if i and settings.seed is not None
+            else settings
+            for i in range(n)
+        ]
+        replies = [Reply(self.bundle.tokenizer, threading.Event(), len(ids), used, settings.stop) for _ in choices]
         if self.scheduler is not None:
-            try:
-                self._submit(reply, ids, settings)
-            except BaseException:  # e.g. the scheduler's process has ended: the request is not pending
-                with self._count_lock:
-                    self._pending -= 1
-                raise
-            return reply
-        threading.Thread(target=self._generate, args=(reply, ids, settings), daemon=True, name="ptune-generate").start()
-        return reply
+            for i, (reply, own) in enumerate(zip(replies, choices, strict=True)):
+                try:
+                    self._submit(reply, ids, own, check)
+                except BaseException:  # e.g. the scheduler's process has ended: these are not pending
+                    for sent in replies[:i]:
+                        sent.cancel()  # their rows end (and stop counting) at the scheduler's next step
+                    with self._count_lock:
+                        self._pending -= n - i
+                    raise
+            return replies
+        for reply, own in zip(replies, choices, strict=True):
+            threading.Thread(
+                target=self._generate, args=(reply, ids, own, check), daemon=True, name="ptune-generate"
+            ).start()
+        return replies
 
     def complete(
         self, query: str, history: History = (), settings: Settings | None = None, system: str | None = None
     ) -> Reply:
         return self.start(query, history, settings, system).wait()
 
-    def _submit(self, reply: Reply, ids: list[int], settings: Settings) -> None:
-        """Queue the request for the scheduler; its tokens go to the reply as its row decodes them."""
+    def _submit(self, reply: Reply, ids: list[int], settings: Settings, check=None) -> None:
+        """Queue the request for the scheduler; its tokens go to the reply as its row decodes them. `check`: its stop
+        strings' check (`_stop_check`), for a scheduler in this process (one in its own builds its own)."""
 
         wakes = self._wakes
 
@@ -437,13 +557,24 @@ class Engine:
                     self._pending -= 1
                 wakes.end(reply)
 
-        def on_token(token: int) -> None:  # in the scheduler's thread; its readers are woken after the step
-            wakes.token(reply, token)
+        def on_token(token: int, info: tuple | None = None) -> None:  # in the scheduler's thread; readers are
+            wakes.token(reply, token, info)  # woken after the step
 
         from .batching import Row  # as Scheduler: only where there is a scheduler
 
         kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
-        row = Row(ids, settings.max_new_tokens, kwargs, settings.seed, reply.cancel_event, on_token, on_done)
+        row = Row(
+            ids,
+            settings.max_new_tokens,
+            kwargs,
+            settings.seed,
+            reply.cancel_event,
+            on_token,
+            on_done,
+            stop=settings.stop,
+            logprobs=settings.logprobs,
+        )
+        row.stop_check = check
         scheduler = self.scheduler
         reply.on_cancel(lambda: scheduler.cancel(row))  # reads `scheduler` when called: the one the row went to
         try:
@@ -461,8 +592,12 @@ class Engine:
             reply.fail(error)
             return
         reply.completion_tokens = len(new)
-        reply.text = self.bundle.tokenizer.decode(new, skip_special_tokens=True).strip()
-        if reply.cancelled:
+        text = self.bundle.tokenizer.decode(new, skip_special_tokens=True)
+        cut = first_stop(text, settings.stop)
+        reply.text = (text if cut is None else text[:cut]).strip()
+        if cut is not None:  # a reader that streams it may have stopped it on seeing the stop string: not a cancel
+            reply.finish_reason = "stop"
+        elif reply.cancelled:
             reply.finish_reason = "cancelled"
             log.info("generation cancelled after %d new tokens", len(new))
         elif new and new[-1] in self.stop_ids:
@@ -470,7 +605,7 @@ class Engine:
         elif len(new) >= settings.max_new_tokens:
             reply.finish_reason = "length"
 
-    def _generate(self, reply: Reply, ids: list[int], settings: Settings) -> None:
+    def _generate(self, reply: Reply, ids: list[int], settings: Settings, check=None) -> None:
         """One at a time (a backend without `batched_scheduler`, or max_batch 1): the backend's generate, the loop
         evaluate's batches run, seeded per request instead of per batch, behind a lock."""
         bundle = self.bundle
@@ -481,7 +616,7 @@ class Engine:
                     log.info("generation cancelled after 0 new tokens (before its turn came)")
                     return
                 kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
-                kwargs.update(reply.hooks())
+                kwargs.update(reply.hooks(check, settings.logprobs))
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
                 new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()

@@ -16,6 +16,8 @@ refuse. So, before anything parses, tokenizes or queues it:
 - `check_sampling`: a finite top_p and temperature, the temperature 0 (greedy) or at least MIN_TEMPERATURE: the
   model's scores are divided by it, and by 1e-45 or 1e-300 they overflow to inf and NaN, which fails the generation
   itself (a server error); NaN fails every comparison, so finiteness is checked by name.
+- `check_stop`: at most MAX_STOP stop strings, each of 1 to MAX_STOP_CHARS characters: every request's strings are
+  matched against the whole vocabulary once (transformers' StopStringCriteria), a cost that grows with their length.
 - `check_text`: text without lone UTF-16 surrogates ("\\ud800" is valid JSON, but not Unicode): the tokenizer, the
   answer's JSON and the page's JSON cannot encode them, and would fail as a server error.
 """
@@ -30,6 +32,11 @@ MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_ROUNDS = 64
 DEFAULT_MAX_CHARS = 32_000
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+# OpenAI's own limit on stop strings; a stop string longer than this is no stop string any client sends.
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+# The most alternatives a token's log-probability comes with (OpenAI allows 20; vLLM's default cap is 20 too).
+MAX_TOP_LOGPROBS = 5
 # The lowest temperature but 0 (greedy): below it sampling differs from greedy decoding only between near-ties,
 # while the scores divided by it head for overflow (by 1e-45 they are inf).
 MIN_TEMPERATURE = 0.01
@@ -121,6 +128,28 @@ def check_sampling(temperature: float | None, top_p: float | None) -> None:
             "makes the model's scores overflow when divided by it (for the likeliest answer, use 0)",
             "temperature",
         )
+
+
+def check_stop(stop, param: str = "stop") -> tuple[str, ...]:
+    """The stop strings of a request (a string, a list of strings, or None) as a tuple, refused naming the value
+    where they are not 1 to MAX_STOP strings of 1 to MAX_STOP_CHARS characters."""
+    if stop is None:
+        return ()
+    strings = [stop] if isinstance(stop, str) else stop
+    if not isinstance(strings, list | tuple) or not all(isinstance(s, str) for s in strings):
+        raise RequestError(f"{param} {stop!r}: must be a string or a list of strings", param)
+    if len(strings) > MAX_STOP:
+        raise RequestError(f"{param}: {len(strings)} stop strings; at most {MAX_STOP} are taken", param)
+    for i, s in enumerate(strings):
+        where = param if isinstance(stop, str) else f"{param}.{i}"
+        if not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise RequestError(
+                f"{where} {s[:40]!r}{'...' if len(s) > 40 else ''}: a stop string must be 1 to {MAX_STOP_CHARS} "
+                "characters",
+                where,
+            )
+        check_text(s, where, "the stop string")
+    return tuple(dict.fromkeys(strings))  # the same string twice is the same stop
 
 
 def check_text(text: str, param: str, what: str) -> None:

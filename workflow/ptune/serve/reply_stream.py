@@ -7,17 +7,25 @@ token ids to a `Reply` (`push`, or `Wakes.token` for a whole decoding step) and 
 `Wakes` wakes the readers of one decoding step together (one wake-up per event loop per step).
 
 For the backend's own `generate` (one request at a time), `Reply.hooks()` gives the streamer that pushes its new
-tokens into the reply and the stopping criterion that ends it once the reply is cancelled.
+tokens into the reply and the stopping criterion that ends it once the reply is cancelled (or its text has reached a
+stop string), and, where log-probabilities are asked for, the logits processor that records them.
+
+A reply with stop strings never streams one, nor the start of one: text that could begin a stop string is held back
+until the next tokens show that it does not (`_StopFilter`); once one is there, the text before it is the last
+piece, and the generation is stopped (the engine cuts the whole text at the same place: the pieces always add up to
+`text`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from ..model.generation import first_stop
 
 __all__ = ["Reply", "Wakes"]
 
@@ -28,6 +36,45 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Stopped(StoppingCriteria):
+    """Ends the backend's own generate (one row) once its new tokens reach a stop string (`generation.stop_check`)."""
+
+    def __init__(self, check: Callable[[Sequence[int]], bool]):
+        self.check = check
+        self.start: int | None = None  # where the new tokens begin in input_ids
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        # Asked first with one new token: what comes before it is the prompt (and the prefix's stand-ins).
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        done = self.check(input_ids[0, self.start :].tolist())
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _Recorder(LogitsProcessor):
+    """Records the log-probabilities of each step's scores for the backend's own generate: generate applies the
+    processors it is given before temperature and top-p, so these are the model's own, as the scheduler's are. The
+    streamer pairs them with the token picked (`_Into`)."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.step: torch.Tensor | None = None
+        self.alternatives: list[tuple[int, float]] = []
+
+    def __call__(self, input_ids, scores):
+        lp = torch.log_softmax(scores[0].float(), dim=-1)
+        self.step = lp
+        if self.top:
+            values, indices = torch.topk(lp, self.top)
+            self.alternatives = list(zip(indices.tolist(), values.tolist(), strict=True))
+        return scores
+
+    def info(self, token: int) -> tuple[float, list[tuple[int, float]]] | None:
+        if self.step is None:
+            return None
+        return float(self.step[token]), self.alternatives
 
 
 class _Pieces(TextStreamer):
@@ -68,16 +115,17 @@ class _One:
 class _Into:
     """The streamer handed to the backend's generate (one at a time): new tokens into the reply (the prompt skipped)."""
 
-    def __init__(self, reply: "Reply"):
+    def __init__(self, reply: "Reply", recorder: _Recorder | None = None):
         self.reply = reply
         self.prompt = True
+        self.recorder = recorder
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt:
             self.prompt = False
             return
         for token in value.reshape(-1).tolist():
-            self.reply.push(token)
+            self.reply.push(token, None if self.recorder is None else self.recorder.info(token))
 
     def end(self) -> None:
         pass
@@ -93,12 +141,16 @@ class Reply:
     `text`, the counts and `finish_reason` (or `fail`s it), then calls `end`.
     """
 
-    def __init__(self, tokenizer, cancel: threading.Event, prompt_tokens: int, history_used: int):
+    def __init__(
+        self, tokenizer, cancel: threading.Event, prompt_tokens: int, history_used: int, stop: Sequence[str] = ()
+    ):
         self._tokenizer = tokenizer
         self._cancel = cancel
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._ids: list[int] = []  # new tokens so far
+        self._infos: list = []  # with each, its log-probabilities (batching.TokenInfo) or None
+        self.stop = tuple(stop)  # strings the answer ends before (the engine cuts `text` there)
         self._lock = threading.Lock()
         self._waiters: list[tuple[int | None, Callable[[], None]]] = []  # (wake past this many ids or at the end, how)
         self._ended_future: asyncio.Future | None = None
@@ -111,9 +163,10 @@ class Reply:
 
     # -- the generating side ----------------------------------------------------------------------------------------
 
-    def push(self, token: int) -> None:
-        """A new token, its readers woken at once (`Wakes.token` wakes those of a whole step together)."""
-        for wake in self._add(token):
+    def push(self, token: int, info: tuple | None = None) -> None:
+        """A new token (and its log-probabilities, if asked for), its readers woken at once (`Wakes.token` wakes those
+        of a whole step together)."""
+        for wake in self._add(token, info):
             wake()
 
     def fail(self, error: BaseException) -> None:
@@ -139,15 +192,25 @@ class Reply:
         """Have `call` called when a reader cancels (it tells a scheduler in another process)."""
         self._on_cancel = call
 
-    def hooks(self) -> dict:
+    def hooks(self, stop_check: Callable[[Sequence[int]], bool] | None = None, logprobs: int | None = None) -> dict:
         """generate() arguments for the backend's own generate (one request at a time): a streamer that pushes its
-        new tokens here (the prompt skipped), and a stopping criterion that ends it once the reply is cancelled."""
-        return {"streamer": _Into(self), "stopping_criteria": StoppingCriteriaList([_Cancelled(self._cancel)])}
+        new tokens here (the prompt skipped), and stopping criteria that end it once the reply is cancelled or its
+        tokens reach a stop string (`stop_check`); `logprobs` (alternatives per token; None: none): a logits
+        processor that records each token's log-probabilities."""
+        criteria = [_Cancelled(self._cancel)]
+        if stop_check is not None:
+            criteria.append(_Stopped(stop_check))
+        recorder = None if logprobs is None else _Recorder(logprobs)
+        hooks = {"streamer": _Into(self, recorder), "stopping_criteria": StoppingCriteriaList(criteria)}
+        if recorder is not None:
+            hooks["logits_processor"] = LogitsProcessorList([recorder])
+        return hooks
 
-    def _add(self, token: int) -> list[Callable[[], None]]:
+    def _add(self, token: int, info: tuple | None = None) -> list[Callable[[], None]]:
         """Append a token; the wake-ups now due, for the caller to call (the scheduler calls those of a whole step
         together: `Wakes`)."""
         with self._lock:
+            self._infos.append(info)
             self._ids.append(token)
             if not self._waiters:
                 return []
@@ -187,7 +250,7 @@ class Reply:
             text += decoder.take()
         return text, seen + len(ids), ended
 
-    def _raw(self) -> Iterator[str]:
+    def _raw(self) -> Iterator[tuple[str, int]]:
         decoder, seen = _Pieces(self._tokenizer), 0
         while True:
             event = threading.Event()
@@ -195,11 +258,11 @@ class Reply:
                 event.wait()
             text, seen, ended = self._texts(decoder, seen)
             if text:
-                yield text
+                yield text, seen
             if ended:
                 return
 
-    async def _araw(self, every: float = 0.0) -> AsyncIterator[str]:
+    async def _araw(self, every: float = 0.0) -> AsyncIterator[tuple[str, int]]:
         loop = asyncio.get_running_loop()
         decoder, seen, sent = _Pieces(self._tokenizer), 0, None
         while True:
@@ -214,17 +277,30 @@ class Reply:
                     await self.ended(left)
             text, seen, ended = self._texts(decoder, seen)
             if text:
-                yield text
+                yield text, seen
                 sent = loop.time()
             if ended:
                 return
 
+    def _body(self, trim: "_Trim", stops: "_StopFilter | None", piece: str) -> str:
+        """A raw piece as the reader sends it: before any stop string (the generation is stopped once one has come,
+        the rest dropped), without the answer's leading and trailing whitespace."""
+        if stops is not None:
+            found = stops.found
+            piece = stops(piece)
+            if stops.found and not found:
+                self.cancel()  # the scheduler's own check has usually ended it already
+        return trim(piece)
+
     def __iter__(self) -> Iterator[str]:
-        """Text pieces whose concatenation is `text`: the answer without leading or trailing whitespace."""
-        trim = _Trim()
-        for piece in self._raw():
-            if body := trim(piece):
+        """Text pieces whose concatenation is `text`: the answer without leading or trailing whitespace (and, with
+        stop strings, without the first one and what follows)."""
+        trim, stops = _Trim(), _StopFilter(self.stop) if self.stop else None
+        for piece, _ in self._raw():
+            if body := self._body(trim, stops, piece):
                 yield body
+        if stops is not None and (body := self._body(trim, None, stops.flush())):
+            yield body
         if self._error is not None:
             raise self._error
 
@@ -232,10 +308,19 @@ class Reply:
         """The same text as iterating, for a reader on an event loop (no thread per reader or per token); `every`:
         after a piece, the next one waits that many seconds at most, with the tokens that came meanwhile (the
         first piece and the end are never held back)."""
-        trim = _Trim()
-        async for piece in self._araw(every):
-            if body := trim(piece):
-                yield body
+        async for piece, _ in self.chunks(every):
+            yield piece
+
+    async def chunks(self, every: float = 0.0) -> AsyncIterator[tuple[str, int]]:
+        """`pieces`, each with how many of the new tokens had been decoded when it was (for their log-probabilities:
+        `infos`)."""
+        trim, stops = _Trim(), _StopFilter(self.stop) if self.stop else None
+        seen = 0
+        async for piece, seen in self._araw(every):
+            if body := self._body(trim, stops, piece):
+                yield body, seen
+        if stops is not None and (body := self._body(trim, None, stops.flush())):
+            yield body, seen
         if self._error is not None:
             raise self._error
 
@@ -253,6 +338,12 @@ class Reply:
     def token_ids(self) -> list[int]:
         """The new tokens so far (all of them once `done`), the stop token included."""
         return list(self._ids)
+
+    def infos(self, start: int = 0, end: int | None = None) -> list[tuple[int, tuple | None]]:
+        """The new tokens from `start` to `end`, each with its log-probabilities (None where not asked for):
+        (log-probability, [(id, log-probability) of the likeliest tokens])."""
+        with self._lock:
+            return list(zip(self._ids[start:end], self._infos[start:end], strict=True))
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -307,8 +398,8 @@ class Wakes:
     def __init__(self):
         self._due: list[Callable[[], None]] = []
 
-    def token(self, reply: "Reply", token: int) -> None:
-        self._due.extend(reply._add(token))
+    def token(self, reply: "Reply", token: int, info: tuple | None = None) -> None:
+        self._due.extend(reply._add(token, info))
 
     def end(self, reply: "Reply") -> None:
         self._due.extend(reply._ending())
@@ -333,6 +424,38 @@ def _resolve_all(futures: list[asyncio.Future]) -> None:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _StopFilter:
+    """Pieces up to the first stop string: text that could be the start of one is held back until the next piece
+    shows whether it is; once one has come (`found`), the text before it is the last that passes. `flush`: what is
+    held back at the end (no stop string came)."""
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = tuple(s for s in stop if s)
+        self.held = ""
+        self.found = False
+
+    def __call__(self, piece: str) -> str:
+        if self.found:
+            return ""
+        text = self.held + piece
+        at = first_stop(text, self.stop)
+        if at is not None:
+            self.found, self.held = True, ""
+            return text[:at]
+        keep = 0  # the longest end of the text that some stop string begins with
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), keep, -1):
+                if text.endswith(s[:n]):
+                    keep = n
+                    break
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return "" if self.found else held
 
 
 class _Trim:

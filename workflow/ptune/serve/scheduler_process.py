@@ -3,8 +3,9 @@
 In one process the HTTP server's event loop and the scheduler take turns at the GIL: on a small model, where a
 decoding step is mostly Python, every request's parsing, routing and answer (and every streamed event) is time the
 model stands still. Here a child process runs the `Scheduler` on the server's own model, whose weights it maps from
-shared memory (torch.multiprocessing's pickling: no copy); the server sends each request's prompt ids and settings
-and receives, once per decoding step, the step's tokens and the rows that ended. A cancel is sent at once; the child
+shared memory (torch.multiprocessing's pickling: no copy), with the tokenizer (for stop strings); the server sends each
+request's prompt ids and settings and receives, once per decoding step, the step's tokens (with their
+log-probabilities, for the rows that asked) and the rows that ended. A cancel is sent at once; the child
 drops the row before its next step, as in one process.
 
 The child is spawned (a fresh interpreter: forking a process that has run torch's thread pools is not safe) and
@@ -79,6 +80,7 @@ class SchedulerProcess:
         after_step: Callable[[], None] | None = None,
         child: "Child | None" = None,
         on_end: Callable[[], None] | None = None,
+        tokenizer=None,
     ):
         """`child`: a process started earlier (`Child`), which has imported what it needs while the model loaded
         here; else one is started now. `on_end`: called once in the reader thread if the process ends, after its
@@ -101,7 +103,7 @@ class SchedulerProcess:
         self._conn, self._process = child.conn, child.process
         try:
             # The weights go through shared memory (torch.multiprocessing's pickling): the child maps them, no copy.
-            self._conn.send(("load", model, encoder, list(stop_ids), self.max_batch, threads))
+            self._conn.send(("load", model, encoder, list(stop_ids), self.max_batch, threads, tokenizer))
         except BaseException:
             child.close()
             raise
@@ -165,7 +167,9 @@ class SchedulerProcess:
             self._next += 1
             self._rows[row.number] = row
             try:
-                self._conn.send(("submit", row.number, row.ids, row.max_new_tokens, row.kwargs, row.seed))
+                self._conn.send(
+                    ("submit", row.number, row.ids, row.max_new_tokens, row.kwargs, row.seed, row.stop, row.logprobs)
+                )
             except (OSError, ValueError):  # the pipe has closed; the reader has not seen it yet
                 del self._rows[row.number]
                 raise Ended(self._process.exitcode) from None
@@ -233,13 +237,16 @@ def _hand_over(message: tuple, rows: dict[int, Row], counts: _Counts, conn, lock
     here with that error (its reader gets it), the child is told to drop it, and its later tokens are ignored."""
     _, counts.steps, counts.batch, tokens, ended = message
     counts.largest = max(counts.largest, counts.batch)
-    for number, token in tokens:
+    for number, token, info in tokens:
         row = rows.get(number)
         if row is None:  # failed here already; the child has not seen the cancel yet
             continue
         row.tokens.append(token)
         try:
-            row.on_token(token)
+            if info is None:
+                row.on_token(token)
+            else:
+                row.on_token(token, info)
         except Exception as exc:
             log.exception("row %d: handing over its token failed; that answer fails, the others go on", number)
             del rows[number]
@@ -309,10 +316,10 @@ def _child(conn) -> None:
         os._exit(0)
     if message[0] != "load":  # ("exit",): not needed after all
         os._exit(0)
-    _, model, encoder, stop_ids, max_batch, threads = message
+    _, model, encoder, stop_ids, max_batch, threads, tokenizer = message
     del message
     rows: dict[int, Row] = {}
-    tokens: list[tuple[int, int]] = []
+    tokens: list[tuple[int, int, tuple | None]] = []
     ended: list[tuple[int, BaseException | None]] = []
     sent = [0]
 
@@ -325,21 +332,23 @@ def _child(conn) -> None:
         sent[0] = scheduler.steps
         conn.send(message)
 
-    scheduler = Scheduler(model, encoder, stop_ids, max_batch, threads, after_step=flush)
+    scheduler = Scheduler(model, encoder, stop_ids, max_batch, threads, after_step=flush, tokenizer=tokenizer)
     conn.send(("ready",))
 
     def handle(message: tuple) -> bool:
         if message[0] == "submit":
-            _, number, ids, max_new_tokens, kwargs, seed = message
+            _, number, ids, max_new_tokens, kwargs, seed, stop, logprobs = message
 
-            def on_token(token: int) -> None:
-                tokens.append((number, token))
+            def on_token(token: int, info: tuple | None = None) -> None:
+                tokens.append((number, token, info))
 
             def on_done(new: list[int], error: BaseException | None) -> None:
                 rows.pop(number, None)
                 ended.append((number, error))
 
-            rows[number] = Row(ids, max_new_tokens, kwargs, seed, threading.Event(), on_token, on_done)
+            rows[number] = Row(
+                ids, max_new_tokens, kwargs, seed, threading.Event(), on_token, on_done, stop=stop, logprobs=logprobs
+            )
             scheduler.submit(rows[number])
         elif message[0] == "cancel":
             row = rows.get(message[1])
