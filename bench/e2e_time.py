@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow"))
-from ptune.paths import STAGES  # noqa: E402
+from ptune.pipeline.declared import NAMES as STAGES  # noqa: E402
 
 BUDGET_S = 300
 

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from ptune.paths import STAGES  # noqa: F401  (tests import the one list of stages from here)
+from ptune.pipeline.declared import NAMES as STAGES  # noqa: F401  (tests import the one list of stages from here)
 from ptune.state.faults import TRACE_ENV
 from ptune.state.stagelog import executed_stages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params-tiny.yaml"
+IMPORT_TRACE = REPO / "tests" / "support" / "import_trace"  # its sitecustomize.py records what each process imports
 SHARED_ADGEN = REPO.parent / "shared" / "data" / "adgen"  # the whole dev split, where a machine has it
 # 100 train and 100 dev lines of the real ADGEN, shipped so that every machine runs the same tests (its README).
 ADGEN_SAMPLE = REPO / "tests" / "fixtures" / "adgen"
@@ -144,7 +145,13 @@ def pipeline_run(tmp_path_factory, env) -> Project:
         name: project.planted_secret
         for name in ("HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "OSS_ACCESS_KEY_SECRET", "OPENAI_API_KEY")
     }
-    project.env = {**env, **secrets, TRACE_ENV: str(project.failpoint_trace)}
+    # Every ptune module each process of the run imports, and for which stage (tests/test_code_deps.py).
+    project.import_trace = root / "imports.jsonl"
+    imports = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(IMPORT_TRACE), env.get("PYTHONPATH")])),
+        "PTUNE_TEST_IMPORT_TRACE": str(project.import_trace),
+    }
+    project.env = {**env, **secrets, **imports, TRACE_ENV: str(project.failpoint_trace)}
     project.run("snakemake", "--cores", "1", "report")
     project.env = env
     return project

@@ -3,20 +3,19 @@ directly or through others, a module that imports it; the modules meant to be li
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
+
+from ptune.pipeline import code
 
 from conftest import REPO
-
-PACKAGE = REPO / "workflow" / "ptune"
 
 # Lowest first. A folder (or a top-level module) may import its own modules and any layer below its own; units
 # within one layer never import each other. docs/design.md explains each layer.
 LAYERS = (
     ("errors", "paths", "guards"),
+    ("pipeline",),
     ("state",),
     ("config",),
     ("data",),
@@ -29,11 +28,6 @@ LAYERS = (
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
 
-def _module(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _unit(module: str) -> str | None:
     """The layer unit of a module: its folder under ptune (ptune.model.native: model), or the top-level module's
     own name (ptune.config: config); None for the package itself."""
@@ -41,30 +35,10 @@ def _unit(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """The package's modules that `path` imports, at its top or inside functions (a lazy import still couples)."""
-    name = _module(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name in modules}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(up + ([node.module] if node.module else []))
-            if base in modules:
-                found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules}
-    found.discard(name)
-    return {m for m in found if not name.startswith(m + ".")}  # a package's __init__ is not a dependency
-
-
 def _graph() -> dict[str, set[str]]:
-    files = sorted(PACKAGE.rglob("*.py"))
-    modules = {_module(f) for f in files}
-    return {_module(f): _imports(f, modules) for f in files}
+    """The package's import graph (pipeline/code.py, which also finds each stage's code), a package's own __init__
+    left out of what its modules import."""
+    return {m: {i for i in imported if not m.startswith(i + ".")} for m, imported in code.graph().items()}
 
 
 def test_every_folder_and_top_level_module_has_a_layer():

@@ -3,45 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
 # Only what builds the options is imported here: every command (its help too) pays for these, and a command's own
-# modules (torch, transformers, dvc) are imported when that command runs (tests/test_layout.py checks it).
+# modules (torch, transformers, dvc) are imported when that command runs (tests/test_layout.py checks it). A stage's
+# code starts at stages/runner.py: this module only parses its command line (pipeline/code.py).
 from .errors import PtuneError
-from .paths import BASE, DEPLOY, MODEL_STAGES, STAGES, SYNCED_STAGES
+from .paths import DEPLOY
+from .pipeline.declared import NAMES, STAGES, SYNCED
 from .serve import arguments as serve_arguments
-
-STAGE_HELP = {
-    "fetch_weights": "put the base model and tokenizer in models/base/",
-    "fetch_data": "write ADGEN-shaped data/raw/train.json and dev.json",
-    "preprocess": "apply the prompt template, tokenize and truncate into data/processed/",
-    "train": "learn the P-tuning v2 prefix into models/ptuning/",
-    "evaluate": "generate for the dev set, score BLEU-4 / ROUGE into reports/metrics.json",
-    "deploy": "write the serving bundle to models/deploy/ and smoke-test it",
-    "report": "write reports/report.html and report.md: scores, training, examples, cost, deploy, provenance",
-}
-
-
-def run_stage(stage: str, params_path: str) -> None:
-    from . import config
-    from .state import determinism, faults, locks, stagelog, stopping
-
-    params = config.load(params_path)  # bad params fail before anything is recorded or locked
-    faults.arm(stage)
-    stopping.install(stage)  # SIGTERM, SIGINT, SIGHUP: a clean stop, with progress kept where it can be
-    with locks.stage_lock(stage):
-        stagelog.record_start(stage)
-        determinism.configure_threads()
-        module = importlib.import_module(f"ptune.stages.{stage}")
-        if stage == "report":
-            module.run(params)  # it writes reports/timings.json, its own timing included
-            return
-        with stagelog.timed(stage) as facts:
-            facts.update(module.run(params) or {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for stage in STAGES:
-        sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+        sub.add_parser(stage.name, help=stage.help, description=stage.help)
     sub.add_parser("validate", help="check params.yaml against its schema and exit")
+    pipeline = sub.add_parser(
+        "pipeline",
+        help="write dvc.yaml from the stages' declarations (`write`), or check it (`check`)",
+        description="dvc.yaml is written from workflow/ptune/pipeline/declared.py: each stage's paths, params and the "
+        "code it runs (its deps, from the import graph). `check` exits 1 when the file differs (CI runs it).",
+    )
+    action = pipeline.add_subparsers(dest="pipeline_command", metavar="write|check|code", required=True)
+    action.add_parser("write", help="write dvc.yaml")
+    action.add_parser("check", help="exit 1, with the difference, when dvc.yaml is not what `write` would write")
+    code = action.add_parser("code", help="the files a stage runs (its code deps), or those no stage runs")
+    code.add_argument("stage", nargs="?", choices=NAMES, help="a stage; none: the package's files no stage runs")
     preset = sub.add_parser(
         "preset",
         help="list presets, or copy one over params.yaml (`ptune preset use NAME`)",
@@ -91,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pull STAGE` from the shared DVC remote, `dvc push --run-cache STAGE`, and "
         "the stage's dvc.lock entry written to RECORD.",
     )
-    pod.add_argument("stage", choices=STAGES)
+    pod.add_argument("stage", choices=NAMES)
     pod.add_argument("record", help="where to write the stage's dvc.lock entry (the rule's output)")
     serve_arguments.add_parsers(sub)
     publish = sub.add_parser(
@@ -132,30 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _switch_environment(argv: list[str], base: Path | None = BASE) -> None:
-    """Re-execute this command in the legacy environment when `base` needs ChatGLM-6B's remote code."""
-    from .model import backends, legacy_env
-
-    if base is not None and backends.needs_legacy_env(base) and not legacy_env.is_current():
-        legacy_env.reexec("ptune.cli", argv)
-
-
-def _switch_for_serving(args, argv: list[str]) -> None:
-    """serve and chat: a base whose Python code would run (ChatGLM-6B's) needs the user's consent, then its
-    environment (bundle/opening.py): --model, or the base the bundle names where it is on this machine already."""
-    from .bundle import opening
-
-    if getattr(args, "model", None):
-        from .model import backends
-
-        base, chatglm = Path(args.model), backends.needs_legacy_env(Path(args.model))
-    else:
-        base, chatglm = opening.served_base(args.bundle, getattr(args, "base", None))
-    named = base if base is not None else Path(args.bundle)
-    trust_flag = getattr(args, "trust_remote_code", False)
-    opening.switch_environment(named, chatglm, trust_flag, args.params, f"`ptune {args.command}`", "ptune.cli", argv)
-
-
 def _preset(args) -> None:
     from . import presets
 
@@ -168,6 +128,31 @@ def _preset(args) -> None:
         f"params.yaml is now {source}; `dvc status` shows the stages that will rerun, "
         "`ptune doctor` checks this machine against it"
     )
+
+
+def _pipeline(args, argv: list[str]) -> int:
+    from .stages import runner
+
+    runner.run_project_code(argv)  # the project's declarations and code, as its stages run them
+    from .paths import REPO
+
+    if REPO.resolve() != Path.cwd().resolve():
+        raise PtuneError(f"{Path.cwd()}: not a ptune project (no workflow/ptune/ here); run from the project's root")
+    from .pipeline import code, dvc_yaml
+
+    if args.pipeline_command == "write":
+        print(dvc_yaml.write())
+    elif args.pipeline_command == "check":
+        problem = dvc_yaml.check()
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        print("dvc.yaml: as the stages declare it")
+    elif args.stage:
+        print("\n".join(code.stage_files(args.stage)))
+    else:
+        print("\n".join(f"workflow/ptune/{rel}" for rel in code.not_stage_code()))
+    return 0
 
 
 def _doctor(args) -> int:
@@ -184,7 +169,7 @@ def _add_state_commands(sub) -> None:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     push = sub.add_parser("push", help="save everything to the DVC remote: outputs, run-cache, resume state")
     push.add_argument(
-        "--stage", choices=STAGES, help="only this stage's outputs and the run-cache (what a job pushes as it ends)"
+        "--stage", choices=NAMES, help="only this stage's outputs and the run-cache (what a job pushes as it ends)"
     )
     restore = sub.add_parser("restore", help="bring back everything from the DVC remote (on a fresh instance)")
     checkpoint = sub.add_parser("checkpoint", help="resume state (training checkpoints) to/from the DVC remote")
@@ -197,8 +182,8 @@ def _add_state_commands(sub) -> None:
         d.add_argument(
             "--stage",
             action="append",
-            choices=SYNCED_STAGES,
-            help="only this stage's state (repeatable; default: " + " and ".join(SYNCED_STAGES) + ")",
+            choices=SYNCED,
+            help="only this stage's state (repeatable; default: " + " and ".join(SYNCED) + ")",
         )
     for p in (status, push, restore, *direction.choices.values()):
         p.add_argument("-r", "--remote", help="a DVC remote other than the default one")
@@ -294,6 +279,10 @@ def _run_state_command(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "chat"):
+        from .serve import commands as serve_commands
+
+        return serve_commands.main(argv)  # the same arguments, parsed there again (`python -m ptune.serve`)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -304,12 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     from .state.stopping import Stopped  # what every command may raise on a stop request
 
     try:
-        if args.command in MODEL_STAGES:
-            _switch_environment(argv)
-        elif args.command in ("serve", "chat"):
-            _switch_for_serving(args, argv)
-        if args.command in STAGES:
-            run_stage(args.command, args.params)
+        if args.command in NAMES:
+            from .stages import runner
+
+            runner.run(args.command, args.params, argv)
+        elif args.command == "pipeline":
+            return _pipeline(args, argv)
         elif args.command == "validate":
             from . import config
 
@@ -319,10 +308,6 @@ def main(argv: list[str] | None = None) -> int:
             _preset(args)
         elif args.command == "doctor":
             return _doctor(args)
-        elif args.command in ("serve", "chat"):
-            from .serve import commands as serve_commands
-
-            return serve_commands.run(args)
         elif args.command == "publish":
             from .bundle import publish
 

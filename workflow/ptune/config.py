@@ -7,6 +7,7 @@ dataclasses below only give them types for the code. A test keeps the two in ste
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import yaml
 from .errors import PtuneError
 from .guards import DEFAULT_MAX_BYTES, DEFAULT_MAX_MEMBERS, revision_problem, url_problem
 from .paths import REPO
+from .pipeline.declared import ALL, BY_NAME
 
 SCHEMA_RELPATH = "workflow/schemas/params.schema.yaml"
 
@@ -192,6 +194,84 @@ class Params:
     report: ReportConfig
     hardware: HardwareConfig
     raw: dict[str, Any] = dataclasses.field(compare=False, repr=False)
+    path: Path | None = dataclasses.field(default=None, compare=False, repr=False)  # the file it was read from
+
+    def scoped(self, stage: str) -> "Params":
+        """These params as `stage` sees them: the sections and keys it declares (pipeline/declared.py); reading
+        any other is an UndeclaredParam error. So dvc.yaml's params, written from the declaration, are exactly
+        what the stage reads, and an edit of any of them reruns it."""
+        keys = BY_NAME[stage].params
+        if ALL in keys:
+            return self
+        whole = {k for k in keys if "." not in k}
+        some: dict[str, set[str]] = {}
+        for key in keys:
+            if "." in key:
+                section, _, name = key.partition(".")
+                some.setdefault(section, set()).add(name)
+        sections = {}
+        raw: dict[str, Any] = {}
+        for name in _section_types():
+            if name in whole:
+                sections[name], raw[name] = getattr(self, name), self.raw[name]
+            else:
+                sections[name] = Undeclared(stage, name, getattr(self, name), frozenset(some.get(name, ())))
+                if name in some:
+                    raw[name] = {k: v for k, v in self.raw[name].items() if k in some[name]}
+        return dataclasses.replace(self, **sections, raw=raw)
+
+
+# Set by the stage runner in every stage's process; the processes a stage starts (its workers, deploy's server)
+# inherit it, and what they read of params is the stage's scope too.
+STAGE_ENV = "PTUNE_STAGE"
+
+
+class UndeclaredParam(PtuneError):
+    """A stage read a param it does not declare: dvc.yaml would not rerun it when that param changes."""
+
+    def __init__(self, stage: str, key: str):
+        super().__init__(
+            f"stage {stage} read params {key}, which it does not declare: dvc.yaml would not rerun it when {key} "
+            f"changes. Add {key!r} to the {stage} stage's params in workflow/ptune/pipeline/declared.py, then run "
+            "`ptune pipeline write` (it rewrites dvc.yaml)"
+        )
+
+
+class Undeclared:
+    """A params section in a stage that declares none or only some of its keys: those read through, others raise."""
+
+    __slots__ = ("_stage", "_section", "_value", "_keys")
+
+    def __init__(self, stage: str, section: str, value: Any, keys: frozenset[str]):
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_value", value)
+        object.__setattr__(self, "_keys", keys)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._keys:
+            return getattr(self._value, name)
+        raise UndeclaredParam(self._stage, f"{self._section}.{name}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def current_stage() -> str | None:
+    """The stage this process runs for (PTUNE_STAGE), if any."""
+    stage = os.environ.get(STAGE_ENV) or None
+    return stage if stage in BY_NAME else None
+
+
+def check_declared(key: str) -> None:
+    """Raise UndeclaredParam when this process runs for a stage that does not declare `key` (section.name): for
+    code that reads a params file on its own (a consent check), not through load()."""
+    stage = current_stage()
+    if stage is None:
+        return
+    keys = BY_NAME[stage].params
+    if ALL not in keys and key not in keys and key.partition(".")[0] not in keys:
+        raise UndeclaredParam(stage, key)
 
 
 def schema_path() -> Path:
@@ -365,8 +445,10 @@ def from_dict(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     return Params(**sections, raw=raw)
 
 
-def load(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; every problem is a PtuneError naming the file and key."""
+def load(path: str | Path = "params.yaml", stage: str | None = None) -> Params:
+    """Read and validate a params file; every problem is a PtuneError naming the file and key. For a stage (given,
+    or this process's PTUNE_STAGE), the params it declares only (Params.scoped)."""
+    stage = stage or current_stage()
     path = Path(path)
     if not path.is_file():
         raise PtuneError(f"{path}: no such params file; run ptune from the project root (where params.yaml is)")
@@ -376,4 +458,5 @@ def load(path: str | Path = "params.yaml") -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise PtuneError(f"{path}:{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return from_dict(raw, str(path))
+    params = dataclasses.replace(from_dict(raw, str(path)), path=path)
+    return params.scoped(stage) if stage else params

@@ -1,22 +1,16 @@
 """Where ptune reads and writes, relative to the project root: the one place the code names these paths.
 
-dvc.yaml declares the stages' paths for DVC and Snakemake; a test (tests/test_paths.py) checks that INPUTS and
-OUTPUTS below are exactly its deps and outs, and STAGES its stage order.
+Which stage reads and writes which of them is declared once, in pipeline/declared.py, and dvc.yaml is written from
+that (`ptune pipeline write`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-# The checkout this package is installed from (`pip install -e .`): the schema, scripts and requirements live there.
+# The checkout this package runs from: the project's own, for a stage (stages/runner.py); the schema, scripts and
+# requirements live there.
 REPO = Path(__file__).resolve().parents[2]
-
-# The pipeline's stages in DAG order; each is a module of ptune.stages with `run(params)`, and a `ptune` command.
-STAGES = ("fetch_weights", "fetch_data", "preprocess", "train", "evaluate", "deploy", "report")
-# The stages that load models/base: they run in the environment its backend needs (model.backends, legacy_env).
-MODEL_STAGES = ("preprocess", "train", "evaluate", "deploy")
-# The stages whose resume state travels to the DVC remote (`ptune checkpoint push|pull`, remote/checkpoints.py).
-SYNCED_STAGES = ("train", "evaluate")
 
 BASE = Path("models/base")
 RAW = Path("data/raw")
@@ -57,24 +51,3 @@ def timings(stage: str) -> Path:
 
 def live(stage: str) -> Path:
     return LIVE_DIR / stage
-
-
-# What each stage reads (dvc.yaml's deps) and writes (its outs, metrics and plots).
-INPUTS: dict[str, tuple[Path, ...]] = {
-    "fetch_weights": (),
-    "fetch_data": (),
-    "preprocess": (RAW, BASE),
-    "train": (PROCESSED, BASE),
-    "evaluate": (PROCESSED, BASE, PREFIX),
-    "deploy": (BASE, PREFIX, METRICS),
-    "report": (METRICS, PREDICTIONS, TRAIN_LOG, DEPLOY_CHECK, *(timings(s) for s in STAGES[:-1]), BASE, RAW),
-}
-OUTPUTS: dict[str, tuple[Path, ...]] = {
-    "fetch_weights": (BASE, timings("fetch_weights")),
-    "fetch_data": (RAW, timings("fetch_data")),
-    "preprocess": (PROCESSED, timings("preprocess")),
-    "train": (PREFIX, timings("train"), live("train"), TRAIN_LOG),
-    "evaluate": (PREDICTIONS, timings("evaluate"), live("evaluate"), METRICS),
-    "deploy": (DEPLOY, DEPLOY_CHECK, timings("deploy")),
-    "report": (REPORT_HTML, REPORT_MD, *FIGURES.values(), METRICS_CSV, TIMINGS),
-}

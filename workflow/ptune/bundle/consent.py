@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import config
 from ..errors import PtuneError
 from ..model import trust
 from ..paths import BASE
@@ -34,6 +35,7 @@ def params_consent(base: str | Path, params: str | Path | None, key: str) -> boo
     models/base (what fetch_weights fetched under those params)."""
     if params is None or Path(base).resolve() != BASE.resolve():
         return False
+    config.check_declared(f"fetch_weights.{key}")  # in a stage's process (deploy's check): a key it declares
     try:
         raw = yaml.safe_load(Path(params).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):

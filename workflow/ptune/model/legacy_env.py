@@ -44,7 +44,14 @@ STAMP = ".ptune-legacy-installed"
 
 
 def venv_dir() -> Path:
-    return Path(os.environ.get(VENV_VAR) or REPO / ".venv-legacy").absolute()
+    """$PTUNE_LEGACY_VENV, else .venv-legacy beside the virtual environment this runs in (`make` puts both in the
+    checkout), so that a copy of the project run with the same venv (a DVC experiment's, a test's) shares it; outside
+    a virtual environment, in the checkout."""
+    if os.environ.get(VENV_VAR):
+        return Path(os.environ[VENV_VAR]).absolute()
+    if sys.prefix != sys.base_prefix:
+        return Path(sys.prefix).absolute().parent / ".venv-legacy"
+    return (REPO / ".venv-legacy").absolute()
 
 
 def _own_python() -> Path | None:

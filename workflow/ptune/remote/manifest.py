@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PtuneError
-from ..paths import STATE_DIR, SYNCED_STAGES
+from ..paths import STATE_DIR
+from ..pipeline.declared import SYNCED as SYNCED_STAGES
 from ..state.resume import KEY_LENGTH, is_key
 
 # Stages whose resume state is a flat folder of files worth carrying to another instance. fetch_weights' state

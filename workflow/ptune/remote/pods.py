@@ -34,11 +34,15 @@ RECORDS = Path(".ptune/pods")
 
 
 def run_key(root: Path = Path(".")) -> str:
-    """What the stages' results depend on besides the code: the DAG and the params. The jobs' records live under it,
-    so a run with other params or another DAG never takes an earlier run's records for its own."""
+    """What the stages' results depend on besides the data: the DAG, the params and the code (every file of the
+    package that dvc.yaml lists as a stage's dep, all in the sources archive). The jobs' records live under it, so a
+    run with other params, another DAG or other code never takes an earlier run's records for its own."""
     digest = hashlib.sha256()
-    for name in ("dvc.yaml", "params.yaml"):
-        digest.update((root / name).read_bytes())
+    dvc_yaml = (root / "dvc.yaml").read_bytes()
+    stages = yaml.safe_load(dvc_yaml)["stages"].values()
+    code = sorted({dep for stage in stages for dep in stage.get("deps") or [] if dep.startswith("workflow/")})
+    for name in ("dvc.yaml", "params.yaml", *code):
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

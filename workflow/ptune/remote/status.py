@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import PtuneError
-from ..state import stopping
+from ..paths import timings
+from ..state import stagelog, stopping
 from . import checkpoints
 from .dvc_lock import locked_outs
 from .dvc_remote import open_repo, remote_info, survival_warning
@@ -114,6 +115,26 @@ def _stopped_line(stage: str, record: dict) -> str:
     )
 
 
+def library_changes(stage: str) -> list[str]:
+    """The libraries that differ between the stage's last run (its reports/timings/<stage>.json) and this
+    environment: what DVC cannot see. python and torch always (ChatGLM-6B's environment shares the main one's torch);
+    the others only for a stage that ran in this environment."""
+    try:
+        record = json.loads(timings(stage).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    ran = record.get("versions") if isinstance(record, dict) else None
+    if not isinstance(ran, dict):
+        return []
+    same_env = record.get("environment") == sys.prefix
+    now = stagelog.versions()
+    return [
+        f"{name} {ran[name]} (now {now[name]})"
+        for name in now
+        if name in ran and ran[name] != now[name] and (same_env or name in ("python", "torch"))
+    ]
+
+
 def collect(remote: str | None = None) -> dict:
     """The status as a dict (what `ptune status --json` prints)."""
     stages = list(yaml.safe_load(DVC_YAML.read_text(encoding="utf-8"))["stages"])
@@ -130,6 +151,7 @@ def collect(remote: str | None = None) -> dict:
         name: {
             "workspace": _workspace_state(name, local.get(name, []), name in outs),
             "remote": _remote_state(outs.get(name, []), cloud),
+            "libraries": library_changes(name),
         }
         for name in stages
     }
@@ -155,6 +177,9 @@ def render(status: dict) -> str:
     lines += ["", f"{'stage':<15} {'workspace':<26} remote"]
     for name, row in status["stages"].items():
         lines.append(f"{name:<15} {row['workspace']:<26} {row['remote']}")
+    upgraded = {name: row["libraries"] for name, row in status["stages"].items() if row.get("libraries")}
+    for name, changes in upgraded.items():
+        lines.append(f"  {name} ran with {', '.join(changes)}")
     for stage, where in status["resume_state"].items():
         lines.append(
             f"\nresume state of {stage}: {where['local'] or 'none'} here, {where['remote'] or 'none'} on the remote"
@@ -172,6 +197,11 @@ def render(status: dict) -> str:
         )
     if any(s.startswith("changed") or s == "never run" for s in states):
         hints.append("compute what changed: `snakemake --cores 1 report` or `dvc repro`")
+    if upgraded:
+        hints.append(
+            "libraries changed since these stages ran, which DVC does not hash: if that can change their results, "
+            f"recompute them: `dvc repro -f -s {' '.join(upgraded)}`, then `dvc repro`"
+        )
     if any(r in ("not on remote", "partly on remote") for r in remotes):
         hints.append("save it to the remote: `ptune push`")
     if hints:

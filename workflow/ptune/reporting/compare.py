@@ -16,12 +16,13 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import PtuneError
+from ..pipeline.declared import NAMES
 from ..state import atomic
 from . import figures
 from .metrics import METRIC_NAMES
 
 TRAIN_LOG = str(paths.TRAIN_LOG)
-PARAM_SECTIONS = paths.STAGES  # one params section per stage
+PARAM_SECTIONS = NAMES  # one params section per stage
 SCORES = [f"ptuned.{m}" for m in METRIC_NAMES] + ["base.rouge-l"]
 
 

@@ -13,8 +13,9 @@ import yaml
 
 from .. import paths
 from ..config import Params, ReportConfig
-from ..paths import BASE, DEPLOY_CHECK, METRICS, PREDICTIONS, STAGES, TRAIN_LOG
+from ..paths import BASE, DEPLOY_CHECK, METRICS, PREDICTIONS, TRAIN_LOG
 from ..paths import RAW as RAW_DATA
+from ..pipeline.declared import NAMES as STAGES
 from . import provenance
 from .metrics import METRIC_NAMES, per_example
 

@@ -14,7 +14,7 @@ from ..bundle.manifest import MANIFEST
 from ..errors import PtuneError
 from ..model import legacy_env
 from . import scheduler_process
-from .arguments import API_KEY_ENV, WEB_AUTH_ENV, ApiOptions
+from .arguments import API_KEY_ENV, WEB_AUTH_ENV, ApiOptions, add_parsers
 from .edge import (
     ALLOWED_HOSTS_OPTION,
     AllowedHosts,
@@ -24,6 +24,50 @@ from .edge import (
 from .limits import Limits
 
 log = logging.getLogger(__name__)
+
+
+def main(argv: list[str]) -> int:
+    """`ptune [--params P] serve web|api ...` or `ptune chat ...`, given its arguments after `ptune` (the CLI hands
+    them over as they came; `python -m ptune.serve` takes the same)."""
+    parser = argparse.ArgumentParser(prog="ptune", description="ptune's serving commands")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' advisory warnings are noise here
+    from ..state.stopping import Stopped
+
+    try:
+        switch_environment(args, "ptune.serve", argv)
+        return run(args)
+    except PtuneError as exc:
+        print(f"ptune: error: {exc}", file=sys.stderr)
+        return 2
+    except Stopped as stop:  # on request (SIGTERM, SIGINT, SIGHUP): not an error, not a success either
+        print(f"ptune: {stop}", file=sys.stderr)
+        return stop.exit_code
+
+
+def switch_environment(args: argparse.Namespace, module: str, argv: list[str]) -> None:
+    """A base whose Python code would run (ChatGLM-6B's) needs the user's consent, then its environment
+    (bundle/opening.py): `python -m module argv` again there. The base is --model, or the one the bundle names where
+    it is on this machine already."""
+    from ..bundle import opening
+
+    if getattr(args, "model", None):
+        from ..model import backends
+
+        base, chatglm = Path(args.model), backends.needs_legacy_env(Path(args.model))
+    else:
+        base, chatglm = opening.served_base(args.bundle, getattr(args, "base", None))
+    named = base if base is not None else Path(args.bundle)
+    trust_flag = getattr(args, "trust_remote_code", False)
+    opening.switch_environment(named, chatglm, trust_flag, args.params, f"`ptune {args.command}`", module, argv)
 
 
 def run(args: argparse.Namespace) -> int:

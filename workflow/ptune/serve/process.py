@@ -50,7 +50,8 @@ class ApiProcess:
         self.stop()
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "ptune.cli", "serve", "api", "--host", "127.0.0.1", "--port", "0", *self.args]
+        # The serving commands alone (serve/__main__.py), as `ptune serve api` runs them.
+        cmd = [sys.executable, "-m", "ptune.serve", "serve", "api", "--host", "127.0.0.1", "--port", "0", *self.args]
         t0 = time.perf_counter()
         self._proc = subprocess.Popen(
             cmd,
@@ -70,12 +71,13 @@ class ApiProcess:
             except queue.Empty:
                 self.stop()
                 raise PtuneError(
-                    f"`{' '.join(cmd[2:])}` did not start within {self.start_timeout:.0f} s:\n" + self.output()
+                    f"`ptune {' '.join(cmd[3:])}` did not start within {self.start_timeout:.0f} s:\n" + self.output()
                 ) from None
             if line is None:
                 self.stop()
+                status = self._proc.returncode
                 raise PtuneError(
-                    f"`{' '.join(cmd[2:])}` exited with status {self._proc.returncode} before serving:\n{self.output()}"
+                    f"`ptune {' '.join(cmd[3:])}` exited with status {status} before serving:\n{self.output()}"
                 )
             if line.startswith(READY_PREFIX) and (m := _URL.search(line)):
                 self.url = m.group(1)

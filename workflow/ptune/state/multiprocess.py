@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -31,8 +32,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
-
-import yaml
 
 from ..errors import PtuneError
 
@@ -191,7 +190,9 @@ def launch(stage: str, params, n: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix=f"ptune-{stage}-") as tmp:
         results = Path(tmp)
         params_file = results / "params.yaml"
-        params_file.write_text(yaml.safe_dump(params.raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        # The file as the stage read it (an edit while the workers start is not theirs); each worker reads it in the
+        # stage's params scope (PTUNE_STAGE), as the stage did.
+        shutil.copyfile(params.path, params_file)
         args = get_args_parser().parse_args(
             [
                 "--standalone",

@@ -10,8 +10,10 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 from ..paths import PTUNE_DIR, STAGE_LOG, timings
@@ -33,6 +35,21 @@ def executed_stages(log: Path = STAGE_LOG) -> list[str]:
     return [line.split("\t", 1)[0] for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# What DVC does not hash: the libraries a stage ran with (requirements/lock.txt pins every one but torch, which is
+# chosen per machine). Recorded with each stage's timing; `ptune status` compares them with this environment's.
+VERSIONED = ("torch", "transformers", "tokenizers")
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 @contextlib.contextmanager
 def timed(stage: str) -> Iterator[dict]:
     """Time the body and write reports/timings/<stage>.json when it succeeds; the body may add fields
@@ -47,6 +64,8 @@ def timed(stage: str) -> Iterator[dict]:
         "wall_s": round(time.perf_counter() - t0, 3),
         "host": platform.node(),
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        "versions": versions(),
+        "environment": sys.prefix,  # ChatGLM-6B's stages run in their own (model/legacy_env.py)
         **extra,
     }
     atomic.write_json(timings(stage), record)

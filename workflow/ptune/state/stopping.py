@@ -39,7 +39,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..paths import LOCK_DIR, STAGES
+from ..paths import LOCK_DIR
+from ..pipeline.declared import NAMES as STAGES
 from . import atomic
 
 log = logging.getLogger(__name__)
