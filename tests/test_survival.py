@@ -78,7 +78,7 @@ def test_lost_output_is_restored_and_a_remote_without_it_names_stage_and_file(ra
     a.run("ptune", "push")
     shutil.rmtree(a.root / "models/ptuning")
     rows = _status(a)["stages"]
-    assert rows["train"] == {"workspace": "missing locally", "remote": "on remote"}
+    assert rows["train"] == {"workspace": "missing locally", "remote": "on remote", "libraries": []}
     assert rows["evaluate"]["workspace"] == "up to date"
     a.run("dvc", "checkout")  # from the local cache
     assert (a.root / PREFIX).is_file()
