@@ -4,6 +4,13 @@
     python bench/serve_load.py --clients 1,8 --seconds 20 --endpoint stream
     python bench/serve_load.py --clients 1,8 --max-batch 1     # the baseline: one request at a time
     python bench/serve_load.py --url http://127.0.0.1:8000 --api-key KEY   # a server you started
+    python bench/serve_load.py --bundles 2 --clients 1,8 --seconds 8    # one bundle, then two of one base (issue 39)
+
+With `--bundles N` (N >= 2) it first serves models/deploy alone, then N bundles of its base from one server
+(models/deploy and N-1 copies of it with random prefixes of other lengths and another prompt template, made in a
+temporary folder), the clients' requests alternating between them (`model`); for each server, after its load, its
+memory: the PSS of the server and its scheduler's process together (PSS divides shared pages among the processes that
+map them, so the weights the two share through shared memory count once).
 
 Each client sends one request after another (prompts from data/raw/dev.json, in turn) until the time is up;
 requests still running then are waited for. Only 127.0.0.1 is a target. Endpoints: `seed` (POST /), `openai`
@@ -45,7 +52,7 @@ def one_request(
 ) -> tuple[float, float | None, int | None]:
     """Returns (latency s, time to first text s or None, completion tokens or None); raises on any failure."""
     if endpoint == "seed":
-        body, path = {"prompt": prompt}, "/"
+        body, path = {"prompt": prompt, "model": model}, "/"
         if max_new:
             body["max_new_tokens"] = max_new
     else:
@@ -102,7 +109,7 @@ def load(
     endpoint: str,
     clients: int,
     seconds: float,
-    model: str,
+    models: list[str],
     headers: dict,
     texts: list[str],
     max_new: int | None,
@@ -113,9 +120,10 @@ def load(
 
     def client() -> None:
         while time.perf_counter() < deadline:
-            prompt = texts[next(counter) % len(texts)]
-            try:
-                result = one_request(url, endpoint, prompt, model, headers, max_new)
+            i = next(counter)
+            prompt = texts[i % len(texts)]
+            try:  # the served models in turn
+                result = one_request(url, endpoint, prompt, models[i % len(models)], headers, max_new)
             except urllib.error.HTTPError as exc:
                 if exc.code != 503:
                     with lock:
@@ -165,6 +173,47 @@ def load(
     }
 
 
+def pss_mib(pid: int) -> float:
+    """PSS of a process and its descendants (the scheduler's process), MiB: shared pages divided among their mappers."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total / 1024
+
+
+def second_bundles(source: Path, count: int, folder: Path) -> list[str]:
+    """`count` copies of the bundle in `source`, each with a random prefix of another length and another prompt
+    template, the same base: `NAME=PATH` for --bundle."""
+    import shutil
+
+    import torch
+
+    from ptune.model.prefix_encoder import PrefixConfig, PrefixEncoder
+
+    config = json.loads((source / "prefix" / "prefix_config.json").read_text(encoding="utf-8"))
+    out = []
+    for i in range(count):
+        dest = folder / f"task{i + 2}"
+        shutil.copytree(source, dest)
+        torch.manual_seed(i)
+        encoder = PrefixEncoder(PrefixConfig(**{**config, "pre_seq_len": config["pre_seq_len"] + 5 * (i + 1)}))
+        shutil.rmtree(dest / "prefix")
+        encoder.save(dest / "prefix")
+        manifest = json.loads((dest / "bundle.json").read_text(encoding="utf-8"))
+        manifest["prompt"] = {**manifest["prompt"], "template": "问题：{content}\n回答：", "history_template": ""}
+        (dest / "bundle.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+        out.append(f"task{i + 2}={dest}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="a running server (loopback only); default: start one on --bundle")
@@ -178,7 +227,31 @@ def main() -> int:
     parser.add_argument(
         "--max-batch", type=int, help="the started server's --max-batch (1: one request at a time, the baseline)"
     )
+    parser.add_argument(
+        "--bundles",
+        type=int,
+        default=1,
+        help="N >= 2: the bundle alone, then N bundles of its base from one server, requests alternating (issue 39)",
+    )
     args = parser.parse_args()
+    if args.bundles < 1:
+        parser.error(f"--bundles {args.bundles}: must be 1 or more")
+    if args.bundles > 1 and args.url:
+        parser.error("--bundles starts its own servers; leave out --url")
+    if args.bundles > 1:
+        import tempfile
+
+        failed = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            more = second_bundles(Path(args.bundle), args.bundles - 1, Path(tmp))
+            for served in ([f"ptune={args.bundle}"], [f"ptune={args.bundle}", *more]):
+                failed += run_server(args, served)
+        return 1 if failed else 0
+    return run_server(args, [args.bundle]) if not args.url else run_server(args, [])
+
+
+def run_server(args, bundles: list[str]) -> int:
+    """The load levels against one server: `bundles` (each `[NAME=]PATH`) started here, or none: --url's."""
     levels = [int(c) for c in args.clients.split(",")]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     texts = prompts(Path(args.prompts))
@@ -186,27 +259,30 @@ def main() -> int:
     if args.url:
         host = urllib.parse.urlparse(args.url).hostname
         if host not in ("127.0.0.1", "localhost", "::1"):
-            parser.error(f"--url {args.url}: only a server on this machine (127.0.0.1) may be loaded")
+            sys.exit(f"--url {args.url}: only a server on this machine (127.0.0.1) may be loaded")
         url = args.url.rstrip("/")
     else:
         batch = ["--max-batch", str(args.max_batch)] if args.max_batch else []
-        server = ApiProcess(["--bundle", args.bundle, *batch])
+        flags = [f for b in bundles for f in ("--bundle", b)]
+        server = ApiProcess([*flags, *batch])
         server.start()
         url = server.url
-        print(f"started `ptune serve api --bundle {args.bundle} {' '.join(batch)}` on {url} in {server.load_s:.1f} s")
+        print(f"started `ptune serve api {' '.join(flags + batch)}` on {url} in {server.load_s:.1f} s")
     failed = 0
     try:
         req = urllib.request.Request(url + "/v1/models", headers=headers)
         with urllib.request.urlopen(req, timeout=30) as resp:
-            model = json.loads(resp.read())["data"][0]["id"]
-        one_request(url, args.endpoint, texts[0], model, headers, args.max_new_tokens)  # warm-up
+            models = [m["id"] for m in json.loads(resp.read())["data"]]
+        for model in models:  # warm-up, each
+            one_request(url, args.endpoint, texts[0], model, headers, args.max_new_tokens)
+        print(f"models: {', '.join(models)} (requests alternate between them)")
         print(
             "| clients | endpoint | requests | errors | requests/s | p50 s | p95 s | max s | first text p50 s "
             "| tokens/s | busy (503) |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for clients in levels:
-            r = load(url, args.endpoint, clients, args.seconds, model, headers, texts, args.max_new_tokens)
+            r = load(url, args.endpoint, clients, args.seconds, models, headers, texts, args.max_new_tokens)
             failed += r["errors"]
 
             def f(v):
@@ -220,6 +296,10 @@ def main() -> int:
             )
             for e in r["first_errors"]:
                 print(f"  error: {e}")
+        if server is not None:
+            print(
+                f"server memory after the load: PSS {pss_mib(server._proc.pid):.0f} MiB (server + scheduler's process)"
+            )
     finally:
         if server is not None:
             server.stop()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.prompts import Prompter, PromptFormat, Turn
+from ..errors import PtuneError
 from ..model import backends
 from ..model.generation import Settings
 from . import consent, origin
@@ -57,6 +58,27 @@ class Bundle:
             PromptFormat.from_dict(manifest["prompt"]),
             Settings(**manifest["generation"]),
             backend,
+        )
+
+    def sibling(self, directory: str | Path) -> "Bundle":
+        """Another bundle of this bundle's base (opening.check_shared_base has compared their records) on this
+        bundle's loaded model: only its prefix loads; its prompt format and generation settings are its own. A
+        backend that cannot hold several prefixes on one load (chatglm: the prefix is built into the model) is
+        refused, naming the bundle."""
+        manifest = read_manifest(directory)
+        load_prefix = getattr(self.backend, "load_prefix", None)
+        if load_prefix is None:
+            raise PtuneError(
+                f"--bundle {directory}: the {self.backend.name} backend serves one bundle per server (its prefix is "
+                "part of the loaded model); start one server per bundle"
+            )
+        return Bundle(
+            self.tokenizer,
+            self.model,
+            load_prefix(self.model, prefix_folder(directory, manifest)),
+            PromptFormat.from_dict(manifest["prompt"]),
+            Settings(**manifest["generation"]),
+            self.backend,
         )
 
     def prompter(self) -> Prompter:

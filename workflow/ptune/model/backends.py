@@ -40,6 +40,7 @@ class Backend(Protocol):
     chat_templates: bool  # its tokenizer may carry a chat template (preprocess.prompt_format: chat_template)
     token_offsets: bool  # its fast tokenizers map tokens back to the text: prompts keep written texts plain
     logprobs: bool  # serving may return each answer token's log-probability (the OpenAI API's logprobs)
+    several_prefixes: bool  # one loaded base may hold several bundles' prefixes (load_prefix; serving by name)
 
     def load_tokenizer(self, base: Path) -> Any: ...
 
@@ -87,6 +88,9 @@ class Backend(Protocol):
 
     def copy_prefix(self, source: Path, dest: Path, allow_pickle: bool = False) -> None:
         """Into the deploy bundle, as safetensors."""
+
+    def load_prefix(self, model, prefix_dir: Path) -> Any:
+        """Another bundle's prefix onto a base already loaded (only where several_prefixes)."""
 
 
 def detect(model_dir: Path) -> str:

@@ -92,6 +92,7 @@ class ChatGLMBackend:
     # Serving refuses log-probabilities (400): they would come from a logits processor run inside its remote code's
     # generate, and no test covers that code with one.
     logprobs = False
+    several_prefixes = False  # the remote code builds the prefix into the model it loads: one bundle per load
 
     def load_tokenizer(self, base: Path):
         _, _, AutoTokenizer = _auto()
@@ -188,8 +189,10 @@ class ChatGLMBackend:
         return {"input_ids": ids, "labels": labels}
 
     def loss(self, model, prefix, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # The prefix is part of the model: its dropout follows the prefix's train/eval mode.
-        model.transformer.dropout.train(prefix.training)
+        # The prefix is part of the model: its dropout follows the prefix's train/eval mode. None: the base alone
+        # (evaluate scores its general set with the prefix off too).
+        if prefix is not None:
+            model.transformer.dropout.train(prefix.training)
         # A quantized model runs as the reference runs it, fp16 without autocast: quantize()'s autograd function
         # saves its input as it comes (fp32 out of an autocast LayerNorm) and its backward then mixes dtypes.
         plain = (
@@ -197,7 +200,8 @@ class ChatGLMBackend:
             if getattr(model, "quantized", False)
             else contextlib.nullcontext()
         )
-        with plain:
+        without = prefix_off(model) if prefix is None else contextlib.nullcontext()
+        with plain, without:
             return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.float()
 
     def generate(self, model, prefix, tokenizer, prompts: Sequence[Sequence[int]], kwargs: dict) -> torch.Tensor:
@@ -229,6 +233,12 @@ class ChatGLMBackend:
         trust.require_remote_code(base)
         config = AutoConfig.from_pretrained(str(base), trust_remote_code=True)
         return {"pre_seq_len": pre_seq_len, "base_config_sha256": config_sha256(config)}
+
+    def load_prefix(self, model, prefix_dir: Path):
+        raise PtuneError(
+            f"{prefix_dir}: the chatglm backend serves one bundle per server (its prefix is part of the loaded "
+            "model); start one server per bundle"
+        )
 
     def copy_prefix(self, source: Path, dest: Path, allow_pickle: bool = False) -> None:
         """The prefix into a deploy bundle; a reference checkpoint (pytorch_model.bin only) gets its

@@ -30,6 +30,7 @@ class TransformersBackend:
     runs_model_code = False
     chat_templates = True
     token_offsets = True
+    several_prefixes = True  # a prefix is its own module beside the base: any number of them share one load
     logprobs = True  # serving may report its tokens' log-probabilities (the scheduler's logits, or generate's)
 
     def load_tokenizer(self, base: Path):
@@ -81,6 +82,13 @@ class TransformersBackend:
         encoder = PrefixEncoder.load(prefix_dir, model).to(model.device)
         encoder.eval()
         return model, encoder
+
+    def load_prefix(self, model, prefix_dir: Path):
+        """Another bundle's prefix onto a base already loaded (serving several bundles of one base: the base is loaded
+        once, each prefix once); refused, naming both, if it was tuned on another base."""
+        encoder = PrefixEncoder.load(prefix_dir, model).to(model.device)
+        encoder.eval()
+        return encoder
 
     def check_quantization(self, mode: str, section: str, dev: torch.device, dtype: torch.dtype | None = None) -> None:
         check_quantization(mode, f"{section}.quantization")

@@ -5,6 +5,10 @@
 - `POST /v1/chat/completions` (`stream` true: server-sent events), `GET /v1/models`;
 - `GET /health` (never needs the API key).
 
+A server of several bundles (`--bundle NAME=PATH` repeated, `--serve-base`) lists them in `GET /v1/models`; a
+request chooses one by OpenAI's `model` field, or `model` on `POST /` (absent there: the first bundle), and an
+unknown name is a 404 naming those served. Each answer's `model` is the one that answered.
+
 The chat endpoint takes what clients written for OpenAI or vLLM send: `stop` strings, `n` choices (up to --max-n,
 seeded with seed + i), `logprobs` / `top_logprobs` (up to MAX_TOP_LOGPROBS) in OpenAI's shape, streamed or not, and a
 system message where the prompt format has none as --system-message says (ApiOptions). Every other field is either
@@ -82,6 +86,7 @@ class SeedRequest(BaseModel):
     top_p: StrictFloat | None = None
     temperature: StrictFloat | None = None
     seed: StrictInt | None = None
+    model: StrictStr | None = None  # not in ChatGLM's api.py: which served bundle answers (None: the first)
 
 
 class TextPart(BaseModel):
@@ -405,17 +410,21 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
                 "pending": engine.pending,
                 "context_length": engine.context_length,
                 "prefix_length": engine.prefix_length,
+                "models": [
+                    {"id": v.name, "description": v.summary, "prefix_length": v.prefix_length}
+                    for v in engine.variants.values()
+                ],
             }
         return JSONResponse(body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        return {"object": "list", "data": [_model_card(engine)]}
+        """Every served model, the default (the first --bundle) first."""
+        return {"object": "list", "data": [_model_card(name) for name in engine.variants]}
 
     @app.get("/v1/models/{model_id}", dependencies=auth)
     async def model(model_id: str) -> dict:
-        _check_model(engine, model_id)
-        return _model_card(engine)
+        return _model_card(engine.variant(model_id).name)
 
     # The generating endpoints are async too: they wait for their answer on the event loop, watching the client
     # (a worker thread tokenizes; the engine's own thread generates).
@@ -423,13 +432,18 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
     async def seed(request: Request, raw: Any = Depends(json_body)) -> dict:
         body = parse(SeedRequest, raw)
         history = [(q, a) for q, a in body.history]
+        name = engine.variant(body.model).name  # 404 for a model not served here
         if body.max_length is not None and body.max_new_tokens is not None:
             raise RequestError("give max_length (prompt + answer) or max_new_tokens, not both", "max_length")
         settings = engine.settings(
-            max_new_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed
+            max_new_tokens=body.max_new_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            model=name,
         )
         # ChatGLM's max_length counts the prompt too: the engine measures it once the request counts as pending.
-        reply = await run_in_threadpool(engine.start, body.prompt, history, settings, None, body.max_length)
+        reply = await run_in_threadpool(engine.start, body.prompt, history, settings, None, body.max_length, name)
         await answered(request, reply)
         return {
             "response": reply.text,
@@ -441,14 +455,15 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(request: Request, raw: Any = Depends(json_body)):
         body = parse(ChatRequest, raw)
-        _check_model(engine, body.model)
+        served = engine.variant(body.model)  # 404 for a model not served here
+        name = served.name
         body.unsupported()
         n = body.choices(options.max_n)
         top = body.top()
         query, history, system = messages_to_turn(body.messages)
         headers: dict[str, str] = {}
         folded = False
-        if system and not engine.supports_system:
+        if system and not served.prompter.supports_system:
             if options.system_message == DROP:
                 system = None
                 headers["Warning"] = _warning(
@@ -471,9 +486,10 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
             seed=body.seed,
             stop=body.stop,
             logprobs=top,
+            model=name,
         )
         # A bad request raises here, before any byte is sent.
-        replies = await run_in_threadpool(engine.start_choices, query, history, settings, system, n)
+        replies = await run_in_threadpool(engine.start_choices, query, history, settings, system, n, None, name)
         if folded and history and replies[0].history_used < len(history):
             headers["Warning"] = _warning(
                 "the system message was left out with the oldest rounds, which do not fit the model's context"
@@ -482,7 +498,7 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(engine, replies, ident, created, usage, every, top is not None),
+                _sse(engine, replies, ident, created, usage, every, top is not None, name),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", **headers},
             )
@@ -491,13 +507,13 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
             "id": ident,
             "object": "chat.completion",
             "created": created,
-            "model": engine.name,
+            "model": name,
             "choices": [
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": reply.text},
                     "finish_reason": _finish(reply),
-                    "logprobs": {"content": _entries(engine, reply.infos())} if top is not None else None,
+                    "logprobs": {"content": _entries(engine, reply.infos(), name)} if top is not None else None,
                 }
                 for i, reply in enumerate(replies)
             ],
@@ -508,18 +524,8 @@ def create_app(engine: Engine, api_key: str | None = None, options: ApiOptions |
     return app
 
 
-def _model_card(engine: Engine) -> dict:
-    return {"id": engine.name, "object": "model", "created": 0, "owned_by": "ptune"}
-
-
-def _check_model(engine: Engine, model_id: str) -> None:
-    if model_id != engine.name:
-        raise RequestError(
-            f"model {model_id!r} is not served here; this server serves {engine.name!r} (GET /v1/models)",
-            "model",
-            status=404,
-            code="model_not_found",
-        )
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "ptune"}
 
 
 def _finish(reply: Reply) -> str:
@@ -557,12 +563,12 @@ def _token(engine: Engine, token: int) -> tuple[str, list[int]]:
     return text, list(raw)
 
 
-def _entries(engine: Engine, infos: list[tuple[int, tuple | None]]) -> list[dict]:
+def _entries(engine: Engine, infos: list[tuple[int, tuple | None]], model: str | None = None) -> list[dict]:
     """OpenAI's `logprobs.content` for these tokens: each with its log-probability and its likeliest alternatives;
     tokens that are never part of the text (the end of turn, special tokens) are left out, so that the tokens' bytes
     add up to the answer as generated (before its surrounding whitespace is trimmed and a stop string cuts it)."""
     out = []
-    silent = engine.silent_ids
+    silent = engine.silent(model)  # that model's end of turn: bundles' prompt formats may end turns differently
     for token, info in infos:
         if info is None or token in silent:
             continue
@@ -584,6 +590,7 @@ async def _sse(
     include_usage: bool,
     every: float,
     logprobs: bool = False,
+    model: str | None = None,
 ):
     """Chat completion chunks as server-sent events, those of several choices interleaved as their pieces come (each
     with its `index`); a client that goes away stops the generation."""
@@ -593,7 +600,7 @@ async def _sse(
             "id": ident,
             "object": "chat.completion.chunk",
             "created": created,
-            "model": engine.name,
+            "model": model or engine.name,
             "choices": choices,
             **extra,
         }
@@ -612,11 +619,11 @@ async def _sse(
         sent = 0
         async for piece, seen in reply.chunks(every):  # on the event loop: no thread hop per piece
             if logprobs:
-                yield event([choice(i, {"content": piece}, content=_entries(engine, reply.infos(sent, seen)))])
+                yield event([choice(i, {"content": piece}, content=_entries(engine, reply.infos(sent, seen), model))])
                 sent = seen
             else:
                 yield head + json.dumps(piece, ensure_ascii=False) + tail
-        yield event([choice(i, {}, _finish(reply), _entries(engine, reply.infos(sent)) if logprobs else None)])
+        yield event([choice(i, {}, _finish(reply), _entries(engine, reply.infos(sent), model) if logprobs else None)])
 
     try:
         for i in range(len(replies)):

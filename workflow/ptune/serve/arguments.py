@@ -4,7 +4,9 @@ here: `ptune` builds every command's options on every run (its help included), a
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import PtuneError
 from ..paths import DEPLOY
@@ -24,6 +26,11 @@ SYSTEM_POLICIES = (REFUSE, DROP, FOLD)
 DEFAULT_MAX_N = 4
 MAX_N_LIMIT = 64  # --max-n past this would let one request fill several batches
 API_KEY_ENV = "PTUNE_API_KEY"
+# What a bundle given as a bare path is called (`--bundle PATH`), and the name no bundle may take: `--serve-base`'s.
+DEFAULT_NAME = "ptune"
+BASE_NAME = "base"
+# A served model's name: what clients send as `model` (OpenAI's field), so no spaces, slashes or `=`.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WEB_AUTH_ENV = "PTUNE_WEB_AUTH"
 
 
@@ -48,15 +55,49 @@ class ApiOptions:
         return cls(max_n=args.max_n, system_message=args.system_message)
 
 
+def named_bundles(values: list[str] | None) -> list[tuple[str, Path]]:
+    """The `--bundle` options as (name, folder), in their order (the first is the default): `NAME=PATH`, or a bare
+    PATH named `ptune`; none given: models/deploy. A name is what clients send as `model`; two bundles of one name,
+    and the reserved name `base` (the base alone, `--serve-base`), are refused naming the option."""
+    found: list[tuple[str, Path]] = []
+    for value in values or [DEFAULT_BUNDLE]:
+        name, sep, path = value.partition("=")
+        if not sep or not _NAME.fullmatch(name):  # a bare path (one whose text before `=` is no name)
+            name, path = DEFAULT_NAME, value
+        if not path:
+            raise PtuneError(f"--bundle {value}: no folder after `=`; give --bundle NAME=PATH")
+        if name == BASE_NAME:
+            raise PtuneError(
+                f"--bundle {value}: the name {BASE_NAME!r} is reserved for the base model alone (--serve-base); "
+                "name the bundle otherwise"
+            )
+        if any(name == other for other, _ in found):
+            raise PtuneError(
+                f"--bundle {value}: a bundle named {name!r} is given already; name each one: --bundle NAME=PATH "
+                "(a bare PATH is named ptune)"
+            )
+        found.append((name, Path(path)))
+    return found
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("what to load")
     group.add_argument(
         "--bundle",
-        default=DEFAULT_BUNDLE,
-        help="deploy bundle to serve (default: %(default)s, written by `ptune deploy`)",
+        action="append",
+        metavar="[NAME=]PATH",
+        help=f"deploy bundle to serve (default: {DEFAULT_BUNDLE}, written by `ptune deploy`), named NAME for "
+        "requests' `model` (a bare PATH is named ptune); repeat it to serve several bundles of one base from one "
+        "load of the base, the first the default",
     )
     group.add_argument(
         "--base-only", action="store_true", help="serve the bundle's base model without its prefix, to compare"
+    )
+    group.add_argument(
+        "--serve-base",
+        action="store_true",
+        help="also serve the bundles' base model alone, no prefix, under the reserved name `base` "
+        "(for questions outside the bundles' tasks)",
     )
     group.add_argument(
         "--model",

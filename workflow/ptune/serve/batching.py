@@ -30,6 +30,14 @@ The prefix's keys/values are computed once, when the scheduler starts, and reuse
 projection per request); in the cache each row holds them as the first `pre_seq_len` positions of its own row,
 since attention needs one (batch, heads, length, dim) tensor per layer.
 
+Several prefixes on one base (`ptune serve --bundle NAME=PATH` repeated): the scheduler is given one encoder per
+name (None: the base alone, no prefix), each computed once, and a row names its own (`Row.prefix`). A row is
+prefilled from its own prefix's keys/values, so rows of different prefixes, of different prefix lengths and without
+a prefix merge into one batch exactly as rows of one prefix do: left-padded, the mask covering each row's own
+positions (its prefix's and its tokens'), each row's positions counted from its own prefix's length. Its stop tokens
+are its own too (`Row.stop_ids`: its bundle's prompt format's end of turn). Nothing in a row's computation reads
+another row's prefix, so its answer is the one a server of that bundle alone gives (tests/test_serve_bundles.py).
+
 Where it runs: for `ptune serve` on a CPU, in a child process of its own (serve/scheduler_process.py), on the
 engine's weights shared through shared memory; elsewhere (`ptune chat`, a GPU, PTUNE_SERVE_PROCESS=0) in a thread.
 Its torch threads: all the process's but one, leaving a core to the HTTP server (PTUNE_SERVE_THREADS overrides): on
@@ -99,8 +107,14 @@ class Row:
         on_done: Callable[[list[int], BaseException | None], None],
         stop: Sequence[str] = (),
         logprobs: int | None = None,
+        prefix: str | None = None,
+        stop_ids: Sequence[int] | None = None,
     ):
         self.ids = list(ids)
+        # Which of the scheduler's prefixes the row is prefilled with (a name of its `encoders`; None: its first),
+        # and the tokens that end its answer (None: the scheduler's).
+        self.prefix = prefix
+        self.stop_ids = None if stop_ids is None else frozenset(stop_ids)
         self.stop = tuple(stop)
         self.logprobs = logprobs
         self.stop_check: Callable[[Sequence[int]], bool] | None = None
@@ -128,21 +142,23 @@ class Scheduler:
     def __init__(
         self,
         model,
-        encoder,
+        encoders,
         stop_ids: Sequence[int],
         max_batch: int = 8,
         threads: int | None = None,
         after_step: Callable[[], None] | None = None,
         tokenizer=None,
     ):
-        """`tokenizer`: for rows with stop strings (without it they are refused)."""
+        """`encoders`: the prefix encoder (None: the base alone), or {name: encoder or None} for several, which a
+        row names (`Row.prefix`; None: the first); `tokenizer`: for rows with stop strings (without it they are
+        refused)."""
         self.model = model
         self.tokenizer = tokenizer
         self.threads = threads  # torch's threads in the scheduler thread (None: as the process has them)
         # Called after each admission and each step (the engine wakes the readers of the tokens and ends handed out
         # meanwhile: on_token and on_done are called in this thread).
         self.after_step = after_step or (lambda: None)
-        self.encoder = encoder
+        self.encoders = encoders if isinstance(encoders, dict) else {None: encoders}
         self.stop_ids = set(stop_ids)
         self.max_batch = max(1, max_batch)
         self.device = next(model.parameters()).device
@@ -155,8 +171,8 @@ class Scheduler:
         self._waiting: deque[Row] = deque()
         self._prefix_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._pre = 0
+        # Per prefix name: its keys/values per layer (empty for the base alone) and its length.
+        self._prefixes: dict[str | None, tuple[list[tuple[torch.Tensor, torch.Tensor]], int]] = {}
         self._stand_in = stand_in_id(model)
         # The running batch: rows, and per row its last token, next position, mask and cache.
         self.active: list[Row] = []
@@ -222,10 +238,22 @@ class Scheduler:
                 self.after_step()
 
     def _prepare_prefix(self) -> None:
-        if self.encoder is None:
-            return
-        self._prefix = [(k.detach(), v.detach()) for k, v in prefix_key_values(self.encoder, self.model, 1)]
-        self._pre = self._prefix[0][0].shape[-2]
+        """Each prefix's keys/values, once (a few KiB to MiB each: every row of that prefix starts from them)."""
+        for name, encoder in self.encoders.items():
+            if encoder is None:
+                self._prefixes[name] = ([], 0)
+                continue
+            kv = [(k.detach(), v.detach()) for k, v in prefix_key_values(encoder, self.model, 1)]
+            self._prefixes[name] = (kv, kv[0][0].shape[-2])
+
+    def _prefix_of(self, row: Row) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+        # A row that names none gets the first (a scheduler of one bundle has only that one).
+        found = self._prefixes.get(next(iter(self._prefixes)) if row.prefix is None else row.prefix)
+        if found is None:
+            raise PtuneError(
+                f"model {row.prefix!r}: this scheduler has no such prefix ({sorted(map(str, self._prefixes))})"
+            )
+        return found
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
         extra = {"logits_to_keep": 1} if self._keep_kw else {}
@@ -242,12 +270,13 @@ class Scheduler:
             if row.cancel.is_set():
                 row.on_done([], None)
                 return
-            self._setup(row)
+            prefix, pre = self._prefix_of(row)
+            self._setup(row, pre)
             n = len(row.ids)
-            cache = filled_cache(self.model, self._prefix or ())
+            cache = filled_cache(self.model, prefix)
             ids = torch.tensor([row.ids], dtype=torch.long, device=self.device)
-            mask = torch.ones((1, self._pre + n), dtype=torch.long, device=self.device)
-            pos = torch.arange(self._pre, self._pre + n, device=self.device)[None]
+            mask = torch.ones((1, pre + n), dtype=torch.long, device=self.device)
+            pos = torch.arange(pre, pre + n, device=self.device)[None]
             logits = self._forward(ids, mask, pos, cache)
             token = int(torch.argmax(logits, dim=-1)[0]) if row.plain else self._pick(row, logits)
             info = _logprobs(logits, [token], [row.logprobs])[0] if row.logprobs is not None else None
@@ -259,9 +288,9 @@ class Scheduler:
         if self._ended(row, token):
             row.on_done(row.tokens, None)
             return
-        self._merge(row, cache, mask, token, self._pre + n)
+        self._merge(row, cache, mask, token, pre + n)
 
-    def _setup(self, row: Row) -> None:
+    def _setup(self, row: Row, pre: int) -> None:
         """The row's logits processors, as generate builds them for this row alone, and its generator."""
         if row.stop and row.stop_check is None:  # the engine has built it where it runs in this process
             if self.tokenizer is None:
@@ -269,7 +298,7 @@ class Scheduler:
             row.stop_check = stop_check(self.tokenizer, row.stop)
         cfg = self._config(row)
         row.processors = self.model._get_logits_processor(
-            generation_config=cfg, input_ids_seq_length=self._pre + len(row.ids), device=self.device, model_kwargs={}
+            generation_config=cfg, input_ids_seq_length=pre + len(row.ids), device=self.device, model_kwargs={}
         )
         row.do_sample = bool(cfg.do_sample)
         row.plain = not row.do_sample and not row.processors
@@ -280,11 +309,11 @@ class Scheduler:
             else:
                 row.generator.manual_seed(row.seed)
         if row.processors:
-            row.length = self._pre + len(row.ids)
+            row.length = pre + len(row.ids)
             row.history = torch.full(
                 (1, row.length + row.max_new_tokens), self._stand_in, dtype=torch.long, device=self.device
             )
-            row.history[0, self._pre : row.length] = torch.tensor(row.ids, dtype=torch.long)
+            row.history[0, pre : row.length] = torch.tensor(row.ids, dtype=torch.long)
 
     def _config(self, row: Row):
         """generate's own merge of the model's generation config, the library's defaults and the request's kwargs;
@@ -329,7 +358,7 @@ class Scheduler:
 
     def _ended(self, row: Row, token: int) -> bool:
         return (
-            token in self.stop_ids
+            token in (self.stop_ids if row.stop_ids is None else row.stop_ids)
             or len(row.tokens) >= row.max_new_tokens
             or row.cancel.is_set()
             or (row.stop_check is not None and row.stop_check(row.tokens))

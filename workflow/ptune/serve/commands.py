@@ -14,7 +14,7 @@ from ..bundle.manifest import MANIFEST
 from ..errors import PtuneError
 from ..model import legacy_env
 from . import scheduler_process
-from .arguments import API_KEY_ENV, WEB_AUTH_ENV, ApiOptions, add_parsers
+from .arguments import API_KEY_ENV, DEFAULT_NAME, WEB_AUTH_ENV, ApiOptions, add_parsers, named_bundles
 from .edge import (
     ALLOWED_HOSTS_OPTION,
     AllowedHosts,
@@ -63,9 +63,20 @@ def switch_environment(args: argparse.Namespace, module: str, argv: list[str]) -
         from ..model import backends
 
         base, chatglm = Path(args.model), backends.needs_legacy_env(Path(args.model))
+        named = base
     else:
-        base, chatglm = opening.served_base(args.bundle, getattr(args, "base", None))
-    named = base if base is not None else Path(args.bundle)
+        bundles = named_bundles(args.bundle)
+        first = bundles[0][1]
+        base, chatglm = opening.served_base(first, getattr(args, "base", None))
+        if chatglm and (len(bundles) > 1 or getattr(args, "serve_base", False)):
+            # Refused before the legacy environment is built or entered: its remote code holds one prefix, built
+            # into the loaded model, so neither another bundle's prefix nor the base alone can share that load.
+            raise PtuneError(
+                f"--bundle {first}: a ChatGLM-6B bundle (backend chatglm) is served alone: its prefix is part of the "
+                "loaded model, so one server serves one such bundle (no other --bundle, no --serve-base); start one "
+                "server per bundle"
+            )
+        named = base if base is not None else first
     trust_flag = getattr(args, "trust_remote_code", False)
     opening.switch_environment(named, chatglm, trust_flag, args.params, f"`ptune {args.command}`", module, argv)
 
@@ -131,18 +142,35 @@ def edge_of(args: argparse.Namespace) -> Edge:
 
 
 def check_source(args: argparse.Namespace) -> None:
-    """Fail on a missing bundle or model before binding a port or loading anything."""
+    """Fail on a missing bundle or model, or bundles that cannot share one base, before binding a port or loading
+    anything."""
     if args.model:
         if not (Path(args.model) / "config.json").is_file():
             raise PtuneError(
                 f"{args.model}: no model here (no config.json); give a transformers model directory, "
                 "e.g. models/base after `ptune fetch_weights`"
             )
-    elif not (Path(args.bundle) / MANIFEST).is_file():
+        if args.bundle or args.serve_base:
+            raise PtuneError(
+                "--model DIR serves that model directory alone; leave out --bundle and --serve-base (or serve bundles "
+                "without --model)"
+            )
+        return
+    bundles = named_bundles(args.bundle)
+    for name, folder in bundles:
+        if not (folder / MANIFEST).is_file():
+            raise PtuneError(
+                f"--bundle {folder}: no deploy bundle here (no {MANIFEST}); build it with `ptune deploy` "
+                "(or `dvc repro deploy`), or serve a model directory with --model DIR"
+            )
+    if args.base_only and (len(bundles) > 1 or args.serve_base):
         raise PtuneError(
-            f"{args.bundle}: no deploy bundle here (no {MANIFEST}); build it with `ptune deploy` "
-            "(or `dvc repro deploy`), or serve a model directory with --model DIR"
+            "--base-only serves one bundle's base alone; to serve the base beside several bundles, use --serve-base "
+            "(the base is then the model named `base`)"
         )
+    from ..bundle.opening import check_shared_base
+
+    check_shared_base(bundles)
 
 
 def load_engine(args: argparse.Namespace, server: bool = True):
@@ -186,19 +214,26 @@ def _load_engine(args: argparse.Namespace, server: bool, child):
             child=child,
         )
     else:
-        log.info("loading bundle %s%s", args.bundle, " (base model only)" if args.base_only else "")
+        (name, folder), *others = named_bundles(args.bundle)
+        log.info(
+            "loading bundle %s%s%s",
+            folder,
+            " (base model only)" if args.base_only else "",
+            "".join(f", {n} {f}" for n, f in others) + (", the base alone" if args.serve_base else ""),
+        )
         from ..bundle.opening import open_bundle
 
-        # Found (downloaded if need be) and checked once, with the user's --base and consent; loading uses it.
+        # Found (downloaded if need be) and checked once, with the user's --base and consent; loading uses it. The
+        # other bundles record the same weights (check_source compared them): they load their prefixes only.
         opened = open_bundle(
-            args.bundle,
+            folder,
             args.base,
             trust_flag=args.trust_remote_code,
             allow_pickle_flag=args.allow_pickle,
             params=args.params,
         )
         engine = Engine.from_bundle(
-            args.bundle,
+            folder,
             args.base_only,
             args.max_pending,
             trust_remote_code=opened.trust_remote_code,
@@ -206,6 +241,9 @@ def _load_engine(args: argparse.Namespace, server: bool, child):
             base=opened.base,
             own_process=server,
             child=child,
+            name=None if name == DEFAULT_NAME and args.base_only else name,
+            others=others,
+            serve_base=args.serve_base,
         )
     engine.limits = Limits(args.max_rounds, args.max_chars)
     engine.log_prompts = args.log_prompts

@@ -25,6 +25,13 @@ log-probabilities come with each token from the scheduler, or from a logits proc
 A request is checked against the caps (serve/limits.py) and counted as pending before its prompt is tokenized, so
 that neither a huge conversation nor many of them at once can keep the server busy before the pending limit applies.
 
+Several bundles of one base (`--bundle NAME=PATH` repeated) are served by one engine: the base is loaded once, each
+bundle's prefix once, and each is a `Variant` of the engine, chosen per request by name (`model`; None: the first),
+with its own prompt format, stop tokens, prefix length and generation defaults; the reserved name `base`
+(`--serve-base`) is the base alone, no prefix. Their rows share the one scheduler and its batches (each row is
+prefilled with its own prefix: serve/batching.py), so a request's answer is the one a server of its bundle alone
+gives.
+
 A scheduler's process that ends (the kernel's OOM killer picks the process with the most memory of its own) fails
 its rows in flight; from then on a thread decodes (`_fall_back`, logged once), or, with $PTUNE_SERVE_FALLBACK=none,
 the engine refuses every request (`Unavailable`, 503) and says so (`available`) for a supervisor to restart the
@@ -75,7 +82,40 @@ prompt_log = logging.getLogger("ptune.prompts")
 History = Sequence[tuple[str, str]]
 
 
-__all__ = ["Busy", "Engine", "Limits", "Reply", "RequestError", "Settings", "Unavailable"]
+__all__ = ["BASE", "Busy", "Engine", "Limits", "Reply", "RequestError", "Settings", "Unavailable", "Variant"]
+
+# The reserved name of the base model alone, no prefix, among several bundles (`--serve-base`).
+BASE = "base"
+
+
+@dataclasses.dataclass
+class Variant:
+    """One model an engine serves by name: a bundle's prefix (or none: the base alone) on the engine's one loaded
+    base, with what its answers are built with: its prompt format, stop tokens and generation defaults."""
+
+    name: str
+    encoder: object | None
+    prompter: prompts.Prompter
+    stop_ids: list[int]
+    prefix_length: int
+    defaults: Settings
+    description: str  # for this machine's terminal (may name a local folder)
+    summary: str  # for clients, without local paths
+    silent: frozenset[int] | None = None  # silent_ids, once computed
+
+    @classmethod
+    def of(cls, name: str, bundle: Bundle, description: str, summary: str | None = None) -> "Variant":
+        prompter = bundle.prompter()
+        return cls(
+            name,
+            bundle.encoder,
+            prompter,
+            prompter.stop_ids(bundle.model.generation_config.eos_token_id),
+            bundle.backend.prefix_length(bundle.model, bundle.encoder),
+            Settings.of(bundle.generation),
+            description,
+            summary or name,
+        )
 
 
 class Busy(RequestError):
@@ -116,28 +156,30 @@ class Engine:
         own_process: bool = False,
         child: scheduler_process.Child | None = None,
         summary: str | None = None,
+        more: Sequence[Variant] = (),
     ):
-        """`own_process`: on a CPU, run the scheduler in a child process (what `ptune serve` asks for: its HTTP side's
-        Python would otherwise take turns with the model's at one GIL); else, and always on a GPU, in a thread. `child`:
-        that process, started before the model loaded (`ptune serve` starts it: serve/commands.py); closed here if
-        not used. `description`: what is served, for this machine's terminal (it may name a local folder);
-        `summary`: the same for clients, without local paths (the name if not given)."""
+        """`more`: other bundles served beside `bundle` (the default, named `name`), each by its name, all on
+        `bundle`'s model (Bundle.sibling). `own_process`: on a CPU, run the scheduler in a child process (what
+        `ptune serve` asks for: its HTTP side's Python would otherwise take turns with the model's at one GIL);
+        else, and always on a GPU, in a thread. `child`: that process, started before the model loaded (`ptune
+        serve` starts it: serve/commands.py); closed here if not used. `description`: what is served, for this
+        machine's terminal (it may name a local folder); `summary`: the same for clients, without local paths (the
+        name if not given)."""
         self.bundle = bundle
-        self.name = name
-        self.description = description
-        self.summary = summary or name
         self.max_pending = max_pending
         self.limits = limits or Limits()
-        self.defaults = Settings.of(bundle.generation)  # what a request that names none gets (set_defaults)
         self.backend = bundle.backend  # tokenizes and generates as the stages did
-        self.prompter = bundle.prompter()  # builds prompts as preprocess built the training data
-        self.stop_ids = self.prompter.stop_ids(bundle.model.generation_config.eos_token_id)
+        # By name, the first the default: each builds prompts as preprocess built its training data.
+        self.variants: dict[str, Variant] = {}
+        for v in (Variant.of(name, bundle, description, summary), *more):
+            if v.name in self.variants:
+                raise PtuneError(f"--bundle {v.name}: two bundles are named {v.name!r}; name each: --bundle NAME=PATH")
+            self.variants[v.name] = v
+        self.default = next(iter(self.variants.values()))
         self.context_length = context_length(bundle.model.config)
-        self.prefix_length = bundle.backend.prefix_length(bundle.model, bundle.encoder)
         self.log_prompts = False
         self._token_bytes: dict[int, bytes] = {}  # token id: its bytes (log-probabilities name tokens by them)
         self._bytes_of = None
-        self._silent: frozenset[int] | None = None
         self._generate_lock = threading.Lock()
         self._tokenize_lock = threading.Lock()
         self._count_lock = threading.Lock()
@@ -155,7 +197,8 @@ class Engine:
             model = bundle.model
             self._wakes = Wakes()
             where = next(model.parameters()).device
-            if own_process and scheduler_process.in_a_process(where, model, bundle.encoder):
+            encoders = [v.encoder for v in self.variants.values()]
+            if own_process and scheduler_process.in_a_process(where, model, *encoders):
                 # The reader thread calls back through a weak reference: it would otherwise keep the engine alive.
                 engine = weakref.ref(self)
                 try:
@@ -178,13 +221,14 @@ class Engine:
         self.max_batch = self.scheduler.max_batch if self.scheduler is not None else 1
 
     def _scheduler_args(self, max_batch: int) -> tuple:
-        """What a scheduler, in a thread or a process, is built from: the model, its prefix encoder, the stop tokens,
-        the rows and its torch threads."""
+        """What a scheduler, in a thread or a process, is built from: the model, its prefix encoders by name, the
+        default stop tokens (each row brings its own), the rows and its torch threads."""
         from .batching import scheduler_threads
 
         model = self.bundle.model
         threads = scheduler_threads(next(model.parameters()).device)
-        return (model, self.bundle.encoder, self.stop_ids, max_batch, threads)
+        encoders = {name: v.encoder for name, v in self.variants.items()}
+        return (model, encoders, self.stop_ids, max_batch, threads)
 
     @classmethod
     def from_bundle(
@@ -197,15 +241,41 @@ class Engine:
         base: Path | None = None,
         own_process: bool = False,
         child: scheduler_process.Child | None = None,
+        name: str | None = None,
+        others: Sequence[tuple[str, str | Path]] = (),
+        serve_base: bool = False,
     ) -> "Engine":
         """A deploy bundle (models/deploy), with its prefix or, `base_only`, its base model alone.
         `trust_remote_code`: the user's consent to run the Python code of a ChatGLM-6B base; `base`: the base
-        folder origin.resolve found and checked (Bundle.load)."""
+        folder origin.resolve found and checked (Bundle.load). `name`: what requests call it (default `ptune`;
+        `ptune-base` with `base_only`); `others`: (name, folder) of more bundles of the same base
+        (opening.check_shared_base has compared their records), each loading only its prefix; `serve_base`: the
+        base alone besides, named `base`."""
         bundle = Bundle.load(directory, with_prefix=not base_only, trust_remote_code=trust_remote_code, base=base)
         prefix = bundle.backend.prefix_length(bundle.model, bundle.encoder)
         what = "base model alone" if base_only else f"P-tuned, prefix of {prefix} tokens"
-        name = "ptune-base" if base_only else "ptune"
+        name = name or ("ptune-base" if base_only else "ptune")
         description = f"bundle `{directory}` ({what})"
+        more = []
+        for other_name, folder in others:
+            sibling = bundle.sibling(folder)
+            length = sibling.backend.prefix_length(sibling.model, sibling.encoder)
+            more.append(
+                Variant.of(
+                    other_name,
+                    sibling,
+                    f"bundle `{folder}` (P-tuned, prefix of {length} tokens)",
+                    f"deploy bundle (P-tuned, prefix of {length} tokens)",
+                )
+            )
+        if serve_base:
+            if getattr(bundle.backend, "load_prefix", None) is None:
+                raise PtuneError(
+                    f"--serve-base: the {bundle.backend.name} backend's prefix is part of the loaded model, so its "
+                    "base alone cannot share that load; serve it with --base-only from a server of its own"
+                )
+            alone = dataclasses.replace(bundle, encoder=None)  # the first bundle's prompt format, as --base-only
+            more.append(Variant.of(BASE, alone, "the base model alone (no prefix)", "base model alone (no prefix)"))
         engine = cls(
             bundle,
             name,
@@ -215,6 +285,7 @@ class Engine:
             own_process=own_process,
             child=child,
             summary=f"deploy bundle ({what})",
+            more=more,
         )
         return engine._ready()
 
@@ -315,9 +386,56 @@ class Engine:
         temperature: float | None = None,
         seed: int | None = None,
     ) -> None:
-        """Override the bundle's generation defaults (what a request that names none gets); checked as a request."""
-        s = self.settings(max_new_tokens, temperature, top_p, do_sample, seed)
-        self.defaults = dataclasses.replace(s, seed=seed)
+        """Override each bundle's generation defaults (what a request that names none gets); checked as a request."""
+        for v in self.variants.values():
+            s = self.settings(max_new_tokens, temperature, top_p, do_sample, seed, model=v.name)
+            v.defaults = dataclasses.replace(s, seed=seed)
+
+    def variant(self, model: str | None = None) -> Variant:
+        """The served model a request names (None: the first, the default); another name is refused (404)."""
+        if model is None:
+            return self.default
+        found = self.variants.get(model)
+        if found is None:
+            raise RequestError(
+                f"model {model!r} is not served here; this server serves {', '.join(map(repr, self.variants))} "
+                "(GET /v1/models)",
+                "model",
+                status=404,
+                code="model_not_found",
+            )
+        return found
+
+    # The default model's: what one bundle's server always had.
+    @property
+    def name(self) -> str:
+        return self.default.name
+
+    @property
+    def description(self) -> str:
+        if len(self.variants) == 1:
+            return self.default.description
+        return "; ".join(f"{v.name}: {v.description}" for v in self.variants.values())
+
+    @property
+    def summary(self) -> str:
+        return self.default.summary
+
+    @property
+    def prompter(self) -> prompts.Prompter:
+        return self.default.prompter
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return self.default.stop_ids
+
+    @property
+    def prefix_length(self) -> int:
+        return self.default.prefix_length
+
+    @property
+    def defaults(self) -> Settings:
+        return self.default.defaults
 
     @property
     def pending(self) -> int:
@@ -325,7 +443,8 @@ class Engine:
 
     @property
     def supports_system(self) -> bool:
-        """Whether the prompt format has a place for a system message."""
+        """Whether the default model's prompt format has a place for a system message (`variant(name).prompter` for
+        another's)."""
         return self.prompter.supports_system
 
     @property
@@ -336,14 +455,19 @@ class Engine:
 
     @property
     def silent_ids(self) -> frozenset[int]:
-        """Tokens that never reach an answer's text (its decoding skips special tokens): the end of turn, and tokens a
-        tokenizer adds as special (the tiny test model's byte tokens are). Log-probabilities leave them out."""
-        if self._silent is None:
+        return self.silent(None)
+
+    def silent(self, model: str | None) -> frozenset[int]:
+        """Tokens that never reach an answer's text (its decoding skips special tokens): the end of turn (of that
+        model's prompt format), and tokens a tokenizer adds as special (the tiny test model's byte tokens are).
+        Log-probabilities leave them out."""
+        v = self.variant(model)
+        if v.silent is None:
             tok = self.bundle.tokenizer
             added = getattr(tok, "added_tokens_decoder", {}) or {}
             special = {i for i, t in added.items() if getattr(t, "special", False)}
-            self._silent = frozenset(self.stop_ids) | frozenset(tok.all_special_ids) | frozenset(special)
-        return self._silent
+            v.silent = frozenset(v.stop_ids) | frozenset(tok.all_special_ids) | frozenset(special)
+        return v.silent
 
     def token_bytes(self, token: int) -> bytes:
         """A token's own bytes (generation.token_bytes), kept once looked up (the vocabulary bounds them). Called
@@ -376,17 +500,19 @@ class Engine:
         seed: int | None = None,
         stop: str | list[str] | tuple[str, ...] | None = None,
         logprobs: int | None = None,
+        model: str | None = None,
     ) -> Settings:
-        """Request settings over the bundle's defaults; temperature 0 means greedy, as in OpenAI's API. `stop`: a
-        string or up to MAX_STOP strings the answer ends before; `logprobs`: None, or how many likeliest tokens to
-        report with each token's log-probability (0 to MAX_TOP_LOGPROBS)."""
-        d = self.defaults
+        """Request settings over the bundle's defaults (`model`'s: None, the first); temperature 0 means greedy, as in
+        OpenAI's API. `stop`: a string or up to MAX_STOP strings the answer ends before; `logprobs`: None, or how
+        many likeliest tokens to report with each token's log-probability (0 to MAX_TOP_LOGPROBS)."""
+        v = self.variant(model)
+        d = v.defaults
         if do_sample is None:
             do_sample = d.do_sample if temperature is None and top_p is None else temperature != 0
         if temperature == 0:
             do_sample = False
         if max_new_tokens is not None:
-            self._check_max_new_tokens(max_new_tokens)
+            self._check_max_new_tokens(max_new_tokens, v)
         check_seed(seed)
         check_sampling(temperature, top_p)  # every front end's numbers pass here (limits.py)
         stop = check_stop(stop)
@@ -408,8 +534,8 @@ class Engine:
             logprobs=logprobs,
         )
 
-    def _check_max_new_tokens(self, max_new_tokens: int) -> None:
-        room = self.context_length - self.prefix_length - 1
+    def _check_max_new_tokens(self, max_new_tokens: int, v: Variant) -> None:
+        room = self.context_length - v.prefix_length - 1
         if not 1 <= max_new_tokens <= room:
             raise RequestError(
                 f"max_new_tokens {max_new_tokens}: must be 1 to {room} (the model's context of "
@@ -418,32 +544,33 @@ class Engine:
             )
 
     def prompt_ids(
-        self, query: str, history: History, max_new_tokens: int, system: str | None = None
+        self, query: str, history: History, max_new_tokens: int, system: str | None = None, model: str | None = None
     ) -> tuple[list[int], int]:
         """Token ids of the prompt and how many of the latest history rounds fit the context with the answer.
 
         Built by prompts.Prompter, as preprocess built the training data: the oldest rounds are dropped first; the
         message itself must fit.
         """
+        v = self.variant(model)
         if not query.strip():
             raise RequestError("the message is empty; send some text to answer", "prompt")
-        if system and not self.prompter.supports_system:
-            kind = self.prompter.format.kind
+        if system and not v.prompter.supports_system:
+            kind = v.prompter.format.kind
             what = f"{kind} without {{system}}" if kind == prompts.TEMPLATE else kind
             raise RequestError(
                 f"a system message was given, but this model's prompt format ({what}) has no place "
                 "for one; send user and assistant messages only",
                 "messages",
             )
-        budget = self.context_length - self.prefix_length - max_new_tokens
+        budget = self.context_length - v.prefix_length - max_new_tokens
         turn = prompts.Turn.of(query, list(history), system)
         try:
             with self._tokenize_lock:
-                return self.prompter.fit(turn, budget, chat=True)
+                return v.prompter.fit(turn, budget, chat=True)
         except prompts.TooLong as exc:
             raise RequestError(
                 f"the message is {exc.tokens} tokens with its prompt format, but the model's context of "
-                f"{self.context_length} tokens leaves {budget} for it after the prefix ({self.prefix_length}) "
+                f"{self.context_length} tokens leaves {budget} for it after the prefix ({v.prefix_length}) "
                 f"and the answer (max_new_tokens {max_new_tokens}); shorten it or ask for fewer new tokens",
                 "prompt",
                 code="context_length_exceeded",
@@ -458,14 +585,16 @@ class Engine:
         settings: Settings | None = None,
         system: str | None = None,
         max_length: int | None = None,
+        model: str | None = None,
     ) -> Reply:
         """Check and tokenize the request now (raising RequestError), then generate in a worker thread.
 
         The caps are checked first (counting characters only), then the request counts as pending (Busy past
         max_pending), and only then is its prompt tokenized. `max_length`: prompt and answer together, as ChatGLM's
-        api.py counts (the answer gets what the prompt leaves), instead of the settings' max_new_tokens.
+        api.py counts (the answer gets what the prompt leaves), instead of the settings' max_new_tokens. `model`:
+        which served model answers (None: the default).
         """
-        return self.start_choices(query, history, settings, system, 1, max_length)[0]
+        return self.start_choices(query, history, settings, system, 1, max_length, model)[0]
 
     def start_choices(
         self,
@@ -475,11 +604,13 @@ class Engine:
         system: str | None = None,
         n: int = 1,
         max_length: int | None = None,
+        model: str | None = None,
     ) -> list[Reply]:
         """`start` for `n` answers to one prompt (OpenAI's `n`): tokenized once, its n rows sent to the scheduler
         together, each counted as pending. Answer i is seeded with the settings' seed + i (modulo 2**63), so the
         first is the answer the request gives with n 1; without a seed each draws its own."""
-        settings = settings or self.settings()
+        v = self.variant(model)
+        settings = settings or self.settings(model=v.name)
         check_conversation(query, history, system, self.limits)
         if not 1 <= n <= max(1, self.max_pending):  # more could never be taken: not busy, refused
             raise RequestError(f"n {n}: must be 1 to {self.max_pending} (the server's --max-pending)", "n")
@@ -489,21 +620,21 @@ class Engine:
             self._pending += n
         try:
             if max_length is not None:
-                prompt_len = len(self.prompt_ids(query, history, 1, system)[0])
+                prompt_len = len(self.prompt_ids(query, history, 1, system, v.name)[0])
                 if max_length - prompt_len < 1:
                     raise RequestError(
                         f"max_length {max_length} leaves no room for an answer after the {prompt_len}-token prompt",
                         "max_length",
                     )
-                self._check_max_new_tokens(max_length - prompt_len)
+                self._check_max_new_tokens(max_length - prompt_len, v)
                 settings = dataclasses.replace(settings, max_new_tokens=max_length - prompt_len)
-            ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system)
+            ids, used = self.prompt_ids(query, history, settings.max_new_tokens, system, v.name)
         except BaseException:
             with self._count_lock:
                 self._pending -= n
             raise
         if self.log_prompts:
-            prompt_log.info("prompt %s", json.dumps({"prompt_token_ids": ids, "history_used": used}))
+            prompt_log.info("prompt %s", json.dumps({"model": v.name, "prompt_token_ids": ids, "history_used": used}))
         try:
             check = self._stop_check(settings.stop)
             if settings.logprobs is not None:
@@ -522,7 +653,7 @@ class Engine:
         if self.scheduler is not None:
             for i, (reply, own) in enumerate(zip(replies, choices, strict=True)):
                 try:
-                    self._submit(reply, ids, own, check)
+                    self._submit(reply, ids, own, check, v)
                 except BaseException:  # e.g. the scheduler's process has ended: these are not pending
                     for sent in replies[:i]:
                         sent.cancel()  # their rows end (and stop counting) at the scheduler's next step
@@ -532,24 +663,30 @@ class Engine:
             return replies
         for reply, own in zip(replies, choices, strict=True):
             threading.Thread(
-                target=self._generate, args=(reply, ids, own, check), daemon=True, name="ptune-generate"
+                target=self._generate, args=(reply, ids, own, check, v), daemon=True, name="ptune-generate"
             ).start()
         return replies
 
     def complete(
-        self, query: str, history: History = (), settings: Settings | None = None, system: str | None = None
+        self,
+        query: str,
+        history: History = (),
+        settings: Settings | None = None,
+        system: str | None = None,
+        model: str | None = None,
     ) -> Reply:
-        return self.start(query, history, settings, system).wait()
+        return self.start(query, history, settings, system, model=model).wait()
 
-    def _submit(self, reply: Reply, ids: list[int], settings: Settings, check=None) -> None:
+    def _submit(self, reply: Reply, ids: list[int], settings: Settings, check=None, v: Variant | None = None) -> None:
         """Queue the request for the scheduler; its tokens go to the reply as its row decodes them. `check`: its stop
         strings' check (`_stop_check`), for a scheduler in this process (one in its own builds its own)."""
 
         wakes = self._wakes
+        v = v or self.default
 
         def on_done(new: list[int], error: BaseException | None) -> None:  # in the scheduler's thread, as on_token
             try:
-                self._finish(reply, new, settings, error)
+                self._finish(reply, new, settings, error, v)
             except Exception as exc:  # e.g. tokens that do not decode: this answer fails (never looks complete)
                 reply.fail(exc)
             finally:
@@ -562,7 +699,7 @@ class Engine:
 
         from .batching import Row  # as Scheduler: only where there is a scheduler
 
-        kwargs = generation_kwargs(settings, self.bundle.tokenizer, self.stop_ids)
+        kwargs = generation_kwargs(settings, self.bundle.tokenizer, v.stop_ids)
         row = Row(
             ids,
             settings.max_new_tokens,
@@ -573,6 +710,8 @@ class Engine:
             on_done,
             stop=settings.stop,
             logprobs=settings.logprobs,
+            prefix=v.name,
+            stop_ids=v.stop_ids,
         )
         row.stop_check = check
         scheduler = self.scheduler
@@ -587,7 +726,9 @@ class Engine:
                 raise Unavailable() from None
             scheduler.submit(row)
 
-    def _finish(self, reply: Reply, new: list[int], settings: Settings, error: BaseException | None) -> None:
+    def _finish(
+        self, reply: Reply, new: list[int], settings: Settings, error: BaseException | None, v: Variant
+    ) -> None:
         if error is not None:
             reply.fail(error)
             return
@@ -600,27 +741,28 @@ class Engine:
         elif reply.cancelled:
             reply.finish_reason = "cancelled"
             log.info("generation cancelled after %d new tokens", len(new))
-        elif new and new[-1] in self.stop_ids:
+        elif new and new[-1] in v.stop_ids:
             reply.finish_reason = "stop"
         elif len(new) >= settings.max_new_tokens:
             reply.finish_reason = "length"
 
-    def _generate(self, reply: Reply, ids: list[int], settings: Settings, check=None) -> None:
+    def _generate(self, reply: Reply, ids: list[int], settings: Settings, check=None, v: Variant | None = None) -> None:
         """One at a time (a backend without `batched_scheduler`, or max_batch 1): the backend's generate, the loop
         evaluate's batches run, seeded per request instead of per batch, behind a lock."""
         bundle = self.bundle
+        v = v or self.default
         try:
             with self._generate_lock:
                 if reply.cancelled:
                     reply.finish_reason = "cancelled"
                     log.info("generation cancelled after 0 new tokens (before its turn came)")
                     return
-                kwargs = generation_kwargs(settings, bundle.tokenizer, self.stop_ids)
+                kwargs = generation_kwargs(settings, bundle.tokenizer, v.stop_ids)
                 kwargs.update(reply.hooks(check, settings.logprobs))
                 if settings.seed is not None:
                     torch.manual_seed(settings.seed)  # under the lock: no other request draws from the RNG
-                new = self.backend.generate(bundle.model, bundle.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
-            self._finish(reply, new, settings, None)
+                new = self.backend.generate(bundle.model, v.encoder, bundle.tokenizer, [ids], kwargs)[0].tolist()
+            self._finish(reply, new, settings, None, v)
         except BaseException as exc:  # handed to the reader, who re-raises it
             log.exception("generation failed")
             reply.fail(exc)

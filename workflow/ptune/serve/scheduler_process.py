@@ -73,7 +73,7 @@ class SchedulerProcess:
     def __init__(
         self,
         model,
-        encoder,
+        encoders,
         stop_ids: Sequence[int],
         max_batch: int = 8,
         threads: int | None = None,
@@ -103,7 +103,8 @@ class SchedulerProcess:
         self._conn, self._process = child.conn, child.process
         try:
             # The weights go through shared memory (torch.multiprocessing's pickling): the child maps them, no copy.
-            self._conn.send(("load", model, encoder, list(stop_ids), self.max_batch, threads, tokenizer))
+            # Every prefix goes with it (a name's encoder, as the thread's scheduler takes them), each shared so.
+            self._conn.send(("load", model, encoders, list(stop_ids), self.max_batch, threads, tokenizer))
         except BaseException:
             child.close()
             raise
@@ -167,8 +168,20 @@ class SchedulerProcess:
             self._next += 1
             self._rows[row.number] = row
             try:
+                stop_ids = None if row.stop_ids is None else sorted(row.stop_ids)
                 self._conn.send(
-                    ("submit", row.number, row.ids, row.max_new_tokens, row.kwargs, row.seed, row.stop, row.logprobs)
+                    (
+                        "submit",
+                        row.number,
+                        row.ids,
+                        row.max_new_tokens,
+                        row.kwargs,
+                        row.seed,
+                        row.stop,
+                        row.logprobs,
+                        row.prefix,
+                        stop_ids,
+                    )
                 )
             except (OSError, ValueError):  # the pipe has closed; the reader has not seen it yet
                 del self._rows[row.number]
@@ -316,7 +329,7 @@ def _child(conn) -> None:
         os._exit(0)
     if message[0] != "load":  # ("exit",): not needed after all
         os._exit(0)
-    _, model, encoder, stop_ids, max_batch, threads, tokenizer = message
+    _, model, encoders, stop_ids, max_batch, threads, tokenizer = message
     del message
     rows: dict[int, Row] = {}
     tokens: list[tuple[int, int, tuple | None]] = []
@@ -332,12 +345,12 @@ def _child(conn) -> None:
         sent[0] = scheduler.steps
         conn.send(message)
 
-    scheduler = Scheduler(model, encoder, stop_ids, max_batch, threads, after_step=flush, tokenizer=tokenizer)
+    scheduler = Scheduler(model, encoders, stop_ids, max_batch, threads, after_step=flush, tokenizer=tokenizer)
     conn.send(("ready",))
 
     def handle(message: tuple) -> bool:
         if message[0] == "submit":
-            _, number, ids, max_new_tokens, kwargs, seed, stop, logprobs = message
+            _, number, ids, max_new_tokens, kwargs, seed, stop, logprobs, prefix, row_stop_ids = message
 
             def on_token(token: int, info: tuple | None = None) -> None:
                 tokens.append((number, token, info))
@@ -347,7 +360,17 @@ def _child(conn) -> None:
                 ended.append((number, error))
 
             rows[number] = Row(
-                ids, max_new_tokens, kwargs, seed, threading.Event(), on_token, on_done, stop=stop, logprobs=logprobs
+                ids,
+                max_new_tokens,
+                kwargs,
+                seed,
+                threading.Event(),
+                on_token,
+                on_done,
+                stop=stop,
+                logprobs=logprobs,
+                prefix=prefix,
+                stop_ids=row_stop_ids,
             )
             scheduler.submit(rows[number])
         elif message[0] == "cancel":

@@ -11,6 +11,9 @@ seconds after its last question or answer (a closed page's an hour after it clos
 the queue never took (it was full) is dropped when the next one is asked. The page shows a refusal's own message
 (RequestError: written for the user) and, for any other failure, only a request id, the details going to the
 server's log (failures.py), as the API does.
+
+A server of several bundles (`--bundle NAME=PATH` repeated, `--serve-base`) shows a chooser of them, the first
+chosen; each question goes to the model chosen when it is sent, and the conversation so far goes with it.
 """
 
 from __future__ import annotations
@@ -68,11 +71,12 @@ def forgotten(rounds: int, limits: Limits) -> str:
     )
 
 
-def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
+def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed, model=None):
     """The page's call into the engine: answer the last question of `pairs` (the page's state), the earlier pairs
     as the conversation's history; yields the pairs and the Chatbot's messages as the answer streams in. What the
     page keeps is what the engine reads: the latest rounds within the caps (limits.py), so however long the chat, a
-    session holds at most --max-chars characters besides its latest answer and next question."""
+    session holds at most --max-chars characters besides its latest answer and next question. `model`: the
+    chooser's name (None: the first bundle)."""
     with shown_errors():
         if not pairs or pairs[-1][1] is not None:
             yield pairs, display(pairs)
@@ -84,8 +88,10 @@ def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, tempe
             gr.Warning(forgotten(len(earlier) - len(history), engine.limits))
         pairs = [[q, a] for q, a in history] + [[question, None]]
         try:
-            settings = page_settings(engine, max_new_tokens, do_sample, top_p, temperature, seed)
-            reply = engine.start(question, history, settings)
+            if model is not None and not isinstance(model, str):  # a script can send anything
+                raise RequestError(f"model {repr(model)[:40]}: must be the name of a served model", "model")
+            settings = page_settings(engine, max_new_tokens, do_sample, top_p, temperature, seed, model)
+            reply = engine.start(question, history, settings, model=model)
         except RequestError:
             pairs = pairs[:-1]  # not asked: the question leaves the conversation
             yield pairs, display(pairs)
@@ -101,7 +107,7 @@ def answer(engine: Engine, pairs: Pairs, max_new_tokens, do_sample, top_p, tempe
         yield pairs, display(pairs)
 
 
-def page_settings(engine: Engine, max_new_tokens, do_sample, top_p, temperature, seed) -> Settings:
+def page_settings(engine: Engine, max_new_tokens, do_sample, top_p, temperature, seed, model=None) -> Settings:
     """The settings fields as the engine's settings (which checks their values: engine.settings). The page sends
     numbers and text, but a script can send anything: a value that is not a number is refused by name."""
 
@@ -118,6 +124,7 @@ def page_settings(engine: Engine, max_new_tokens, do_sample, top_p, temperature,
         field(top_p, "top_p", float, "a number"),
         bool(do_sample),
         field(seed, "seed", int, "a whole number, or empty") if seed else None,
+        model=model,
     )
 
 
@@ -146,11 +153,24 @@ def build(engine: Engine, session_ttl: float = SESSION_TTL_S) -> gr.Blocks:
     def ask_(message: str, pairs: Pairs):
         return ask(engine, message, pairs)
 
-    def respond(pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed):
-        yield from answer(engine, pairs, max_new_tokens, do_sample, top_p, temperature, seed)
+    def respond(pairs: Pairs, max_new_tokens, do_sample, top_p, temperature, seed, model):
+        yield from answer(engine, pairs, max_new_tokens, do_sample, top_p, temperature, seed, model)
+
+    names = list(engine.variants)
 
     with gr.Blocks(title="ptune chat", analytics_enabled=False) as demo:
-        gr.Markdown(f"# ptune chat\n**Model:** {engine.summary}, context {engine.context_length} tokens.")
+        what = engine.summary if len(names) == 1 else f"{len(names)} models of one base, chosen below"
+        gr.Markdown(f"# ptune chat\n**Model:** {what}, context {engine.context_length} tokens.")
+        # Several bundles (or the base beside them): which answers. Hidden with one, which answers everything.
+        chooser = gr.Dropdown(
+            names,
+            value=names[0],
+            label="Model",
+            info=" · ".join(f"{n}: {v.summary}" for n, v in engine.variants.items()),
+            elem_id="model",
+            visible=len(names) > 1,
+            interactive=True,
+        )
         # Each page's conversation; Gradio deletes it (checking every second) `session_ttl` seconds after it last
         # changed. Its size is bounded by the caps (answer).
         pairs = gr.State([], time_to_live=session_ttl)
@@ -184,7 +204,7 @@ def build(engine: Engine, session_ttl: float = SESSION_TTL_S) -> gr.Blocks:
                 elem_id="seed",
                 label="Seed (a whole number makes sampling repeatable; empty: the server's --seed, if any)",
             )
-        settings = [max_new_tokens, do_sample, top_p, temperature, seed]
+        settings = [max_new_tokens, do_sample, top_p, temperature, seed, chooser]
         for trigger in (box.submit, send.click):
             trigger(ask_, [box, pairs], [box, pairs, chatbot], queue=False).then(
                 respond, [pairs, *settings], [pairs, chatbot]
