@@ -191,3 +191,22 @@ def test_fetch_data_url_is_https_unless_local_or_allowed():
         8 << 30,
         100_000,
     )
+
+
+def test_params_written_before_issue_38_keep_working():
+    """The intervals' and the general set's keys are optional: an older params file gets their defaults."""
+    raw = _raw()
+    for key in (
+        "bootstrap_resamples",
+        "confidence",
+        "general_examples",
+        "general_generations",
+        "general_max_new_tokens",
+    ):
+        raw["evaluate"].pop(key)
+    raw["fetch_data"].pop("general_file")
+    raw["fetch_data"]["embedded"].pop("general_size")
+    params = config.from_dict(raw)
+    assert (params.evaluate.bootstrap_resamples, params.evaluate.confidence) == (1000, 0.95)
+    assert (params.evaluate.general_examples, params.fetch_data.embedded.general_size) == (100, 100)
+    assert params.fetch_data.general_file == ""

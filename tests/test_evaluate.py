@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-OUTPUTS = ("reports/predictions.jsonl", "reports/metrics.json")
+OUTPUTS = ("reports/predictions.jsonl", "reports/metrics.json", "reports/intervals.json", "reports/general.jsonl")
 
 
 def _kill_after_batches(project, n_batches: int) -> int:

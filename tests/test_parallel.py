@@ -14,7 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 PREFIX = "models/ptuning/prefix.safetensors"
-EVAL_OUTPUTS = ("reports/predictions.jsonl", "reports/metrics.json")
+EVAL_OUTPUTS = (
+    "reports/predictions.jsonl",
+    "reports/metrics.json",
+    "reports/intervals.json",
+    "reports/general.jsonl",
+)
 
 
 def _kill_when(project, cmd: list[str], ready) -> None:

@@ -84,10 +84,15 @@ def expected_facts(root: Path) -> dict[str, list[str]]:
         log = list(csv.DictReader(fh))
 
     headline = [str(m["n_examples"])]
+    ci = _json(root / "reports/intervals.json")["scores"]
     for k in METRIC_NAMES:
         gap = m["ptuned"][k] - ref[k]
-        verdict = "match" if abs(gap) <= ref["tolerance"] else ("above" if gap > 0 else "below")
+        # Issue 38: the reference is compared with the P-tuned score's interval, not a fixed tolerance.
+        low, high = ci["ptuned"][k]["low"], ci["ptuned"][k]["high"]
+        verdict = "within" if low <= ref[k] <= high else ("above" if low > ref[k] else "below")
         headline += [
+            f"[{low:.2f}, {high:.2f}]",
+            f"[{ci['gain'][k]['low']:+.2f}, {ci['gain'][k]['high']:+.2f}]",
             f"{m['base'][k]:.2f}",
             f"{m['ptuned'][k]:.2f}",
             f"{m['ptuned'][k] - m['base'][k]:+.2f}",
@@ -293,3 +298,12 @@ def test_without_reference_rate_or_deploy_check_the_report_says_so(ran_project, 
     assert "No deploy check was recorded" in sections["Deploy"] and "ptune serve web" in sections["Deploy"]
     md = (root / "reports/report.md").read_text(encoding="utf-8")
     assert "Set `report.cu_per_hour`" in md and "No deploy check was recorded" in md
+
+
+def test_markdown_headline_carries_intervals_and_interval_aware_verdicts(pipeline_run):
+    """Issue 38, without a browser: each score's interval, the gain's, and the reference verdict from the interval
+    are in report.md's headline as expected_facts computes them from the outputs."""
+    md = (pipeline_run.root / "reports/report.md").read_text(encoding="utf-8")
+    headline = md.split("## Headline", 1)[1].split("## Training", 1)[0]
+    missing = [n for n in expected_facts(pipeline_run.root)["Headline"] if n not in headline]
+    assert not missing, missing

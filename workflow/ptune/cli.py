@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="reports/compare.html",
         help="HTML page to write; the plot goes beside it as .png (default: %(default)s)",
     )
+    seeds = sub.add_parser(
+        "seeds",
+        help="train with K seeds as DVC experiments, for the spread `ptune compare` shows",
+        description="Queue one DVC experiment per training seed (`dvc exp run --queue -n seed-S -S train.seed=S`: "
+        "params.yaml's train.seed and the next K-1) and run the queue (`dvc exp run --run-all`), each in its own "
+        "workspace, every stage that does not read train.seed restored from the cache; then `ptune compare` "
+        "shows the spread across seeds beside each run's interval. Run it from a commit (experiments start from one).",
+    )
+    seeds.add_argument("-k", type=int, default=3, help="how many seeds (default: %(default)s)")
+    seeds.add_argument("--first", type=int, default=None, help="the first seed (default: params.yaml's train.seed)")
+    seeds.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at a time (default: %(default)s)")
+    seeds.add_argument("--queue-only", action="store_true", help="queue them; run later with `dvc exp run --run-all`")
     return parser
 
 
@@ -327,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(compare.run(args.experiments, Path(args.out)))
             print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+        elif args.command == "seeds":
+            from .reporting import compare
+
+            names = compare.seeds(args.k, args.first, run=not args.queue_only, jobs=args.jobs)
+            print(f"experiments {', '.join(names)}; `ptune compare` shows them and their spread")
         else:
             _run_state_command(args)
     except PtuneError as exc:

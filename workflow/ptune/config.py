@@ -62,6 +62,8 @@ class EmbeddedDataConfig:
     seed: int
     train_size: int
     dev_size: int
+    # the general, out-of-task set (data/general.jsonl), held out from the embedded base's pre-training corpus
+    general_size: int = 100
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class FetchDataConfig:
     train_split: str = "train"
     dev_split: str = "validation"
     expect: str = "auto"  # auto | adgen | none: check against the original ADGEN (data.adgen.ORIGINAL)
+    # a JSON-lines file of {"prompt", "response"} (data/general.py) copied to data/general.jsonl; "" = none
+    # (the embedded source then generates its own)
+    general_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,13 @@ class EvaluateConfig(GenerationConfig):
     batch_size: int
     devices: int
     quantization: str
+    # reports/intervals.json (reporting/intervals.py); optional keys, so older params files keep working
+    bootstrap_resamples: int = 1000  # 0: no intervals
+    confidence: float = 0.95
+    # the general set (data/general.jsonl): how many examples are scored (null: all), how many generated from
+    general_examples: int | None = 100
+    general_generations: int = 4
+    general_max_new_tokens: int = 48
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,9 @@ FIGURES = {
     "rouge_l": REPORTS / "figures/rouge_l.png",
 }
 METRICS_CSV = REPORTS / "plots/metrics.csv"
+GENERAL_SET = Path("data/general.jsonl")  # the general, out-of-task set (data/general.py), written by fetch_data
+INTERVALS = REPORTS / "intervals.json"  # bootstrap intervals beside metrics.json (reporting/intervals.py)
+GENERAL_SCORES = REPORTS / "general.jsonl"  # the general set's per-example losses and generations
 LIVE_DIR = REPORTS / "live"  # live metrics while a stage runs (reporting/live.py): one folder per stage
 
 # Git-ignored working files: the stage log, locks, and the resume state of each stage.

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import GenerationConfig
+from ..data.batching import IGNORE_INDEX
 from ..errors import PtuneError
 from ..model.backends import Backend
 from ..model.generation import generation_kwargs
@@ -158,3 +159,30 @@ def _stop_if_requested(run: BatchRun, desc: str, n_done: int, n_batches: int) ->
         raise stopping.Stopped(
             request, f"{desc}: stopped ({request.reason}) with {n_done} of {n_batches} batches generated"
         )
+
+
+def teacher_forced_nll(
+    model,
+    encoder,
+    tokenizer,
+    backend: Backend,
+    examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad_id: int,
+) -> list[float]:
+    """Each example's summed negative log-likelihood (nats) of its response tokens given its prompt, teacher-forced,
+    with the prefix (`encoder`) or the base alone (None). `examples`: (prompt ids, response ids) pairs.
+
+    One example per forward pass through the backend's own training loss (its mean over the response's tokens,
+    times their count): no padding enters a score, and any backend that trains can score."""
+    out = []
+    with torch.no_grad():
+        for prompt, response in examples:
+            ids = list(prompt) + list(response)
+            labels = [IGNORE_INDEX] * len(prompt) + list(response)
+            batch = backend.collate([{"input_ids": ids, "labels": labels}], pad_id)
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in batch.items()}
+            # The first token has no context to be predicted from: a prompt-less response scores from its second.
+            scored = len(response) - (0 if prompt else 1)
+            out.append(float(backend.loss(model, encoder, batch)) * scored if scored > 0 else 0.0)
+    return out

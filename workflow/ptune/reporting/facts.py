@@ -13,10 +13,11 @@ import yaml
 
 from .. import paths
 from ..config import Params, ReportConfig
-from ..paths import BASE, DEPLOY_CHECK, METRICS, PREDICTIONS, TRAIN_LOG
+from ..paths import BASE, DEPLOY_CHECK, GENERAL_SCORES, INTERVALS, METRICS, PREDICTIONS, TRAIN_LOG
 from ..paths import RAW as RAW_DATA
 from ..pipeline.declared import NAMES as STAGES
 from . import provenance
+from .figures import Scored
 from .metrics import METRIC_NAMES, per_example
 
 MODELS = {"base": "base model", "ptuned": "P-tuned"}
@@ -33,30 +34,62 @@ def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def headline(metrics: dict, cfg: ReportConfig) -> dict:
-    """Scores of base, P-tuned and reference, and the differences that say whether tuning worked."""
-    rows = [{"label": MODELS[m], "scores": {k: metrics[m][k] for k in METRIC_NAMES}} for m in MODELS]
+def _ci(block: dict | None) -> tuple[float, float] | None:
+    return (block["low"], block["high"]) if block else None
+
+
+def reference_verdict(score: float, ref_score: float, ci: tuple[float, float] | None, tolerance: float) -> str:
+    """ "within": the reference's figure lies inside the P-tuned score's interval (the run cannot be told apart
+    from it); "above" / "below": the whole interval lies above or below it. Without an interval (no bootstrap),
+    the fixed tolerance decides ("match" within it)."""
+    if ci is not None:
+        low, high = ci
+        return "within" if low - 1e-9 <= ref_score <= high + 1e-9 else ("above" if low > ref_score else "below")
+    gap = score - ref_score
+    return "match" if abs(gap) <= tolerance + 1e-9 else ("above" if gap > 0 else "below")
+
+
+def headline(metrics: dict, cfg: ReportConfig, intervals: dict | None = None) -> dict:
+    """Scores of base, P-tuned and reference with their intervals, and the differences that say whether tuning
+    worked: the gain's paired interval, whether it is clear of noise, and where the reference falls."""
+    ci = (intervals or {}).get("scores") or {}
+    rows = []
+    for m in MODELS:
+        bounds = {k: _ci(ci.get(m, {}).get(k)) for k in METRIC_NAMES}
+        # Scored: the score chart draws each bar's interval as an error bar
+        rows.append(
+            {"label": MODELS[m], "scores": Scored({k: metrics[m][k] for k in METRIC_NAMES}, bounds), "ci": bounds}
+        )
+    gain = ci.get("gain", {})
     diffs = [
         {
             "label": "P-tuned − base",
             "scores": {k: metrics["ptuned"][k] - metrics["base"][k] for k in METRIC_NAMES},
+            "ci": {k: _ci(gain.get(k)) for k in METRIC_NAMES},
+            "noise_free": {k: gain[k]["clear"] if k in gain else None for k in METRIC_NAMES},
+            "p_le_0": {k: gain[k]["p_le_0"] if k in gain else None for k in METRIC_NAMES},
             "verdict": None,
         }
     ]
     ref = cfg.reference
     if ref is not None:
-        rows.append({"label": f"reference: {ref.name}", "scores": {k: ref.score(k) for k in METRIC_NAMES}})
+        none = dict.fromkeys(METRIC_NAMES)
+        rows.append({"label": f"reference: {ref.name}", "scores": {k: ref.score(k) for k in METRIC_NAMES}, "ci": none})
         gap = {k: metrics["ptuned"][k] - ref.score(k) for k in METRIC_NAMES}
         diffs.append(
             {
                 "label": "P-tuned − reference",
                 "scores": gap,
+                "ci": none,
+                "noise_free": none,
+                "p_le_0": none,
                 "verdict": {
-                    k: "match" if abs(v) <= ref.tolerance + 1e-9 else ("above" if v > 0 else "below")
-                    for k, v in gap.items()
+                    k: reference_verdict(metrics["ptuned"][k], ref.score(k), rows[1]["ci"][k], ref.tolerance)
+                    for k in METRIC_NAMES
                 },
             }
         )
+    boot = (intervals or {}).get("bootstrap") or {}
     return {
         "metrics": METRIC_NAMES,
         "rows": rows,
@@ -65,6 +98,44 @@ def headline(metrics: dict, cfg: ReportConfig) -> dict:
         "tolerance": ref.tolerance if ref is not None else None,
         "n_examples": metrics["n_examples"],
         "empty_predictions": metrics["empty_predictions"],
+        "intervals": bool(ci),
+        "confidence": boot.get("confidence"),
+        "resamples": boot.get("resamples"),
+        "noise": noise_verdict(gain, "rouge-l", boot.get("confidence")),
+    }
+
+
+def noise_verdict(gain: dict, lead: str, confidence: float | None) -> str:
+    """One sentence: is the P-tuned − base gain clear of noise on the lead metric (and on how many of the rest)."""
+    if not gain:
+        return "No intervals were computed (evaluate.bootstrap_resamples is 0): whether the gain is noise is not known."
+    g = gain[lead]
+    span = f"its {confidence * 100:g} % interval on ROUGE-L, [{g['low']:+.2f}, {g['high']:+.2f}]"
+    clear = [k for k in METRIC_NAMES if gain[k]["clear"]]
+    if g["clear"] and g["low"] > 0:
+        what = f"The gain is clear of noise: {span}, excludes 0"
+    elif g["clear"]:
+        what = f"P-tuning made it worse, clearly: {span}, lies below 0"
+    else:
+        what = f"The gain is not clear of noise: {span}, includes 0"
+    return (
+        f"{what} (the gain was ≤ 0 in {g['p_le_0'] * 100:.1f} % of the paired bootstrap resamples); "
+        f"{len(clear)} of {len(METRIC_NAMES)} metrics have intervals clear of 0."
+    )
+
+
+def general_set(intervals: dict | None, rows: list[dict]) -> dict:
+    """What the prefix costs outside its task: the general set's loss and perplexity with the prefix off and on,
+    the cost's interval, and the generations side by side."""
+    g = (intervals or {}).get("general") or {}
+    given = bool(g.get("given")) and bool(rows)
+    return {
+        "given": given,
+        "n_examples": g.get("n_examples", 0),
+        "tokens": g.get("tokens"),
+        "loss": g.get("loss"),
+        "perplexity": g.get("perplexity"),
+        "samples": [r for r in rows if r.get("generated")],
     }
 
 
@@ -203,15 +274,23 @@ def provenance_facts(params: Params, timings: dict) -> dict:
     }
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line] if path.is_file() else []
+    )
+
+
 def collect(params: Params) -> dict:
     """Every fact the report shows, read from the pipeline's outputs; both renderings use only these."""
     metrics = _read_json(METRICS)
+    intervals = _read_json(INTERVALS)
     predictions = [json.loads(line) for line in PREDICTIONS.read_text(encoding="utf-8").splitlines() if line]
     with open(TRAIN_LOG, encoding="utf-8", newline="") as fh:
         log_rows = list(csv.DictReader(fh))
     timings = {stage: _read_json(paths.timings(stage)) for stage in STAGES if paths.timings(stage).is_file()}
     return {
-        "headline": headline(metrics, params.report),
+        "headline": headline(metrics, params.report, intervals),
+        "general": general_set(intervals, _read_jsonl(GENERAL_SCORES)),
         "training": training(log_rows, timings.get("train", {})),
         "log_rows": log_rows,
         "evaluation": evaluation(predictions, metrics, timings.get("evaluate", {}), params.report),

@@ -57,30 +57,60 @@ def score_histogram(scores: Mapping[str, Sequence[float]], metric: str = "rouge-
     return _png(fig)
 
 
-def _metric_bars(ax, table: Mapping[str, Mapping[str, float]]) -> None:
-    """Grouped bars: one group per metric, one bar per row of `table` (label -> metric -> score)."""
+Interval = tuple[float, float] | None
+
+
+class Scored(dict):
+    """Scores by metric that carry their intervals (metric -> (low, high) or None) in `ci`: a bar chart of them
+    draws error bars."""
+
+    def __init__(self, scores: Mapping[str, float], ci: Mapping[str, Interval] | None = None):
+        super().__init__(scores)
+        self.ci = dict(ci or {})
+
+
+def _metric_bars(
+    ax, table: Mapping[str, Mapping[str, float]], errors: Mapping[str, Mapping[str, Interval]] | None = None
+) -> None:
+    """Grouped bars: one group per metric, one bar per row of `table` (label -> metric -> score); `errors`
+    (label -> metric -> (low, high)) draws each bar's interval as an error bar."""
     width = 0.8 / max(1, len(table))
+    top = 0.0
     for i, (label, scores) in enumerate(table.items()):
         xs = [m + i * width for m in range(len(METRIC_NAMES))]
-        ax.bar(xs, [scores.get(name, 0.0) for name in METRIC_NAMES], width=width, label=label)
+        heights = [scores.get(name, 0.0) for name in METRIC_NAMES]
+        ci = (errors or {}).get(label) or getattr(scores, "ci", None) or {}
+        yerr = None
+        if any(ci.get(name) for name in METRIC_NAMES):
+            lows = [h - ci[n][0] if ci.get(n) else 0.0 for n, h in zip(METRIC_NAMES, heights)]
+            highs = [ci[n][1] - h if ci.get(n) else 0.0 for n, h in zip(METRIC_NAMES, heights)]
+            yerr = [[max(0.0, v) for v in lows], [max(0.0, v) for v in highs]]
+            top = max([top, *(ci[n][1] for n in METRIC_NAMES if ci.get(n))])
+        ax.bar(xs, heights, width=width, label=label, yerr=yerr, capsize=3 if yerr else 0)
     ax.set_xticks(
         [m + width * (len(table) - 1) / 2 for m in range(len(METRIC_NAMES))], [LABELS[n] for n in METRIC_NAMES]
     )
-    top = max((v for scores in table.values() for v in scores.values()), default=0.0)
+    top = max([top, *(v for scores in table.values() for v in scores.values())])
     ax.set_ylim(0, max(1.0, top * 1.15))  # scores are never negative; all-zero scores still get an axis
     ax.set_ylabel("score (x100)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     ax.grid(alpha=0.3, axis="y")
 
 
-def metric_bars(table: Mapping[str, Mapping[str, float]]) -> bytes:
+def metric_bars(
+    table: Mapping[str, Mapping[str, float]], errors: Mapping[str, Mapping[str, Interval]] | None = None
+) -> bytes:
     fig, ax = plt.subplots(figsize=(8.5, 3.2), dpi=100)
-    _metric_bars(ax, table)
-    ax.set_title("BLEU-4 and ROUGE on the dev set")
+    _metric_bars(ax, table, errors)
+    ax.set_title("BLEU-4 and ROUGE on the dev set" + (" (error bars: bootstrap intervals)" if errors else ""))
     return _png(fig)
 
 
-def experiments(curves: Mapping[str, Sequence[Mapping]], table: Mapping[str, Mapping[str, float]]) -> bytes:
+def experiments(
+    curves: Mapping[str, Sequence[Mapping]],
+    table: Mapping[str, Mapping[str, float]],
+    errors: Mapping[str, Mapping[str, Interval]] | None = None,
+) -> bytes:
     """`ptune compare`: each experiment's training loss, and its P-tuned scores beside the others'."""
     fig, (loss, bars) = plt.subplots(1, 2, figsize=(12, 3.8), dpi=100)
     for label, rows in curves.items():
@@ -89,6 +119,6 @@ def experiments(curves: Mapping[str, Sequence[Mapping]], table: Mapping[str, Map
     loss.set_title("training loss")
     if curves:
         loss.legend(fontsize="small")
-    _metric_bars(bars, table)
-    bars.set_title("P-tuned model on the dev set")
+    _metric_bars(bars, table, errors)
+    bars.set_title("P-tuned model on the dev set" + (" (error bars: each run's interval)" if errors else ""))
     return _png(fig)

@@ -43,7 +43,11 @@ def per_example(predictions: Sequence[str], labels: Sequence[str]) -> list[tuple
 
 def corpus_scores(predictions: Sequence[str], labels: Sequence[str]) -> tuple[dict[str, float], int]:
     """The plain mean of per-example scores (as the reference's np.mean), and how many scored 0 as empty."""
-    scored = per_example(predictions, labels)
+    return corpus_of(per_example(predictions, labels))
+
+
+def corpus_of(scored: Sequence[tuple[dict[str, float], bool]]) -> tuple[dict[str, float], int]:
+    """corpus_scores of examples scored already (per_example)."""
     if not scored:
         return dict(_ZERO), 0
     means = {name: statistics.fmean(s[name] for s, _ in scored) for name in METRIC_NAMES}

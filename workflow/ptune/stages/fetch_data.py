@@ -17,10 +17,10 @@ import re
 from pathlib import Path
 
 from ..config import FetchDataConfig, Params
-from ..data import adgen, hub_splits, readers, synthetic_adgen
+from ..data import adgen, general, hub_splits, readers, synthetic_adgen
 from ..errors import PtuneError
+from ..paths import GENERAL_SET, SOURCE_RECORD
 from ..paths import RAW as OUT
-from ..paths import SOURCE_RECORD
 from ..sources import hub, lock, url
 from ..sources.lfs_pointer import require_no_pointers
 from ..state import atomic
@@ -120,6 +120,25 @@ def run(params: Params) -> None:
         _fetch(cfg, tmp)
         if _expects_adgen(cfg):
             adgen.check(tmp, f"{_describe(cfg)} (fetch_data.expect: {cfg.expect})")
+    atomic.write_text(GENERAL_SET, general.dumps(_general_set(params)))
+
+
+def _general_set(params: Params) -> list[dict[str, str]]:
+    """data/general.jsonl: the file fetch_data.general_file names, else (embedded source) text of the embedded
+    base's pre-training distribution that it never saw, else nothing (an empty file: the report says so)."""
+    cfg = params.fetch_data
+    if cfg.general_file:
+        path = Path(cfg.general_file).expanduser()
+        if not path.is_file():
+            raise PtuneError(
+                f"fetch_data.general_file: {cfg.general_file!r} is not a file; give a JSON-lines file of "
+                '{"prompt": ..., "response": ...} (docs/report.md, The prefix outside its task), or "" for none'
+            )
+        return general.parse(path.read_text(encoding="utf-8"), f"fetch_data.general_file {path}")
+    if cfg.source != "embedded" or cfg.embedded.general_size == 0:
+        return []
+    base = params.fetch_weights.embedded  # held out from what this base is pre-trained on
+    return synthetic_adgen.held_out_general(base.seed, base.corpus_size, cfg.embedded.general_size)
 
 
 def _fetch(cfg: FetchDataConfig, tmp: Path) -> None:
