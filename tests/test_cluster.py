@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ptune.pipeline.declared import BY_NAME
+
 from conftest import REPO, STAGES, make_project
 from support.k8s_pods import run_pod
 from support.slurm_cluster import SlurmCluster, SlurmUnavailable
@@ -255,7 +257,7 @@ def test_kubernetes_pod_gets_the_sources_pushes_its_stage_and_a_later_pod_restor
     assert _executed(first) == ["fetch_data"]
     record = pods.record("fetch_data")  # the rule's output, in Snakemake's storage: the stage's dvc.lock entry
     outs = [out for out in record["outs"]]
-    assert {out["path"] for out in outs} == {"data/raw", "reports/timings/fetch_data.json"}
+    assert {out["path"] for out in outs} == {str(p) for p in BY_NAME["fetch_data"].outputs}
     assert all(pods.on_remote(out["md5"]) for out in outs), outs  # pushed, with the run-cache
 
     # Another pod (a retry, or the same stage in a later run) restores the stage from the remote: nothing runs.

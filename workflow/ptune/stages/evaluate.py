@@ -210,10 +210,12 @@ def _general(params: Params, loaded: Loaded | None) -> list[dict]:
     loaded = loaded or _load(params)
     backend, tokenizer = loaded.backend, loaded.tokenizer
     # Cut as the dev set is (preprocess.max_source_length / max_target_length): within the context that
-    # evaluate's check_context allowed for the dev set.
+    # evaluate's check_context allowed for the dev set. A prompt ends with the ids the backend ends every prompt
+    # with (ChatGLM-6B's [gMASK] and BOS, which its forward looks for; none for transformers models).
+    specials = backend.prompt_specials(tokenizer)
     pairs = [
         (
-            backend.encode_text(tokenizer, r["prompt"])[-pre.max_source_length :] if r["prompt"] else [],
+            (backend.encode_text(tokenizer, r["prompt"])[-pre.max_source_length :] if r["prompt"] else []) + specials,
             backend.encode_text(tokenizer, r["response"])[: pre.max_target_length],
         )
         for r in rows
@@ -227,7 +229,7 @@ def _general(params: Params, loaded: Loaded | None) -> list[dict]:
         {**r, "tokens": len(resp) - (0 if prompt else 1), "nll": {m: round(nll[m][i], 6) for m in nll}}
         for i, (r, (prompt, resp)) in enumerate(zip(rows, pairs))
     ]
-    shown = [i for i, (prompt, _) in enumerate(pairs) if prompt][: cfg.general_generations]
+    shown = [i for i, r in enumerate(rows) if r["prompt"]][: cfg.general_generations]
     if shown:
         settings = dataclasses.replace(Settings.of(cfg), max_new_tokens=cfg.general_max_new_tokens)
         for name, enc in (("base", None), ("ptuned", loaded.encoder)):
