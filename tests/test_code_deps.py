@@ -245,8 +245,20 @@ def test_a_code_edit_changes_exactly_the_stages_that_run_it(ran_project):
         _append(p, rel)
         assert _changed(p) == stages, rel
         p.run("git", "checkout", "-q", "--", PACKAGE + rel)
-    # An edit that changes what evaluate computes: Snakemake plans every job downstream; DVC reruns evaluate, then
-    # what its changed outputs feed, and never what comes before.
+    # A help text is dvc.yaml's desc, no part of a stage's hash: nothing reruns.
+    declared = p.root / PACKAGE / "pipeline/declared.py"
+    declared.write_text(declared.read_text(encoding="utf-8").replace("score BLEU-4", "score BLEU"), encoding="utf-8")
+    p.run("ptune", "pipeline", "write")
+    assert "score BLEU / ROUGE" in (p.root / "dvc.yaml").read_text(encoding="utf-8")
+    assert _changed(p) == set()
+
+
+# Slow (40 s): the test above keeps which stages an edit changes; this one runs them, with both front ends.
+@pytest.mark.slow
+def test_after_a_code_edit_each_front_end_reruns_what_it_affects(ran_project):
+    """Snakemake plans every job downstream; DVC reruns evaluate, then what its changed outputs feed, and never what
+    comes before; then both see nothing to do."""
+    p = ran_project
     _append(p, "stages/evaluate.py")
     assert _snakemake_jobs(p) == {"evaluate", "deploy", "report"}
     p.run("dvc", "repro")
@@ -254,16 +266,6 @@ def test_a_code_edit_changes_exactly_the_stages_that_run_it(ran_project):
     assert executed[0] == "evaluate" and set(executed) <= {"evaluate", "deploy", "report"}, executed
     assert _changed(p) == set()
     p.clear_log()
-    p.run("snakemake", "--cores", "1", "report")
-    assert p.executed() == []
-    # A help text is dvc.yaml's desc, no part of a stage's hash: nothing reruns. (Snakemake, for which dvc.yaml is an
-    # input of every rule, runs each job, and each finds its stage up to date.)
-    declared = p.root / PACKAGE / "pipeline/declared.py"
-    declared.write_text(declared.read_text(encoding="utf-8").replace("score BLEU-4", "score BLEU"), encoding="utf-8")
-    p.run("ptune", "pipeline", "write")
-    assert "score BLEU / ROUGE" in (p.root / "dvc.yaml").read_text(encoding="utf-8")
-    assert _changed(p) == set()
-    p.run("dvc", "repro")
     p.run("snakemake", "--cores", "1", "report")
     assert p.executed() == []
 
@@ -317,6 +319,9 @@ def test_a_stage_that_reads_an_undeclared_param_fails_naming_it(ran_project):
     assert "stage deploy read params fetch_weights.trust_remote_code" in out and "declared.py" in out, out[-3000:]
 
 
+# Slow, like the other experiment tests' full runs; tests/test_code_deps.py's import trace already shows every stage
+# process running the project's own copy of the package.
+@pytest.mark.slow
 def test_a_temporary_experiment_runs_the_code_dvc_hashed(ran_project, tmp_path):
     """`dvc exp run --temp` (and a queued experiment, the same executor) runs in a copy of the workspace under
     .dvc/tmp/exps: the stage runs that copy's code, the code DVC hashed, not the checkout ptune is installed from."""
